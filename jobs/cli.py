@@ -1,0 +1,100 @@
+"""The ``probe`` command: ``probe run``, ``probe query``, ``probe report``."""
+import argparse
+import os
+import sys
+
+from jobs.config import ANALYSES, UsageError, build_config
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def run_parser(sub) -> None:
+    p = sub.add_parser("run", help="run the analyses and write a run folder",
+                       description="Run the analyses over a corpus for every model; every flag is also a key of --config YAML (the CLI wins).")
+    a = p.add_argument
+    a("--config", help="YAML file of options (keys as below, dashes or underscores)")
+    a("--models", help="comma list of hub ids (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or local folders saved with save_pretrained(); default: all four sizes")
+    a("--data", help="wikitext-2-raw-v1[:split] (hub, via datasets), a local .txt/.raw file (one row per line) or a Parquet file with a 'text' column; default: wikitext-2-raw-v1:test")
+    a("--out", help="the run folder: a local path or a pyarrow filesystem URI such as s3://bucket/prefix; default: results/<run-id>")
+    a("--run-id", help="name of the run; default: a UTC timestamp")
+    a("--analyses", help=f"comma list of {','.join(ANALYSES)}; default: all")
+    a("--max-tokens", type=_int, help="use only the first N tokens of the corpus")
+    a("--chunk-tokens", type=_int, help="tokens per chunk (at most the model's n_positions); default 1024")
+    a("--batch-size", type=_int, help="chunks per forward pass; default: chosen from memory")
+    a("--device", help="auto|cpu|cuda; default auto (a GPU where the cluster has one)")
+    a("--dtype", help="float32|bfloat16|float16 weights and activations; statistics are computed in float32/64; default float32")
+    a("--address", help="Ray address of an existing cluster; default: start a local Ray instance")
+    a("--seed", type=_int, help="seed of every random draw (samples, shuffled baseline, KSG jitter); default 0")
+    a("--final-hidden", help="hf (last hidden state after ln_f, as HF returns it) or pre_ln_f (last block output); default hf")
+    a("--tokenizer", help="tokenizer hub id or folder; default: the first model's")
+    a("--target", help="rotation target, one BPE token; default ' her'")
+    a("--sentences", help="rotation: a file of extra sentences, one per line (run as a right-padded batch)")
+    a("--max-samples", type=_int, help="neurons: at most this many proper nouns (and as many other tokens); default 1000")
+    a("--mi-tokens", type=_int, help="mi: the first N tokens of the stream; default: the first chunk")
+    a("--mi-method", help="mi: histogram (15 equal-width bins, bits) or ksg (sklearn mutual_info_regression); default histogram")
+    a("--mi-bins", type=_int, help="mi: histogram bins per dimension; default 15")
+    a("--alpha", type=float, help="family-wise significance level before Bonferroni; default 0.05")
+    a("--max-in-flight", type=_int, help="batches queued per model actor; default 2")
+    a("--resume", action="store_true", default=None, help="finish an interrupted run (same --run-id/--out): only missing shards are computed")
+    a("--allow-pickle", action="store_true", default=None, help="allow pickle (.bin) weights; default: safetensors only")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="probe", description="Observational interpretability of GPT-2 at corpus scale, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser(sub)
+    q = sub.add_parser("query", help="SQL over a run's tables (polars)", description="Every table of the run is registered under its name.")
+    q.add_argument("out", help="the run folder or URI")
+    q.add_argument("sql", help='e.g. "SELECT model, avg(path_step) FROM layer_metrics GROUP BY model"')
+    q.add_argument("--output", help="write the result to a .csv or .parquet file instead of printing it")
+    r = sub.add_parser("report", help="(re)write OUT/report.html and OUT/figures/")
+    r.add_argument("out", help="the run folder or URI")
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"probe: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_run(args) -> int:
+    from jobs.run import run
+
+    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    run(build_config(cli, args.config))
+    return 0
+
+
+def cmd_query(args) -> int:
+    import polars as pl
+
+    from jobs.query import run_query
+
+    if args.output and not args.output.endswith((".csv", ".parquet")):
+        raise UsageError(f"--output {args.output} must end in .csv or .parquet")
+    result = run_query(args.out, args.sql)
+    if args.output:
+        (result.write_csv if args.output.endswith(".csv") else result.write_parquet)(args.output)
+        print(f"{result.height} rows -> {args.output}")
+    else:
+        with pl.Config(tbl_rows=int(os.environ.get("PROBE_ROWS", "50")), tbl_cols=-1, fmt_str_lengths=60):
+            print(result)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from jobs.query import make_report, open_run
+
+    print(make_report(open_run(args.out)))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "query": cmd_query, "report": cmd_report}
+
+if __name__ == "__main__":
+    sys.exit(main())

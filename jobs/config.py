@@ -1,0 +1,140 @@
+"""The run configuration: one typed object built once from CLI flags and an optional YAML file."""
+import dataclasses
+import difflib
+import re
+import time
+from dataclasses import dataclass, field
+
+ANALYSES = ("path", "rotation", "neurons", "mi", "attn_ar")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line with exit code 2, before any heavy work."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    models: tuple[str, ...] = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+    data: str = "wikitext-2-raw-v1:test"
+    out: str = ""  # default: results/<run_id>
+    run_id: str = ""  # default: a UTC timestamp
+    analyses: tuple[str, ...] = ANALYSES
+    max_tokens: int | None = None
+    chunk_tokens: int = 1024
+    batch_size: int | None = None  # None: chosen from memory
+    device: str = "auto"
+    dtype: str = "float32"
+    address: str | None = None  # None: start a local Ray instance
+    seed: int = 0
+    final_hidden: str = "hf"
+    tokenizer: str | None = None  # default: the first model's tokenizer
+    target: str = " her"
+    sentences: str | None = None
+    max_samples: int = 1000
+    mi_tokens: int | None = None  # default: the first chunk
+    mi_method: str = "histogram"
+    mi_bins: int = 15
+    alpha: float = 0.05
+    resume: bool = False
+    allow_pickle: bool = False
+    max_in_flight: int = 2
+
+    def __post_init__(self):
+        check = _Checker()
+        check.choice("analyses", self.analyses, ANALYSES, many=True)
+        check.choice("device", self.device, DEVICES)
+        check.choice("dtype", self.dtype, DTYPES)
+        check.choice("final_hidden", self.final_hidden, ("hf", "pre_ln_f"))
+        check.choice("mi_method", self.mi_method, ("histogram", "ksg"))
+        check.positive("chunk_tokens", self.chunk_tokens, minimum=2)
+        check.positive("max_tokens", self.max_tokens)
+        check.positive("batch_size", self.batch_size)
+        check.positive("max_samples", self.max_samples)
+        check.positive("mi_tokens", self.mi_tokens, minimum=2)
+        check.positive("mi_bins", self.mi_bins, minimum=2)
+        check.positive("max_in_flight", self.max_in_flight)
+        if not self.models:
+            raise UsageError("--models is empty: give a comma list of hub ids or local model folders")
+        if len(set(self.models)) != len(self.models):
+            raise UsageError(f"--models lists a model twice: {','.join(self.models)}")
+        if not 0 < self.alpha < 1:
+            raise UsageError(f"--alpha must be in (0, 1), got {self.alpha}")
+        if self.run_id and not RUN_ID.match(self.run_id):
+            raise UsageError(f"--run-id {self.run_id!r} must be letters, digits, '.', '_' or '-' (no path separators)")
+        if self.resume and not self.run_id and not self.out:
+            raise UsageError("--resume needs --run-id (or --out) naming the run to finish")
+
+    def resolved(self) -> "RunConfig":
+        """Fill defaults that depend on other fields (run id, output folder)."""
+        run_id = self.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        out = self.out or f"results/{run_id}"
+        return dataclasses.replace(self, run_id=run_id, out=out)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Checker:
+    def choice(self, name, value, allowed, many=False):
+        values = value if many else (value,)
+        for v in values:
+            if v not in allowed:
+                raise UsageError(f"--{name.replace('_', '-')} {v!r} is not one of {', '.join(allowed)}")
+        if many and not values:
+            raise UsageError(f"--{name.replace('_', '-')} is empty: choose from {', '.join(allowed)}")
+
+    def positive(self, name, value, minimum=1):
+        if value is not None and (not isinstance(value, int) or value < minimum):
+            raise UsageError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+LIST_FIELDS = ("models", "analyses")
+
+
+def _coerce(name: str, value):
+    if name in LIST_FIELDS:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"config key {name!r} must be a list or a comma-separated string, got {value!r}")
+        return tuple(str(v) for v in value)
+    return value
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML config: a mapping of RunConfig keys (dashes or underscores). Unknown keys are refused."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"--config {path} must hold a mapping of option: value")
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+            raise UsageError(f"unknown key {key!r} in {path}{hint}")
+        out[name] = value
+    return out
+
+
+def build_config(cli: dict, yaml_path: str | None = None) -> RunConfig:
+    """YAML values first, then CLI values that were given (not None): the CLI wins."""
+    values = load_yaml(yaml_path) if yaml_path else {}
+    values.update({k: v for k, v in cli.items() if v is not None})
+    values = {k: _coerce(k, v) for k, v in values.items()}
+    try:
+        return RunConfig(**values).resolved()
+    except TypeError as e:
+        raise UsageError(f"bad configuration: {e}") from None

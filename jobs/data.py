@@ -1,0 +1,109 @@
+"""Corpus input: rows of text from the hub dataset, a local text file or a Parquet file; one token stream."""
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from jobs.config import UsageError
+
+HUB_DATASETS = {"wikitext-2-raw-v1": ("wikitext", "wikitext-2-raw-v1"), "wikitext-103-raw-v1": ("wikitext", "wikitext-103-raw-v1")}
+TEXT_SUFFIXES = (".txt", ".raw", ".tokens")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The tokenized corpus: ``token_ids`` (n,) int32 and ``rows`` (n,) int64, the source row of each token."""
+
+    token_ids: np.ndarray
+    rows: np.ndarray
+    n_rows: int
+    source: str
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.token_ids.tobytes())
+        digest.update(self.rows.tobytes())
+        return digest.hexdigest()[:32]
+
+
+def read_text_file(path: str) -> list[str]:
+    """Rows of a UTF-8 text file, one per line, each keeping its ``\\n`` as the hub's WikiText rows do."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(line.decode("utf-8") + "\n")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}: line {number} is not valid UTF-8 (byte {e.start}): re-encode the file as UTF-8") from None
+    return rows
+
+
+def read_parquet_rows(path: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # pyarrow raises several types for a non-Parquet file
+        raise UsageError(f"{path} is not a readable Parquet file: {e}") from None
+    if "text" not in schema.names:
+        raise UsageError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
+    return [t or "" for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
+
+
+def read_hub_rows(spec: str) -> list[str]:
+    name, _, split = spec.partition(":")
+    split = split or "test"
+    path, config = HUB_DATASETS[name]
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(path, config, split=split)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(
+            f"cannot load dataset {name}:{split} from the hub ({first}); offline, pass a local file: --data wiki.test.raw"
+        ) from None
+    return list(ds["text"])
+
+
+def read_rows(spec: str) -> list[str]:
+    """Rows of text for a --data value (see ``probe run --help``)."""
+    if spec.split(":")[0] in HUB_DATASETS:
+        return read_hub_rows(spec)
+    if not os.path.exists(spec):
+        raise UsageError(f"--data {spec}: no such file (or use wikitext-2-raw-v1[:split])")
+    if os.path.isdir(spec):
+        raise UsageError(f"--data {spec} is a folder: give a .txt/.raw file or a Parquet file with a 'text' column")
+    if os.path.getsize(spec) == 0:
+        raise UsageError(f"--data {spec} is empty")
+    if spec.endswith(".parquet"):
+        return read_parquet_rows(spec)
+    return read_text_file(spec)
+
+
+def tokenize_rows(rows: list[str], tokenizer, source: str, max_tokens: int | None = None) -> Corpus:
+    """Tokenize each non-blank row once and concatenate into one stream, as the notebooks do."""
+    keep = [i for i, r in enumerate(rows) if r.strip()]
+    if not keep:
+        raise UsageError(f"--data {source} has no text (every row is blank)")
+    encoded = tokenizer([rows[i] for i in keep], add_special_tokens=False)["input_ids"]
+    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+    token_ids = np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(lengths.sum()))
+    row_of = np.repeat(np.asarray(keep, dtype=np.int64), lengths)
+    if max_tokens is not None:
+        token_ids, row_of = token_ids[:max_tokens], row_of[:max_tokens]
+    return Corpus(token_ids=token_ids, rows=row_of, n_rows=len(rows), source=source)
+
+
+def read_sentences(path: str) -> list[str]:
+    """--sentences FILE: one sentence per non-blank line."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--sentences {path}: no such file")
+    sentences = [r.rstrip("\n") for r in read_text_file(path) if r.strip()]
+    if not sentences:
+        raise UsageError(f"--sentences {path} has no sentences")
+    return sentences

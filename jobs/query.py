@@ -1,0 +1,72 @@
+"""Reading a finished run: every table as a lazy polars scan, SQL over them, the figures and report."""
+import os
+import tempfile
+
+import polars as pl
+
+from jobs.config import UsageError
+from jobs.schema import partition_keys
+from jobs.store import Store
+
+HIVE_TYPES = {"model": pl.String, "layer": pl.Int16}
+
+
+def storage_options(store: Store) -> dict | None:
+    """polars' object-store options for a non-local run, taken from the standard AWS environment."""
+    if store.is_local:
+        return None
+    env = {"aws_endpoint_url": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")}
+    opts = {k: v for k, v in env.items() if v}
+    if opts.get("aws_endpoint_url", "").startswith("http://"):
+        opts["aws_allow_http"] = "true"
+    return opts or None
+
+
+def scan_tables(store: Store) -> dict[str, pl.LazyFrame]:
+    """Each table that has files, as a lazy scan with its hive partition columns (model, layer)."""
+    tables = {}
+    for table in store.tables():
+        files = store.list_files(table)
+        if not store.is_local:
+            files = [f"{store.uri.split('://')[0]}://{f}" for f in files]
+        hive = {k: HIVE_TYPES[k] for k in partition_keys(table)}
+        tables[table] = pl.scan_parquet(files, hive_partitioning=True, hive_schema=hive, storage_options=storage_options(store))
+    return tables
+
+
+def open_run(uri: str) -> Store:
+    store = Store(uri)
+    if not store.exists("manifest.json"):
+        raise UsageError(f"{uri} holds no run (no manifest.json): give the --out folder of a probe run")
+    return store
+
+
+def run_query(uri: str, sql: str) -> pl.DataFrame:
+    store = open_run(uri)
+    context = pl.SQLContext(scan_tables(store))
+    try:
+        return context.execute(sql).collect()
+    except Exception as e:  # polars raises several error types for bad SQL or unknown tables
+        names = ", ".join(sorted(context.tables()))
+        raise UsageError(f"query failed: {str(e).splitlines()[0]} (tables: {names})") from None
+
+
+def make_report(store: Store, manifest: dict | None = None) -> str:
+    """Render every figure under OUT/figures and write OUT/report.html; returns the report's path."""
+    from jobs.figures import render_all
+    from jobs.report import write_report
+
+    manifest = manifest or store.read_json("manifest.json")
+    tables = scan_tables(store)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = store.root if store.is_local else tmp
+        figures = render_all(tables, os.path.join(local, "figures"))
+        path = write_report(local, manifest, tables, figures)
+        if not store.is_local:
+            for root, _, files in os.walk(local):
+                for name in files:
+                    full = os.path.join(root, name)
+                    with open(full, "rb") as f:
+                        store.write_bytes(os.path.relpath(full, local), f.read())
+            path = store.path("report.html")
+    return path

@@ -1,0 +1,223 @@
+"""The driver of ``probe run``: plan, capture (one Ray actor per model), statistics (Ray tasks), report."""
+import os
+import platform
+import subprocess
+import time
+
+import numpy as np
+import ray
+
+from jobs import stats
+from jobs.config import RunConfig
+from jobs.plan import Plan, make_plan
+from jobs.store import Store
+from jobs.query import make_report
+from jobs.worker import ModelWorker, part_name
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+class Manifest:
+    """OUT/manifest.json: resolved config, versions, models, data fingerprint, stage status and timings."""
+
+    def __init__(self, store: Store, plan: Plan):
+        self.store = store
+        previous = store.read_json("manifest.json") if plan.cfg.resume else {}
+        self.data = {
+            "run_id": plan.cfg.run_id,
+            "config": plan.cfg.to_dict(),
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "models": {m.name: {"source": m.source, "n_layer": m.n_layer, "n_embd": m.n_embd, "config": m.config} for m in plan.models},
+            "data": {"source": plan.corpus.source, "fingerprint": plan.corpus.fingerprint(), "rows": plan.corpus.n_rows,
+                     "tokens": int(plan.chunks.size), "chunks": plan.n_chunks, "chunk_tokens": plan.cfg.chunk_tokens},
+            "batch_size": plan.batch_size,
+            "stages": previous.get("stages", {}),
+        }
+        if previous and previous.get("data", {}).get("fingerprint") != self.data["data"]["fingerprint"]:
+            from jobs.config import UsageError
+
+            raise UsageError("--resume: the data or --max-tokens differ from the run being resumed; use the same inputs")
+
+    def stage(self, name: str, status: str, seconds: float | None = None, **extra) -> None:
+        entry = {"status": status, **extra}
+        if seconds is not None:
+            entry["seconds"] = round(seconds, 3)
+        self.data["stages"][name] = entry
+        self.store.write_json("manifest.json", self.data)
+
+
+def versions() -> dict:
+    import polars
+    import pyarrow
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "ray": ray.__version__, "pyarrow": pyarrow.__version__, "polars": polars.__version__}
+
+
+def git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def start_ray(cfg: RunConfig) -> None:
+    if ray.is_initialized():
+        return
+    if cfg.address:
+        ray.init(address=cfg.address, log_to_driver=True)
+    else:
+        # A local instance: dashboard on loopback only.
+        ray.init(dashboard_host="127.0.0.1", include_dashboard=False, log_to_driver=True)
+
+
+def actor_resources(cfg: RunConfig, n_models: int) -> dict:
+    """Resources per model actor: a GPU (or a fraction) each where there are GPUs, else a share of the CPUs."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 1.0), total.get("GPU", 0.0)
+    if cfg.device != "cpu" and gpus > 0:
+        return {"num_gpus": min(1.0, gpus / n_models), "num_cpus": min(1.0, cpus / n_models)}
+    return {"num_gpus": 0, "num_cpus": min(1.0, cpus / n_models)}
+
+
+def batch_payload(plan: Plan, chunk_ids: np.ndarray) -> dict:
+    sel = np.isin(plan.sample_keys[:, 0], chunk_ids)
+    keys = plan.sample_keys[sel]
+    return {
+        "chunk": chunk_ids,
+        "input_ids": plan.chunks[chunk_ids],
+        "rows": plan.chunk_rows[chunk_ids],
+        "proper": plan.proper[chunk_ids],
+        "sample_b": np.searchsorted(chunk_ids, keys[:, 0]),
+        "sample_t": keys[:, 1],
+    }
+
+
+class Progress:
+    """Chunks done of total, tokens/s and ETA per model, printed at most every ``every`` seconds."""
+
+    def __init__(self, totals: dict[str, int], skipped: dict[str, int], every: float = 5.0):
+        self.totals, self.done = totals, dict(skipped)
+        self.tokens = {m: 0 for m in totals}
+        self.start = {m: time.perf_counter() for m in totals}
+        self.every, self.last = every, 0.0
+
+    def update(self, model: str, chunks: int, tokens: int) -> None:
+        self.done[model] += chunks
+        self.tokens[model] += tokens
+        now = time.perf_counter()
+        if now - self.last >= self.every or all(self.done[m] == self.totals[m] for m in self.totals):
+            self.last = now
+            for m in self.totals:
+                rate = self.tokens[m] / max(now - self.start[m], 1e-9)
+                left = (self.totals[m] - self.done[m]) * (self.tokens[m] / max(self.done[m], 1)) / max(rate, 1e-9)
+                log(f"[capture] {m}: {self.done[m]}/{self.totals[m]} chunks, {rate:,.0f} tok/s, ETA {left:,.0f}s")
+
+
+def run_capture(plan: Plan, store: Store, workers: dict) -> dict:
+    """Stream batches to every model actor with at most ``max_in_flight`` per actor; skip finished parts."""
+    batches = plan.batches()
+    todo, skipped = {}, {}
+    for m in plan.models:
+        done = store.list_parts(f"_progress/model={m.name}", ".json") if plan.cfg.resume else set()
+        todo[m.name] = [b for b in batches if _part(b) not in done]
+        skipped[m.name] = len(batches) - len(todo[m.name])
+        if skipped[m.name]:
+            log(f"[capture] {m.name}: {skipped[m.name]} of {len(batches)} batches already written, skipped")
+    needed = {}
+    for m in todo:
+        for b in todo[m]:
+            needed[_part(b)] = needed.get(_part(b), 0) + 1
+    progress = Progress({m: plan.n_chunks for m in todo}, {m: plan.n_chunks - sum(len(b) for b in todo[m]) for m in todo})
+    refs: dict[str, ray.ObjectRef] = {}
+    in_flight: dict[ray.ObjectRef, tuple[str, str, int]] = {}
+
+    def submit(model: str) -> None:
+        chunk_ids = todo[model].pop(0)
+        part = _part(chunk_ids)
+        if part not in refs:
+            refs[part] = ray.put(batch_payload(plan, chunk_ids))
+        in_flight[workers[model].__call__.remote(refs[part])] = (model, part, len(chunk_ids))
+
+    for model in todo:
+        for _ in range(min(plan.cfg.max_in_flight, len(todo[model]))):
+            submit(model)
+    while in_flight:
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        model, part, n = in_flight.pop(ready[0])
+        result = ray.get(ready[0])
+        needed[part] -= 1
+        if needed[part] == 0:
+            del refs[part]  # the batch object is freed once every model has it
+        progress.update(model, n, result["tokens"])
+        if todo[model]:
+            submit(model)
+    return {m: skipped[m] for m in skipped}
+
+
+def _part(chunk_ids) -> str:
+    return part_name(chunk_ids)
+
+
+def run_stats(plan: Plan, store: Store, workers: dict, use_gpu: bool) -> None:
+    """Launch every statistics task at once, then wait for all (no ray.get in the submit loop)."""
+    cfg, analyses = plan.cfg, set(plan.cfg.analyses)
+    gpu = {"num_gpus": 0.25} if use_gpu else {}
+    pending = []
+    for m in plan.models:
+        worker = workers[m.name]
+        if "neurons" in analyses:
+            blocks = worker.neuron_blocks.options(num_returns=m.n_layer).remote(plan.sample_keys)
+            blocks = blocks if isinstance(blocks, list) else [blocks]
+            task = ray.remote(stats.fit_neurons).options(**gpu)
+            pending += [task.remote(store.uri, m.name, layer, block, plan.sample_labels, cfg.alpha, use_gpu)
+                        for layer, block in enumerate(blocks, start=1)]
+        if "mi" in analyses:
+            hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(plan.chunks[: plan.mi_chunks], plan.mi_tokens)
+            task = ray.remote(stats.layer_mi).options(**gpu)
+            pending += [task.remote(store.uri, m.name, layer, h, cfg.mi_method, cfg.mi_bins, cfg.seed, use_gpu)
+                        for layer, h in enumerate(hidden)]
+        if "rotation" in analyses and plan.sentences is not None:
+            ray.get(worker.sentence_rotation.remote(*plan.sentences))
+        if "rotation" in analyses:
+            pending.append(ray.remote(stats.model_rotation).remote(store.uri, m.name, cfg.alpha))
+        if "attn_ar" in analyses:
+            pending.append(ray.remote(stats.model_attn_ar).remote(store.uri, m.name))
+        pending.append(ray.remote(stats.model_path_summary).remote(store.uri, m.name, m.n_layer))
+    ray.get(pending)
+
+
+def run(cfg: RunConfig) -> str:
+    """Run the whole job; returns the run folder. Raises UsageError on bad input before heavy work."""
+    plan = make_plan(cfg)
+    log(plan.describe())
+    store = Store(cfg.out)
+    manifest = Manifest(store, plan)
+    manifest.stage("plan", "done")
+    start_ray(cfg)
+    t0 = time.perf_counter()
+    resources = actor_resources(cfg, len(plan.models))
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1) // len(plan.models)))
+    actor = ray.remote(max_restarts=4, max_task_retries=4)(ModelWorker)
+    decode_ref = ray.put(plan.decode)
+    workers = {m.name: actor.options(**resources).remote(m, cfg, store.uri, decode_ref, plan.target_id, threads) for m in plan.models}
+    manifest.stage("capture", "running")
+    skipped = run_capture(plan, store, workers)
+    manifest.stage("capture", "done", time.perf_counter() - t0, skipped_batches=skipped)
+    t1 = time.perf_counter()
+    manifest.stage("stats", "running")
+    run_stats(plan, store, workers, use_gpu=resources["num_gpus"] > 0)
+    for w in workers.values():
+        ray.kill(w)
+    manifest.stage("stats", "done", time.perf_counter() - t1)
+    t2 = time.perf_counter()
+    make_report(store, manifest.data)
+    manifest.stage("report", "done", time.perf_counter() - t2)
+    log(f"done: {cfg.out} (probe query {cfg.out} \"SELECT ...\"; report at {cfg.out}/report.html)")
+    return cfg.out

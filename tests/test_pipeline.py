@@ -1,0 +1,123 @@
+"""End to end: `probe run` through a local Ray instance on two tiny GPT-2s, checked against an
+independent Hugging Face computation and against the reference statistics libraries."""
+import json
+import os
+
+import numpy as np
+import polars as pl
+import pytest
+import ray
+import torch
+from transformers import GPT2LMHeadModel
+
+from jobs.cli import main
+from tests.conftest import build_tokenizer, save_tiny_model
+from tests.corpus import write_corpus
+
+CHUNK = 64
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    models = [save_tiny_model(root / "tiny-a", seed=1), save_tiny_model(root / "tiny-b", seed=2, n_layer=2, n_embd=48, n_inner=96)]
+    return {"root": root, "models": models, "data": write_corpus(root / "corpus.txt", n_rows=40)}
+
+
+@pytest.fixture(scope="module")
+def run_dir(ray_local, inputs):
+    out = str(inputs["root"] / "run")
+    code = main(["run", "--models", ",".join(inputs["models"]), "--data", inputs["data"], "--out", out,
+                 "--chunk-tokens", str(CHUNK), "--max-tokens", str(CHUNK * 9 + 5), "--batch-size", "2",
+                 "--max-samples", "40", "--mi-tokens", "100", "--seed", "3"])
+    assert code == 0
+    return out
+
+
+def table(run_dir, name) -> pl.DataFrame:
+    from jobs.query import run_query
+
+    return run_query(run_dir, f"SELECT * FROM {name}")
+
+
+def reference_chunks(inputs, run_dir):
+    """The chunks the job saw, rebuilt independently from the text with the tokenizer."""
+    tok = build_tokenizer()
+    with open(inputs["data"], encoding="utf-8") as f:
+        rows = [line + "\n" for line in f.read().split("\n")[:-1]]
+    ids = [t for r in rows if r.strip() for t in tok(r)["input_ids"]][: CHUNK * 9 + 5]
+    return np.asarray(ids[: CHUNK * 9]).reshape(9, CHUNK)
+
+
+def test_manifest_and_layout(run_dir, inputs):
+    with open(os.path.join(run_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert set(manifest["models"]) == {"tiny-a", "tiny-b"}
+    assert manifest["data"]["chunks"] == 9 and manifest["data"]["tokens"] == 9 * CHUNK
+    assert all(manifest["stages"][s]["status"] == "done" for s in ("plan", "capture", "stats", "report"))
+    assert {"python", "torch", "transformers", "ray"} <= set(manifest["versions"])
+    for t in ("tokens", "layer_metrics", "attn_norms", "rotation_angles", "neuron_logit", "mi", "attn_ar", "path_summary"):
+        assert os.path.isdir(os.path.join(run_dir, t, "model=tiny-a")), t
+    assert os.path.isdir(os.path.join(run_dir, "activations", "model=tiny-b", "layer=2"))
+    leftovers = [f for _, _, fs in os.walk(run_dir) for f in fs if f.endswith(".tmp")]
+    assert not leftovers
+
+
+@pytest.mark.parametrize("model_index", [0, 1])
+def test_path_metrics_match_hf(run_dir, inputs, model_index):
+    folder = inputs["models"][model_index]
+    name = os.path.basename(folder)
+    chunks = reference_chunks(inputs, run_dir)
+    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = model(torch.as_tensor(chunks), output_hidden_states=True)
+    hidden = torch.stack(out.hidden_states).double().numpy()  # (L+1, B, T, d)
+    step = np.linalg.norm(hidden[1:] - hidden[:-1], axis=-1)
+    cos = (hidden[1:] * hidden[:-1]).sum(-1) / (np.linalg.norm(hidden[1:], axis=-1) * np.linalg.norm(hidden[:-1], axis=-1))
+    angle = np.arccos(np.clip(cos, -1, 1))
+    logits = out.logits.double().numpy()
+    next_logit = np.take_along_axis(logits[:, :-1], chunks[:, 1:, None], axis=-1)[..., 0]
+
+    metrics = table(run_dir, "layer_metrics").filter(pl.col("model") == name).sort("chunk", "pos", "layer")
+    n_layer = model.config.n_layer
+    assert metrics.height == 9 * CHUNK * n_layer
+    got = {c: metrics[c].to_numpy().reshape(9, CHUNK, n_layer).transpose(2, 0, 1) for c in ("path_step", "path_cum", "angle_rad")}
+    np.testing.assert_allclose(got["path_step"], step, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["path_cum"], np.cumsum(step, axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["angle_rad"], angle, atol=1e-5)
+
+    tokens = table(run_dir, "tokens").filter(pl.col("model") == name).sort("chunk", "pos")
+    assert tokens["token_id"].to_numpy().tolist() == chunks.ravel().tolist()
+    logit = tokens["next_token_logit"].to_numpy().reshape(9, CHUNK)
+    np.testing.assert_allclose(logit[:, :-1], next_logit, rtol=1e-5, atol=1e-5)
+    assert tokens.filter(pl.col("pos") == CHUNK - 1)["next_token_logit"].null_count() == 9
+
+
+def test_path_summary_is_pearson(run_dir):
+    from scipy.stats import pearsonr
+
+    q = table(run_dir, "layer_metrics").filter((pl.col("model") == "tiny-a") & (pl.col("layer") == 3))
+    t = table(run_dir, "tokens").filter(pl.col("model") == "tiny-a")
+    j = q.join(t, on=["chunk", "pos"]).filter((pl.col("pos") > 0) & pl.col("next_token_logit").is_not_null())
+    r = pearsonr(j["path_step"].to_numpy().astype(float), j["next_token_logit"].to_numpy().astype(float)).statistic
+    s = table(run_dir, "path_summary").filter(pl.col("model") == "tiny-a")
+    assert s["n_tokens"][0] == j.height
+    assert s["r_path_logit"][0] == pytest.approx(r, abs=1e-9)
+
+
+def test_tokens_rows_and_labels(run_dir, inputs):
+    from probe_core.tokens import proper_noun_labels
+
+    t = table(run_dir, "tokens").filter(pl.col("model") == "tiny-a").sort("chunk", "pos")
+    assert t["row"].is_sorted() and t["row"].min() == 0
+    assert t["is_proper_noun"].to_list() == proper_noun_labels(t["token"].to_list()).tolist()
+    assert " Mary" in t.filter(pl.col("is_proper_noun"))["token"].to_list() or " London" in t.filter(pl.col("is_proper_noun"))["token"].to_list()
+    other = table(run_dir, "tokens").filter(pl.col("model") == "tiny-b").sort("chunk", "pos")
+    assert other["token_id"].to_list() == t["token_id"].to_list()
