@@ -1,6 +1,6 @@
 """Benchmark: batched per-neuron logistic regression vs a loop of statsmodels Logit, same data, same process.
 
-    python bench/logit.py [--neurons 4096 --samples 2000 --device cpu --subset 64 --repeats 3]
+    python bench/logit.py [--neurons 4096 --samples 2000 --device cpu --subset 64 --repeats 3 --threads N]
 
 The batched solver fits every neuron; statsmodels fits a random subset and its time is scaled to all
 neurons (its cost per neuron does not depend on the number of neurons). Each side is timed ``repeats``
@@ -56,7 +56,10 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=64, help="neurons fitted by statsmodels")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     x, y = make_data(args.samples, args.neurons, args.seed)
     cols = np.sort(np.random.default_rng(args.seed + 1).choice(args.neurons, min(args.subset, args.neurons), replace=False))
@@ -83,7 +86,7 @@ def main() -> None:
     print(f"speed-up: {sm_scaled / batched_s:.1f}x, max relative diff (beta, se, p): {max_rel:.2e}")
     print(json.dumps({
         "bench": "logit", "ratio": round(sm_scaled / batched_s, 2), "max_rel_diff": max_rel, "neurons": args.neurons,
-        "samples": args.samples, "device": args.device, "batched_s": round(batched_s, 4),
+        "samples": args.samples, "device": args.device, "threads": torch.get_num_threads(), "batched_s": round(batched_s, 4),
         "statsmodels_s_scaled": round(sm_scaled, 4),
     }))
 

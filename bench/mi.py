@@ -1,11 +1,13 @@
 """Benchmark: vectorized all-pairs histogram MI vs the notebook's per-pair loop.
 
-    python bench/mi.py [--dims 768] [--tokens 128,1024] [--device cpu] [--pairs 300] [--bins 15]
+    python bench/mi.py [--dims 768] [--tokens 128,1024] [--device cpu] [--pairs 300] [--bins 15] [--threads N]
 
 Data: float32 Gaussian "hidden states" where a third of the dims are noisy mixtures of others
 (so MI is not all near zero) plus a few heavy-tailed dims. The notebook function runs on a random
 subset of pairs and its time is scaled to all d*(d-1)/2 pairs; values are compared on the subset.
-Ends with one JSON line.
+Both timings are the best of --repeats runs (the machine may be shared). When other processes load
+the cores, torch's 2-thread OpenMP GEMM stalls at every block (~5-10 ms each); --threads 1 (what a
+Ray task with num_cpus=1 gets) is then several times faster. Ends with one JSON line.
 """
 import argparse
 import json
@@ -47,9 +49,9 @@ def run_one(n: int, d: int, bins: int, device: str, n_pairs: int, repeats: int) 
     rng = np.random.default_rng(1)
     i = rng.integers(0, d, size=n_pairs)
     j = (i + rng.integers(1, d, size=n_pairs)) % d  # j != i
-    t0 = time.perf_counter()
-    ref = np.array([notebook_pair_mi(x[:, a], x[:, b], bins=bins) for a, b in zip(i, j)])
-    t_pair = (time.perf_counter() - t0) / n_pairs
+    t_sub, ref = best_time(lambda: np.array([notebook_pair_mi(x[:, a], x[:, b], bins=bins) for a, b in zip(i, j)]),
+                           repeats)
+    t_pair = t_sub / n_pairs
     all_pairs = d * (d - 1) // 2
     t_loop = t_pair * all_pairs
     diff = float(np.abs(mat[i, j] - ref).max())
@@ -66,8 +68,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--pairs", type=int, default=300)
     ap.add_argument("--bins", type=int, default=15)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
     summary = {"bench": "mi"}
     diffs = []
@@ -77,7 +82,8 @@ def main() -> None:
         summary[f"seconds_vectorized_{n}"] = round(r["seconds_vectorized"], 4)
         summary[f"seconds_notebook_scaled_{n}"] = round(r["seconds_notebook_scaled"], 2)
         diffs.append(r["diff"])
-    summary.update(max_abs_diff=max(diffs), dims=args.dims, device=args.device, bins=args.bins, pairs=args.pairs)
+    summary.update(max_abs_diff=max(diffs), dims=args.dims, device=args.device, bins=args.bins, pairs=args.pairs,
+                   threads=torch.get_num_threads())
     print(json.dumps(summary))
 
 

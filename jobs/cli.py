@@ -40,6 +40,7 @@ def run_parser(sub) -> None:
     a("--mi-bins", type=_int, help="mi: histogram bins per dimension; default 15")
     a("--alpha", type=float, help="family-wise significance level before Bonferroni; default 0.05")
     a("--max-in-flight", type=_int, help="batches queued per model actor; default 2")
+    a("--actor-resources", help='JSON: extra Ray resources per model actor, e.g. \'{"gpt2-xl": {"node_b": 1}}\' to place actors on nodes')
     a("--resume", action="store_true", default=None, help="finish an interrupted run (same --run-id/--out): only missing shards are computed")
     a("--allow-pickle", action="store_true", default=None, help="allow pickle (.bin) weights; default: safetensors only")
 

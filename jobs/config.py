@@ -1,6 +1,7 @@
 """The run configuration: one typed object built once from CLI flags and an optional YAML file."""
 import dataclasses
 import difflib
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ class RunConfig:
     resume: bool = False
     allow_pickle: bool = False
     max_in_flight: int = 2
+    # Extra Ray resources per model actor, by partition name: {"gpt2-xl": {"big_gpu": 1}} pins actors to nodes.
+    actor_resources: dict = field(default_factory=dict)
 
     def __post_init__(self):
         check = _Checker()
@@ -64,6 +67,10 @@ class RunConfig:
             raise UsageError(f"--alpha must be in (0, 1), got {self.alpha}")
         if self.run_id and not RUN_ID.match(self.run_id):
             raise UsageError(f"--run-id {self.run_id!r} must be letters, digits, '.', '_' or '-' (no path separators)")
+        if not isinstance(self.actor_resources, dict) or not all(
+            isinstance(v, dict) and all(isinstance(n, (int, float)) and n >= 0 for n in v.values()) for v in self.actor_resources.values()
+        ):
+            raise UsageError('--actor-resources must map model names to {"resource": amount}, e.g. {"gpt2-xl": {"node_b": 1}}')
         if self.resume and not self.run_id and not self.out:
             raise UsageError("--resume needs --run-id (or --out) naming the run to finish")
 
@@ -96,6 +103,11 @@ LIST_FIELDS = ("models", "analyses")
 
 
 def _coerce(name: str, value):
+    if name == "actor_resources" and isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--actor-resources is not valid JSON: {e}") from None
     if name in LIST_FIELDS:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

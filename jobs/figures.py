@@ -24,6 +24,7 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _panels(n: int, ncols: int = 3, w: float = 4.8, h: float = 3.6):
     """Figure with ``n`` axes on a grid of ``ncols`` columns (unused cells hidden)."""
     ncols = max(1, min(n, ncols))
     nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(w * ncols, h * nrows + 0.5), layout="constrained")
+    fig = Figure(figsize=(max(w * ncols, 7.0), h * nrows + 0.5), layout="constrained")  # room for the suptitle
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -91,7 +92,7 @@ def _thin(lf: pl.LazyFrame, group: list[str], keys: list[str], max_n: int, count
     """
     counts = lf.group_by(group).agg((pl.len() if count is None else count).alias("_n")).collect()
     stride = counts.select(*group, ((pl.col("_n") + max_n - 1) // max_n).clip(1).cast(pl.UInt64).alias("_s"))
-    return (lf.join(stride.lazy(), on=group)
+    return (lf.join(stride.lazy(), on=group, maintain_order="left")  # same sample, same order: stable figures
             .filter(pl.struct(keys).hash(seed) % pl.col("_s") == 0).drop("_s"))
 
 
@@ -101,6 +102,19 @@ def _wide(df: pl.DataFrame, keys: list[str], values: str, on: str = "layer"):
     cols = sorted(w.columns[len(keys):], key=int)
     mat = w.select(pl.col(cols).cast(pl.Float64)).to_numpy()
     return w.select(keys), np.array([int(c) for c in cols]), mat
+
+
+def _pick(choice: dict[str, int], col: str) -> pl.Expr:
+    """Rows where ``col`` equals the value chosen for their model (one term per model)."""
+    sel = pl.lit(False)
+    for m, v in choice.items():
+        sel = sel | ((pl.col("model") == m) & (pl.col(col) == v))
+    return sel
+
+
+def _int_x(ax, label: str = "layer") -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(label)
 
 
 def _resolve_chunk(lf: pl.LazyFrame, chunk: int) -> int:
@@ -113,13 +127,18 @@ def _resolve_chunk(lf: pl.LazyFrame, chunk: int) -> int:
     return int(found)
 
 
-def _layer_lines(fig, ax, x: np.ndarray, Y: np.ndarray, layers: np.ndarray, label: str) -> None:
-    """One line per layer (rows of ``Y`` over ``x``) coloured by layer, with a colorbar."""
-    segs = np.stack([np.broadcast_to(x, Y.shape), Y], axis=-1)
-    lc = LineCollection(segs, cmap="viridis", array=layers.astype(float), linewidths=1.2)
+def _add_lines(ax, x: np.ndarray, Y: np.ndarray, **kw) -> LineCollection:
+    """One line per row of ``Y`` (n_lines, len(x)) over ``x`` as a single collection (NaN = gap)."""
+    lc = LineCollection(np.stack([np.broadcast_to(x, Y.shape), Y], axis=-1), **kw)
     ax.add_collection(lc)
     ax.autoscale_view()
-    fig.colorbar(lc, ax=ax, label=label)
+    return lc
+
+
+def _layer_lines(fig, ax, x: np.ndarray, Y: np.ndarray, layers: np.ndarray, label: str) -> None:
+    """One line per layer (rows of ``Y`` over ``x``) coloured by layer, with a colorbar."""
+    lc = _add_lines(ax, x, Y, cmap="viridis", array=layers.astype(float), linewidths=1.2)
+    fig.colorbar(lc, ax=ax, label=label, ticks=MaxNLocator(integer=True))
 
 
 def _binned_density(lf: pl.LazyFrame, col: str, lo_q: float, hi_q: float, bins: int = N_BINS):
@@ -155,8 +174,8 @@ def _density_panels(lf: pl.LazyFrame, col: str, lo_q: float, hi_q: float, xlabel
         Y = np.zeros((len(layers), N_BINS))
         Y[np.searchsorted(layers, d["layer"].to_numpy()), d["bin"].to_numpy()] = d["density"].to_numpy()
         _layer_lines(fig, ax, centres[m], Y, layers, clabel)
-        ax.set(title=m, xlabel=xlabel, ylabel=ylabel)
-    fig.suptitle(title + f"  (range: {lo_q:.1%}-{hi_q:.1%} quantiles)")
+        ax.set(title=f"{m} (values in quantiles {lo_q:g}-{hi_q:g})", xlabel=xlabel, ylabel=ylabel)
+    fig.suptitle(title)
     return fig
 
 
@@ -169,15 +188,12 @@ def fig_path_cumulative(layer_metrics: pl.LazyFrame, chunk: int = 0) -> Figure:
     fig, axes = _panels(len(models))
     for ax, m in zip(axes, models):
         keys, layers, Y = _wide(df.filter(pl.col("model") == m), ["pos"], "path_cum")
-        segs = np.stack([np.broadcast_to(layers, Y.shape), Y], axis=-1)
-        lc = LineCollection(segs, cmap="viridis", array=keys["pos"].to_numpy().astype(float),
-                            linewidths=0.6, alpha=0.6, rasterized=True)
-        ax.add_collection(lc)
-        ax.autoscale_view()
+        lc = _add_lines(ax, layers, Y, cmap="viridis", array=keys["pos"].to_numpy().astype(float),
+                        linewidths=0.6, alpha=0.6, rasterized=True)
         ax.plot(layers, np.nanmean(Y, axis=0), color="black", lw=2.2, label="mean over tokens")
         fig.colorbar(lc, ax=ax, label="token position in chunk")
-        ax.set(title=f"{m}: chunk {c}, {Y.shape[0]} tokens", xlabel="layer (block output)",
-               ylabel="cumulative path length (L2, residual units)")
+        ax.set(title=f"{m}: chunk {c}, {Y.shape[0]} tokens", ylabel="cumulative path length (L2, residual units)")
+        _int_x(ax, "layer (block output)")
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(TITLES["path_cumulative"])
     return fig
@@ -198,7 +214,8 @@ def fig_logit_vs_step(tokens: pl.LazyFrame, layer_metrics: pl.LazyFrame, path_su
     for ax, m in zip(axes, models):
         d = df.filter(pl.col("model") == m)
         x, y = d["path_step"].to_numpy().astype(float), d["next_token_logit"].to_numpy().astype(float)
-        ax.scatter(x, y, s=3, alpha=0.25, color="tab:blue", rasterized=True, label=f"tokens (sample of {len(x):,})")
+        x, y = x[np.isfinite(x) & np.isfinite(y)], y[np.isfinite(x) & np.isfinite(y)]
+        ax.scatter(x, y, s=3, alpha=0.25, color="tab:blue", rasterized=True, label=f"tokens ({len(x):,} plotted)")
         if len(x) > 1 and np.ptp(x) > 0:
             slope, icpt = np.polyfit(x, y, 1)
             xs = np.array([x.min(), x.max()])
@@ -232,19 +249,21 @@ def fig_rotation_angles(rotation_angles: pl.LazyFrame, max_lines: int = 150) -> 
                 d = thin.filter(sel & (pl.col("kind") == kind))
                 if d.height:
                     _, layers, Y = _wide(d, occ, "angle_rad")
-                    segs = np.stack([np.broadcast_to(layers, Y.shape), Y], axis=-1)
-                    ax.add_collection(LineCollection(segs, colors=color, linewidths=0.4, alpha=0.2, rasterized=True))
+                    _add_lines(ax, layers, Y, colors=color, linewidths=0.4, alpha=0.25, rasterized=True)
                 mu = means.filter(sel & (pl.col("kind") == kind)).sort("layer")
                 ax.plot(mu["layer"], mu["angle_rad"], color=color, lw=2.5, label=f"{kind} (mean)")
-            ax.autoscale_view()
-            ax.set(title=_safe(f"{m}: target {target!r} ({source})"), xlabel="layer", ylabel="rotation angle (rad)")
+            ax.plot([], [], color="grey", lw=0.5, label="single occurrences")
+            ax.set(title=_safe(f"{m}: target {target!r} ({source})"), ylabel="rotation angle (rad)")
+            _int_x(ax)
             ax.legend(fontsize=8)
-    fig.suptitle(TITLES["rotation_angles"] + "  (thin: single occurrences)")
+    fig.suptitle(TITLES["rotation_angles"])
     return fig
 
 
 def fig_rotation_t(rotation: pl.LazyFrame) -> Figure:
     """Paired t statistic per layer, one line per model, significant layers starred; panel per (target, source)."""
+    if "source" not in rotation.collect_schema().names():  # tables written before per-source tests
+        rotation = rotation.with_columns(source=pl.lit("pooled"))
     df = _collect(rotation.select("model", "target", "source", "layer", "t", "significant").sort("layer"), "rotation t")
     models, rows = _models(df), df.select("target", "source").unique().sort("target", "source").rows()
     fig, axes = _panels(len(rows))
@@ -258,28 +277,32 @@ def fig_rotation_t(rotation: pl.LazyFrame) -> Figure:
             handles.append(line)
         handles.append(Line2D([], [], marker="*", ls="", color="grey", mec="black", ms=11, label="significant layer"))
         ax.axhline(0, color="black", lw=0.8)
-        ax.set(title=_safe(f"target {target!r} ({source})"), xlabel="layer", ylabel="paired t statistic")
+        ax.set(title=_safe(f"target {target!r} ({source})"), ylabel="paired t statistic")
+        _int_x(ax)
         ax.legend(handles=handles, fontsize=8)
     fig.suptitle(TITLES["rotation_t"])
     return fig
 
 
 # ---------------------------------------------------------------- neurons
-def neuron_layers(neuron_logit: pl.LazyFrame, layer: int | None = None) -> dict[str, int]:
-    """Layer to show per model: ``layer`` if given, else the layer with most significant neurons (lowest on ties)."""
-    counts = neuron_logit.group_by("model", "layer").agg(pl.col("significant").sum().alias("n_sig")).collect()
+def _best_layer(lf: pl.LazyFrame, score: pl.Expr, layer: int | None) -> dict[str, int]:
+    """Per model: ``layer`` if given (models lacking it dropped), else the layer maximising ``score`` (ties: lowest)."""
+    scores = lf.group_by("model", "layer").agg(score.alias("_s")).collect()
     if layer is not None:
-        counts = counts.filter(pl.col("layer") == layer)
-    best = counts.sort(["model", "n_sig", "layer"], descending=[False, True, False]).group_by(
+        scores = scores.filter(pl.col("layer") == layer)
+    best = scores.sort(["model", "_s", "layer"], descending=[False, True, False]).group_by(
         "model", maintain_order=True).first()
     return {m: int(lay) for m, lay in best.select("model", "layer").iter_rows()}
 
 
+def neuron_layers(neuron_logit: pl.LazyFrame, layer: int | None = None) -> dict[str, int]:
+    """Layer to show per model: ``layer`` if given, else the layer with most significant neurons."""
+    return _best_layer(neuron_logit, pl.col("significant").sum(), layer)
+
+
 def best_neurons(neuron_logit: pl.LazyFrame, layers: dict[str, int]) -> dict[str, tuple[int, int, float]]:
     """Per model (layer, neuron, beta) of the significant neuron with the largest positive beta in its layer."""
-    sel = pl.lit(False)
-    for m, lay in layers.items():  # one term per model, not per neuron
-        sel = sel | ((pl.col("model") == m) & (pl.col("layer") == lay))
+    sel = _pick(layers, "layer")
     df = (neuron_logit.filter(sel & pl.col("significant") & (pl.col("beta") > 0) & pl.col("beta").is_finite())
           .sort("beta", descending=True).group_by("model").first().select("model", "layer", "neuron", "beta").collect())
     return {m: (int(lay), int(n), float(b)) for m, lay, n, b in df.iter_rows()}
@@ -288,15 +311,13 @@ def best_neurons(neuron_logit: pl.LazyFrame, layers: dict[str, int]) -> dict[str
 def fig_neuron_betas(neuron_logit: pl.LazyFrame, layer: int | None = None) -> Figure:
     """Per model: beta by neuron index and beta vs -log10 p for one layer, significant neurons in red."""
     layers = neuron_layers(neuron_logit, layer)
-    sel = pl.lit(False)
-    for m, lay in layers.items():
-        sel = sel | ((pl.col("model") == m) & (pl.col("layer") == lay))
+    sel = _pick(layers, "layer")
     df = _collect(neuron_logit.filter(sel & pl.col("beta").is_finite() & pl.col("p").is_not_null())
                   .select("model", "neuron", "beta", "p", "significant"), "neuron betas")
     models = _models(df)
     fig, axes = _panels(2 * len(models), ncols=2, w=5.5)
     for i, m in enumerate(models):
-        d = df.filter(pl.col("model") == m)
+        d = df.filter(pl.col("model") == m).sort("significant")  # significant drawn last, on top
         sig = d["significant"].to_numpy()
         colors = np.where(sig, "tab:red", "tab:gray")
         nlp = -np.log10(np.clip(d["p"].to_numpy(), 1e-300, 1.0))
@@ -322,7 +343,9 @@ def fig_neurons_per_layer(neuron_logit: pl.LazyFrame) -> Figure:
     for m in _models(df):
         d = df.filter(pl.col("model") == m)
         ax.plot(d["layer"], d["n_sig"], marker="o", label=m)
-    ax.set(xlabel="layer", ylabel="significant neurons (count)", title="significant = column `significant` of neuron_logit")
+    ax.set(ylabel="significant neurons (count)", ylim=(0, None), title="neurons with significant = true")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _int_x(ax)
     ax.legend()
     fig.suptitle(TITLES["neurons_per_layer"])
     return fig
@@ -351,7 +374,24 @@ def _heatmap_chunks(heatmap: pl.LazyFrame, activations: pl.LazyFrame | None, chu
     elif "sampled" in heatmap.collect_schema().names():
         have = heatmap.filter(pl.col("sampled")).select("model", "chunk").unique()
     df = have.collect().with_columns(pref=pl.col("chunk") != chunk).sort("model", "pref", "chunk")
-    return {m: int(c) for m, c in df.group_by("model", maintain_order=True).first().select("model", "chunk").iter_rows()}
+    first = df.group_by("model", maintain_order=True).first()
+    return {m: int(c) for m, c in first.select("model", "chunk").iter_rows()}
+
+
+def _draw_tokens(fig, ax, texts: list[str], act: np.ndarray, sampled: np.ndarray, width: int, fs: float) -> None:
+    """Tokens as monospace text on boxes coloured by ``act`` (symmetric diverging scale); sampled boxes outlined."""
+    x, line, w = _layout_tokens(texts, width)
+    vmax = float(np.nanmax(np.abs(act))) if np.isfinite(act).any() else 0.0
+    norm, cmap = Normalize(-(vmax or 1.0), vmax or 1.0), matplotlib.colormaps["RdBu_r"]
+    ax.bar(x, 0.9, width=w, bottom=line - 0.45, align="edge", color=cmap(norm(np.nan_to_num(act))),
+           edgecolor=np.where(sampled, "black", "none"), linewidth=0.6)
+    ink = np.where(np.abs(np.nan_to_num(act)) > 0.6 * (vmax or 1.0), "white", "black")  # legible on dark boxes
+    for xi, li, t, c in zip(x, line, texts, ink):  # one artist per token: text cannot be batched
+        ax.text(xi, li, t, color=c, fontfamily="DejaVu Sans Mono", fontsize=fs, va="center", ha="left",
+                parse_math=False)
+    ax.set(xlim=(0, width), ylim=(max(line.max() + 1, 4) - 0.5, -0.5))
+    ax.axis("off")
+    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, label="pre-GELU activation", fraction=0.03)
 
 
 def fig_token_heatmap(heatmap: pl.LazyFrame, neuron_logit: pl.LazyFrame | None = None,
@@ -359,46 +399,33 @@ def fig_token_heatmap(heatmap: pl.LazyFrame, neuron_logit: pl.LazyFrame | None =
                       max_tokens: int = 400, width: int = 120) -> Figure:
     """The chunk's text as tokens whose background is the best positive neuron's activation (panel per model).
 
-    ``heatmap`` rows: model, chunk, pos, token, activation[, sampled]; sampled tokens get a black outline.
+    ``heatmap`` rows: model, chunk, pos, token, activation[, sampled]; the chunk is ``chunk`` when it is in
+    sample (has ``activations`` rows, else ``sampled`` rows), else the smallest in-sample chunk.
     """
     chunks = _heatmap_chunks(heatmap, activations, chunk)
     if not chunks:
         raise NoData("no in-sample chunk in heatmap")
     best = {} if neuron_logit is None else best_neurons(neuron_logit, neuron_layers(neuron_logit, layer))
-    sel = pl.lit(False)
-    for m, c in chunks.items():
-        sel = sel | ((pl.col("model") == m) & (pl.col("chunk") == c))
-    cols = [c for c in ("model", "pos", "token", "activation", "sampled") if c in heatmap.collect_schema().names()]
-    df = heatmap.filter(sel).select(cols).sort("model", "pos").group_by("model", maintain_order=True).head(max_tokens)
-    df = _collect(df, "token heatmap")
+    names = heatmap.collect_schema().names()
+    cols = [c for c in ("model", "pos", "token", "activation", "sampled") if c in names]
+    df = _collect(heatmap.filter(_pick(chunks, "chunk")).select(cols).sort("model", "pos")
+                  .group_by("model", maintain_order=True).head(max_tokens), "token heatmap")
     models = _models(df)
     texts = {m: [t.replace("\r", "").replace("\t", " ").replace("\n", "↵") or "∅"
                  for t in df.filter(pl.col("model") == m)["token"].fill_null("∅").to_list()] for m in models}
-    layouts = {m: _layout_tokens(texts[m], width) for m in models}
-    n_lines = [int(layouts[m][1].max()) + 1 for m in models]
-    fig_w, ax_w = 13.0, 11.0
-    fs = 0.92 * ax_w * 72 / (width * _MONO_ADVANCE)
-    line_in = fs * 1.55 / 72
-    fig = Figure(figsize=(fig_w, sum(n_lines) * line_in + 0.9 * len(models) + 0.6), layout="constrained")
-    axes = fig.subplots(len(models), 1, squeeze=False, height_ratios=[n + 2 for n in n_lines]).ravel()
-    for ax, m, n in zip(axes, models, n_lines):
+    fs = 0.9 * 11.0 * 72 / (width * _MONO_ADVANCE)  # ~11 in of axes hold ``width`` character cells
+    heights = [max(1.4, (_layout_tokens(texts[m], width)[1].max() + 1) * fs * 1.6 / 72) + 0.5 for m in models]
+    fig = Figure(figsize=(13.0, sum(heights) + 0.5), layout="constrained")
+    axes = fig.subplots(len(models), 1, squeeze=False, height_ratios=heights).ravel()
+    for ax, m in zip(axes, models):
         d = df.filter(pl.col("model") == m)
-        act = d["activation"].cast(pl.Float64).fill_null(np.nan).to_numpy()
-        vmax = float(np.nanmax(np.abs(act))) if np.isfinite(act).any() else 1.0
-        norm, cmap = Normalize(-(vmax or 1.0), vmax or 1.0), matplotlib.colormaps["RdBu_r"]
-        x, line, w = layouts[m]
-        sampled = d["sampled"].fill_null(False).to_numpy() if "sampled" in d.columns else np.zeros(len(x), bool)
-        ax.bar(x, 0.9, width=w, bottom=line - 0.45, align="edge", color=cmap(norm(np.nan_to_num(act))),
-               edgecolor=np.where(sampled, "black", "none"), linewidth=0.6)
-        for xi, li, t in zip(x, line, texts[m]):
-            ax.text(xi, li, t, fontfamily="DejaVu Sans Mono", fontsize=fs, va="center", ha="left", parse_math=False)
-        ax.set(xlim=(0, width), ylim=(n - 0.5, -0.5))
-        ax.axis("off")
+        sampled = d["sampled"].fill_null(False).to_numpy() if "sampled" in d.columns else np.zeros(d.height, bool)
+        _draw_tokens(fig, ax, texts[m], d["activation"].cast(pl.Float64).fill_null(np.nan).to_numpy(), sampled,
+                     width, fs)
         lay, neuron, beta = best.get(m, (layer, None, None))
-        who = "neuron n/a" if neuron is None else f"layer {lay} neuron {neuron} (β = {beta:.3g})"
-        ax.set_title(f"{m}: chunk {chunks[m]}, {who}; first {len(x)} tokens, outlined = in regression sample",
-                     fontsize=10)
-        fig.colorbar(ScalarMappable(norm, cmap), ax=ax, shrink=0.8, label="pre-GELU activation")
+        who = "best neuron n/a" if neuron is None else f"layer {lay} neuron {neuron} (β = {beta:.3g})"
+        note = "; outlined = sampled" if "sampled" in d.columns else ""
+        ax.set_title(f"{m}: chunk {chunks[m]}, {who}; first {d.height} tokens{note}", fontsize=10)
     fig.suptitle(TITLES["neurons_heatmap"])
     return fig
 
@@ -406,20 +433,13 @@ def fig_token_heatmap(heatmap: pl.LazyFrame, neuron_logit: pl.LazyFrame | None =
 # ---------------------------------------------------------------- mi
 def mi_layers(mi: pl.LazyFrame, layer: int | None = None) -> dict[str, int]:
     """Layer to show per model: ``layer`` if given, else the hidden_states index with the largest mean MI."""
-    means = mi.group_by("model", "layer").agg(pl.col("mi_bits").mean().alias("mean")).collect()
-    if layer is not None:
-        means = means.filter(pl.col("layer") == layer)
-    best = means.sort(["model", "mean", "layer"], descending=[False, True, False]).group_by(
-        "model", maintain_order=True).first()
-    return {m: int(lay) for m, lay in best.select("model", "layer").iter_rows()}
+    return _best_layer(mi, pl.col("mi_bits").mean(), layer)
 
 
 def fig_mi_layer(mi: pl.LazyFrame, layer: int | None = None) -> Figure:
     """Per model: histogram of one layer's pairwise MI and the symmetric dim x dim MI image."""
     layers = mi_layers(mi, layer)
-    sel = pl.lit(False)
-    for m, lay in layers.items():
-        sel = sel | ((pl.col("model") == m) & (pl.col("layer") == lay))
+    sel = _pick(layers, "layer")
     df = _collect(mi.filter(sel).select("model", "dim_i", "dim_j", "mi_bits"), "mi layer")
     models = _models(df)
     fig, axes = _panels(2 * len(models), ncols=2, w=5.5, h=4.4)
@@ -436,7 +456,7 @@ def fig_mi_layer(mi: pl.LazyFrame, layer: int | None = None) -> Figure:
         img = np.full((len(dims), len(dims)), np.nan)
         img[ii, jj] = v
         img[jj, ii] = v
-        im = ax_i.imshow(img, cmap="magma", interpolation="nearest")
+        im = ax_i.imshow(img, cmap="magma")  # default interpolation antialiases large matrices
         contiguous = dims[0] == 0 and dims[-1] == len(dims) - 1
         lab = "hidden dimension" if contiguous else f"analysed dimension (rank among {len(dims)})"
         ax_i.set(title=f"{m}, hidden_states[{layers[m]}]: MI matrix", xlabel=lab + " j", ylabel=lab + " i")
@@ -465,8 +485,8 @@ def fig_attn_strip(attn_norms: pl.LazyFrame, max_per_layer: int = 300, seed: int
         x = d["layer"].to_numpy() + rng.uniform(-0.3, 0.3, d.height)
         ax.scatter(x, d["log_norm"], s=3, alpha=0.3, c=d["layer"], cmap="viridis", rasterized=True)
         ax.scatter(md["layer"], md["log_norm"], marker="_", s=200, color="black", label="median (all tokens)")
-        ax.set(title=f"{m}: ≤{max_per_layer} tokens per layer", xlabel="layer",
-               ylabel="log ‖attention output‖₂ (log L2 norm)")
+        ax.set(title=f"{m}: ≤{max_per_layer} tokens per layer", ylabel="log ‖attention output‖₂ (log L2 norm)")
+        _int_x(ax)
         ax.legend(fontsize=8)
     fig.suptitle(TITLES["attn_strip"])
     return fig
@@ -494,8 +514,8 @@ def fig_attn_ar_coefs(attn_ar: pl.LazyFrame, alpha: float = ALPHA) -> Figure:
         ax.axhline(0, color="black", lw=0.8)
         handles = ax.get_legend_handles_labels()[0] + [
             Line2D([], [], marker="o", ls="", color="grey", label=f"p < {alpha:g} / layers (filled)")]
-        ax.set(title=f"lag-{lag} coefficient b{lag}", xlabel="layer",
-               ylabel=f"b{lag} (log-norm units per log-norm unit)")
+        ax.set(title=f"lag-{lag} coefficient b{lag}", ylabel=f"b{lag} (dimensionless)")
+        _int_x(ax)
         ax.legend(handles=handles, fontsize=8)
     fig.suptitle(TITLES["attn_ar_coefs"])
     return fig

@@ -1,5 +1,4 @@
 """Everything the driver checks and decides before any model loads: models, tokens, chunks, samples, disk."""
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,6 +116,9 @@ def make_plan(cfg: RunConfig) -> Plan:
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise UsageError(f"two models share a partition name ({', '.join(names)}): rename a folder")
+    unknown = set(cfg.actor_resources) - set(names)
+    if unknown:
+        raise UsageError(f"--actor-resources names {sorted(unknown)}, which are not among the models {names}")
     for m in models:
         if cfg.chunk_tokens > m.n_positions:
             raise UsageError(f"--chunk-tokens {cfg.chunk_tokens} exceeds {m.name}'s n_positions {m.n_positions}: use at most {m.n_positions}")

@@ -23,15 +23,32 @@ def storage_options(store: Store) -> dict | None:
 
 
 def scan_tables(store: Store) -> dict[str, pl.LazyFrame]:
-    """Each table that has files, as a lazy scan with its hive partition columns (model, layer)."""
+    """Each table that has files, as a lazy scan with its hive partition columns (model, layer).
+
+    ``activations.values`` is a fixed-size list of d_mlp in the files; d_mlp differs between models,
+    so that table is scanned per model and exposed as a variable-length list.
+    """
     tables = {}
     for table in store.tables():
         files = store.list_files(table)
         if not store.is_local:
             files = [f"{store.uri.split('://')[0]}://{f}" for f in files]
-        hive = {k: HIVE_TYPES[k] for k in partition_keys(table)}
-        tables[table] = pl.scan_parquet(files, hive_partitioning=True, hive_schema=hive, storage_options=storage_options(store))
+        if table == "activations":
+            per_model = {}
+            for f in files:
+                per_model.setdefault(f.split("/model=")[1].split("/")[0], []).append(f)
+            tables[table] = pl.concat([
+                _scan(fs, table, store).with_columns(pl.col("values").cast(pl.List(pl.Float16)))
+                for fs in per_model.values()
+            ])
+        else:
+            tables[table] = _scan(files, table, store)
     return tables
+
+
+def _scan(files: list[str], table: str, store: Store) -> pl.LazyFrame:
+    hive = {k: HIVE_TYPES[k] for k in partition_keys(table)}
+    return pl.scan_parquet(files, hive_partitioning=True, hive_schema=hive, storage_options=storage_options(store))
 
 
 def open_run(uri: str) -> Store:

@@ -14,7 +14,7 @@ from jobs.figures import model_sort_key
 HEAD_ROWS = 50
 SECTIONS = [  # (key, heading, what it shows)
     ("path", "Path length", "Hidden-state path length across layers and its relation to the next-token logit."),
-    ("rotation", "Rotation", "Angles of the residual-stream rotation for target tokens vs previous and shuffled tokens."),
+    ("rotation", "Rotation", "Residual-stream rotation angles of target tokens vs previous and shuffled tokens."),
     ("neurons", "Proper-noun neurons", "Per-neuron logistic regression of the proper-noun label on pre-GELU MLP "
                                        "activations."),
     ("mi", "Mutual information", "Pairwise mutual information between hidden dimensions per layer."),
@@ -30,7 +30,7 @@ figure{margin:1.2em 0}figure img{max-width:100%;height:auto;border:1px solid #ee
 figcaption{font-size:.9em;color:#555}
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0 1.2em}
 th,td{border:1px solid #ddd;padding:.2em .5em;text-align:right}th{background:#f3f3f3}
-td.s{text-align:left}caption{text-align:left;font-weight:600;padding:.3em 0}
+td.s{text-align:left;white-space:pre}caption{text-align:left;font-weight:600;padding:.3em 0}
 p.empty{color:#888;font-style:italic}
 """
 
@@ -60,32 +60,36 @@ def _table(columns: list[str], rows: list, caption: str = "") -> str:
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
 
 
-def _by_model(df: pl.DataFrame, *cols: str) -> pl.DataFrame:
-    """Sort a small collected frame by model size, then ``cols``."""
-    rank = {m: i for i, m in enumerate(sorted(df["model"].unique().to_list(), key=model_sort_key))}
-    return df.with_columns(_r=pl.col("model").replace_strict(rank)).sort("_r", *cols).drop("_r")
+def _by_model(caption: str, df: pl.DataFrame, *cols: str) -> tuple[str, pl.DataFrame]:
+    """(caption, frame) sorted by model size then ``cols``; each model keeps an equal share of the HEAD_ROWS."""
+    models = sorted(df["model"].unique().to_list(), key=model_sort_key)
+    share = max(1, HEAD_ROWS // max(len(models), 1))
+    head = (df.with_columns(_r=pl.col("model").replace_strict({m: i for i, m in enumerate(models)}))
+            .sort("_r", *cols).group_by("_r", maintain_order=True).head(share).drop("_r"))
+    if head.height < df.height:
+        caption += f" (first {share} rows per model: {head.height} of {df.height} shown)"
+    return caption, head
 
 
 def _summaries(key: str, t: dict[str, pl.LazyFrame]) -> list[tuple[str, pl.DataFrame]]:
-    """(caption, small frame) summary tables of one section; only the head is collected where it can be large."""
+    """(caption, small frame) summary tables of one section; large tables are reduced lazily before collecting."""
     out = []
     if key == "path" and "path_summary" in t:
-        out.append(("Path length vs next-token logit", _by_model(t["path_summary"].collect())))
+        out.append(_by_model("Path length vs next-token logit", t["path_summary"].collect()))
     if key == "rotation" and "rotation" in t:
-        out.append(("Rotation tests per layer", _by_model(t["rotation"].collect(), "target", "source", "layer")))
+        rot = t["rotation"].collect()
+        keys = [c for c in ("target", "source", "layer") if c in rot.columns]
+        out.append(_by_model("Rotation tests per layer", rot, *keys))
     if key == "neurons" and "neuron_logit" in t:
         top = (t["neuron_logit"].filter(pl.col("significant")).sort("p", pl.col("z").abs(), descending=[False, True])
                .group_by("model", "layer", maintain_order=True).head(3)
                .select("model", "layer", "neuron", "n", "beta", "se", "z", "p", "q_bh", "status").collect())
-        if top.height:
-            cap = max(1, HEAD_ROWS // top["model"].n_unique())  # every model gets rows within the 50-row head
-            top = _by_model(top, "layer", "p").group_by("model", maintain_order=True).head(cap)
-        out.append(("Top 3 significant neurons per model and layer (smallest p)", top))
+        out.append(_by_model("Top 3 significant neurons per model and layer (smallest p)", top, "layer", "p"))
     if key == "mi" and "mi_summary" in t:
-        out.append(("MI per layer (bits; layer = hidden_states index)", _by_model(t["mi_summary"].collect(), "layer")))
+        out.append(_by_model("MI per layer (bits; layer = hidden_states index)", t["mi_summary"].collect(), "layer"))
     if key == "attn_ar" and "attn_ar" in t:
         pooled = t["attn_ar"].filter(pl.col("chunk").is_null()).drop("chunk").collect()
-        out.append(("AR(2) pooled over chunks", _by_model(pooled, "layer")))
+        out.append(_by_model("AR(2) pooled over chunks", pooled, "layer"))
     return [(c, df) for c, df in out if df.height]
 
 
@@ -114,14 +118,29 @@ def _stages(stages) -> str:
     return _table(cols, [[r.get(c) for c in cols] for r in rows], "Stages")
 
 
+def _models_text(models) -> str:
+    """manifest["models"]: {name: {"n_layer": ...}} (as jobs.run writes it) or a list of names/dicts."""
+    if isinstance(models, dict):
+        return ", ".join(f"{m} ({v['n_layer']} layers)" if isinstance(v, dict) and "n_layer" in v else str(m)
+                         for m, v in models.items())
+    if isinstance(models, (list, tuple)):
+        return ", ".join(str(m.get("name", m)) if isinstance(m, dict) else str(m) for m in models)
+    return "" if models is None else str(models)
+
+
+def _meta_value(v) -> str:
+    """A header value: dicts as 'key: value' pairs, the rest through ``_fmt`` (escaped)."""
+    if isinstance(v, dict):
+        return " · ".join(f"{html.escape(str(k))}: {_fmt(x)}" for k, x in v.items())
+    return _fmt(v)
+
+
 def _header(run_dir: str, manifest: dict) -> str:
     run_id = manifest.get("run_id") or os.path.basename(os.path.normpath(run_dir))
-    models = manifest.get("models", [])
-    if isinstance(models, (list, tuple)):
-        models = ", ".join(str(m.get("name", m)) if isinstance(m, dict) else str(m) for m in models)
-    meta = {"run id": run_id, "models": models, "data": manifest.get("data")}
-    meta.update({k: manifest[k] for k in ("created", "config_hash") if k in manifest})
-    items = "".join(f"<dt>{html.escape(k)}</dt><dd>{_fmt(v)}</dd>" for k, v in meta.items() if v not in (None, ""))
+    meta = {"run id": run_id, "models": _models_text(manifest.get("models")), "data": manifest.get("data")}
+    meta.update({k.replace("_", " "): manifest[k] for k in ("created", "git_commit", "versions") if k in manifest})
+    items = "".join(f"<dt>{html.escape(k)}</dt><dd>{_meta_value(v)}</dd>"
+                    for k, v in meta.items() if v not in (None, ""))
     nav = "".join(f'<a href="#{k}">{html.escape(h)}</a>' for k, h, _ in SECTIONS)
     return (f"<header><h1>gpt2-probe report: {html.escape(str(run_id))}</h1><dl class=\"meta\">{items}</dl>"
             f"{_stages(manifest.get('stages'))}<nav>{nav}</nav></header>")

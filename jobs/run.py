@@ -78,12 +78,20 @@ def start_ray(cfg: RunConfig) -> None:
 
 
 def actor_resources(cfg: RunConfig, n_models: int) -> dict:
-    """Resources per model actor: a GPU (or a fraction) each where there are GPUs, else a share of the CPUs."""
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 1.0), total.get("GPU", 0.0)
-    if cfg.device != "cpu" and gpus > 0:
-        return {"num_gpus": min(1.0, gpus / n_models), "num_cpus": min(1.0, cpus / n_models)}
-    return {"num_gpus": 0, "num_cpus": min(1.0, cpus / n_models)}
+    """Ray options per model actor: a GPU (or a fraction) each where there are GPUs.
+
+    Actors reserve no CPU: their torch threads are set explicitly, and a CPU reservation would
+    starve the statistics tasks that run while the actors are still alive (heatmap traces need
+    them after the fits). SPREAD places them on different nodes. With --device cuda a GPU is asked
+    for even when the cluster shows none yet, so an autoscaling cluster launches GPU workers.
+    """
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    options = {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": "SPREAD"}
+    if cfg.device == "cuda":
+        options["num_gpus"] = min(1.0, gpus / n_models) if gpus else 1.0
+    elif cfg.device == "auto" and gpus > 0:
+        options["num_gpus"] = min(1.0, gpus / n_models)
+    return options
 
 
 def batch_payload(plan: Plan, chunk_ids: np.ndarray) -> dict:
@@ -166,30 +174,38 @@ def _part(chunk_ids) -> str:
 
 
 def run_stats(plan: Plan, store: Store, workers: dict, use_gpu: bool) -> None:
-    """Launch every statistics task at once, then wait for all (no ray.get in the submit loop)."""
+    """Launch every statistics task at once, then wait (no ray.get in the submit loop). The heatmap
+    traces go last: they need the neuron fits and the model actors."""
     cfg, analyses = plan.cfg, set(plan.cfg.analyses)
     gpu = {"num_gpus": 0.25} if use_gpu else {}
-    pending = []
+    pending, fits = [], {}
     for m in plan.models:
         worker = workers[m.name]
         if "neurons" in analyses:
             blocks = worker.neuron_blocks.options(num_returns=m.n_layer).remote(plan.sample_keys)
             blocks = blocks if isinstance(blocks, list) else [blocks]
             task = ray.remote(stats.fit_neurons).options(**gpu)
-            pending += [task.remote(store.uri, m.name, layer, block, plan.sample_labels, cfg.alpha, use_gpu)
-                        for layer, block in enumerate(blocks, start=1)]
+            fits[m.name] = [task.remote(store.uri, m.name, layer, block, plan.sample_labels, cfg.alpha, use_gpu)
+                            for layer, block in enumerate(blocks, start=1)]
         if "mi" in analyses:
             hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(plan.chunks[: plan.mi_chunks], plan.mi_tokens)
             task = ray.remote(stats.layer_mi).options(**gpu)
             pending += [task.remote(store.uri, m.name, layer, h, cfg.mi_method, cfg.mi_bins, cfg.seed, use_gpu)
                         for layer, h in enumerate(hidden)]
-        if "rotation" in analyses and plan.sentences is not None:
-            ray.get(worker.sentence_rotation.remote(*plan.sentences))
         if "rotation" in analyses:
-            pending.append(ray.remote(stats.model_rotation).remote(store.uri, m.name, cfg.alpha))
+            # Sentences first: the t-tests read every occurrence, corpus and sentences.
+            first = [worker.sentence_rotation.remote(*plan.sentences)] if plan.sentences is not None else []
+            pending.append(ray.remote(stats.model_rotation).remote(store.uri, m.name, cfg.alpha, *first))
         if "attn_ar" in analyses:
             pending.append(ray.remote(stats.model_attn_ar).remote(store.uri, m.name))
         pending.append(ray.remote(stats.model_path_summary).remote(store.uri, m.name, m.n_layer))
+    picked = stats.heatmap_chunks(plan.sample_keys, plan.n_chunks)
+    for name, refs in fits.items():
+        ray.get(refs)
+        best = stats.best_neuron(store.uri, name)
+        if best and picked:
+            trace = workers[name].neuron_trace.remote(plan.chunks[[c for c, _ in picked]], *best)
+            pending.append(ray.remote(stats.write_heatmap).remote(store.uri, name, *best, picked, trace, plan.sample_keys))
     ray.get(pending)
 
 
@@ -206,7 +222,10 @@ def run(cfg: RunConfig) -> str:
     threads = max(1, int(ray.cluster_resources().get("CPU", 1) // len(plan.models)))
     actor = ray.remote(max_restarts=4, max_task_retries=4)(ModelWorker)
     decode_ref = ray.put(plan.decode)
-    workers = {m.name: actor.options(**resources).remote(m, cfg, store.uri, decode_ref, plan.target_id, threads) for m in plan.models}
+    workers = {
+        m.name: actor.options(**resources, resources=cfg.actor_resources.get(m.name) or None).remote(m, cfg, store.uri, decode_ref, plan.target_id, threads)
+        for m in plan.models
+    }
     manifest.stage("capture", "running")
     skipped = run_capture(plan, store, workers)
     manifest.stage("capture", "done", time.perf_counter() - t0, skipped_batches=skipped)

@@ -33,6 +33,10 @@ TABLES: dict[str, pa.Schema] = {
         ("z", pa.float64()), ("p", pa.float64()), ("significant", pa.bool_()), ("q_bh", pa.float64()),
         ("status", pa.string()), ("converged", pa.bool_()), ("n_iter", pa.int16()),
     ]),
+    "neuron_heatmap": pa.schema([
+        ("layer", pa.int16()), ("neuron", pa.int32()), ("chunk", pa.int32()), ("pos", pa.int32()),
+        ("activation", pa.float32()), ("sampled", pa.bool_()), ("in_sample_chunk", pa.bool_()),
+    ]),
     "mi": pa.schema([("layer", pa.int16()), ("dim_i", pa.int32()), ("dim_j", pa.int32()), ("mi_bits", pa.float64())]),
     "mi_summary": pa.schema([
         ("layer", pa.int16()), ("n_tokens", pa.int32()), ("mean_bits", pa.float64()), ("median_bits", pa.float64()),

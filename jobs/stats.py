@@ -61,8 +61,10 @@ def model_attn_ar(store_uri: str, model: str, start: int = 3) -> int:
     return result.height
 
 
-def model_rotation(store_uri: str, model: str, alpha: float) -> int:
-    """Paired t-tests per layer (target vs previous) for each source of occurrences."""
+def model_rotation(store_uri: str, model: str, alpha: float, *after) -> int:
+    """Paired t-tests per layer (target vs previous) for each source of occurrences.
+
+    ``after``: refs of tasks that must finish first, passed as top-level arguments so Ray waits for them."""
     store = Store(store_uri)
     angles = scan(store, "rotation_angles", model).collect()
     frames = []
@@ -95,3 +97,42 @@ def model_path_summary(store_uri: str, model: str, n_layer: int) -> dict:
     )
     store.write_table("path_summary", "all", pa.table({"n_tokens": [n], "r_path_logit": [r]}), model=model)
     return {"model": model, "n_tokens": n, "r_path_logit": r}
+
+
+def best_neuron(store_uri: str, model: str) -> tuple[int, int] | None:
+    """(layer, neuron) for the heatmap: the layer with most significant neurons, then its significant
+    neuron with the largest positive beta (without any significant one, the ok neuron with the largest beta)."""
+    fits = scan(Store(store_uri), "neuron_logit", model).filter(pl.col("status") == "ok").collect()
+    if fits.is_empty():
+        return None
+    counts = fits.group_by("layer").agg(pl.col("significant").sum().alias("k")).sort(["k", "layer"], descending=[True, False])
+    layer = int(counts["layer"][0])
+    in_layer = fits.filter(pl.col("layer") == layer)
+    pool = in_layer.filter(pl.col("significant") & (pl.col("beta") > 0))
+    best = (pool if pool.height else in_layer).sort("beta", descending=True)
+    return layer, int(best["neuron"][0])
+
+
+def heatmap_chunks(sample_keys: np.ndarray, n_chunks: int) -> list[tuple[int, bool]]:
+    """The chunk with most sampled tokens (in sample) and the first chunk with none (held out)."""
+    chunks, counts = np.unique(sample_keys[:, 0], return_counts=True)
+    picked = [(int(chunks[np.argmax(counts)]), True)] if len(chunks) else []
+    held_out = np.setdiff1d(np.arange(n_chunks), chunks)
+    if len(held_out):
+        picked.append((int(held_out[0]), False))
+    return picked
+
+
+def write_heatmap(store_uri: str, model: str, layer: int, neuron: int, picked, activation: np.ndarray, sample_keys: np.ndarray) -> int:
+    """Rows of table neuron_heatmap: activation (n_picked, T) of one neuron over the picked chunks."""
+    n, t = activation.shape
+    chunk = np.repeat([c for c, _ in picked], t).astype(np.int32)
+    pos = np.tile(np.arange(t, dtype=np.int32), n)
+    sampled = np.isin(chunk.astype(np.int64) * t + pos, sample_keys[:, 0] * t + sample_keys[:, 1])
+    data = pa.table({
+        "layer": np.full(n * t, layer, np.int16), "neuron": np.full(n * t, neuron, np.int32), "chunk": chunk, "pos": pos,
+        "activation": activation.reshape(-1).astype(np.float32), "sampled": sampled,
+        "in_sample_chunk": np.repeat([s for _, s in picked], t),
+    })
+    Store(store_uri).write_table("neuron_heatmap", "all", data, model=model)
+    return data.num_rows

@@ -176,6 +176,19 @@ class ModelWorker:
             flat = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])[:, :n_tokens].float().cpu().numpy()
         return tuple(flat)
 
+    def neuron_trace(self, input_ids: np.ndarray, layer: int, neuron: int) -> np.ndarray:
+        """One neuron's c_fc pre-activation at every position of these chunks: (B, T) -> (B, T) float32.
+
+        layer is the block number 1..n_layer, as in the tables.
+        """
+        from probe_core import capture as hooks
+
+        with torch.inference_mode():
+            ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+            with hooks.capture(self.model, {hooks.mlp_pre(layer - 1): lambda a: a[..., neuron].float()}) as cache:
+                self.model.transformer(input_ids=ids)
+            return cache[hooks.mlp_pre(layer - 1)].cpu().numpy()
+
     def sentence_rotation(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> int:
         """Rotation angles of --sentences (right-padded with EOS, with their mask); returns rows written."""
         with torch.inference_mode():

@@ -30,19 +30,14 @@ LN_FINAL_IN = "ln_final.hook_in"
 
 def hook_module(model, name: str) -> tuple[torch.nn.Module, bool]:
     """The module behind a hook name and whether its input (True) or output (False) is captured."""
-    transformer = model.transformer
     if name == LN_FINAL_IN:
-        return transformer.ln_f, True
+        return model.transformer.ln_f, True
     parts = name.split(".")
-    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
-        raise ValueError(f"unknown hook name {name!r}")
-    block = transformer.h[int(parts[1])]
     site = ".".join(parts[2:])
-    if site == "mlp.hook_pre":
-        return block.mlp.c_fc, False
-    if site == "hook_attn_out":
-        return block.attn, False
-    raise ValueError(f"unknown hook name {name!r}")
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit() or site not in ("mlp.hook_pre", "hook_attn_out"):
+        raise ValueError(f"unknown hook name {name!r}")
+    block = model.transformer.h[int(parts[1])]
+    return (block.mlp.c_fc, False) if site == "mlp.hook_pre" else (block.attn, False)
 
 
 def _first(value):

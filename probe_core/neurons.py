@@ -1,20 +1,27 @@
 """Proper-noun neurons: per-neuron logistic regressions ``label ~ 1 + activation`` and their statistics.
 
-Every neuron is fitted at once by a vectorized Newton (IRLS) solver in float64 whose 2x2 Hessians are
-inverted in closed form. It reproduces ``statsmodels.api.Logit(y, add_constant(x[:, j])).fit()``
-(params[1], bse[1], pvalues[1]) and also reports the neurons statsmodels cannot fit (constant
-activation, perfect or quasi-perfect separation) instead of warning about them.
+Every neuron is fitted at once by a vectorized Newton (IRLS) solver whose 2x2 Hessians are inverted
+in closed form. It reproduces ``statsmodels.api.Logit(y, add_constant(x[:, j])).fit()`` (params[1],
+bse[1], pvalues[1]) and also reports the neurons statsmodels cannot fit (constant activation, perfect
+or quasi-perfect separation) instead of warning about them.
+
+Cost: each Newton step is ~7 elementwise passes over (samples x neurons), so the solver is memory
+bound. Neurons go through in blocks sized to stay in cache (``_BLOCK_BYTES``), the first step is
+closed form, and the early steps run in float32 before float64 steps converge to ``tol``.
 """
+import warnings
+
 import numpy as np
 import polars as pl
 import torch
 from scipy.stats import norm
 
 STATUS_OK, STATUS_CONSTANT, STATUS_SEPARATION, STATUS_NOT_CONVERGED = "ok", "constant", "separation", "not_converged"
-# Working set per block of neurons (3 float64 (block, samples) arrays). On CPU it should stay inside L2/L3
+# Working set per block of neurons (6 float64 (block, samples) arrays). On CPU it should stay inside L2/L3
 # so the ~10 elementwise passes of each Newton step run from cache instead of DRAM.
-_BLOCK_BYTES = {"cpu": 3 << 20, "cuda": 1 << 30}
-_MIN_BLOCK = 16  # fewer neurons per block and Python overhead per op dominates
+_BLOCK_BYTES = {"cpu": 12 << 20, "cuda": 1 << 30}
+_MIN_BLOCK = 16
+_COARSE_TOL, _MAX_COARSE = 1e-4, 12  # float32 phase: until steps are below this, at most this many steps  # fewer neurons per block and Python overhead per op dominates
 
 
 def fit_logit_per_neuron(x, y, *, max_iter: int = 100, tol: float = 1e-10, device=None) -> dict[str, np.ndarray]:
@@ -31,21 +38,31 @@ def fit_logit_per_neuron(x, y, *, max_iter: int = 100, tol: float = 1e-10, devic
     separation, so no finite MLE: NaN results) or "not_converged" (last iterate kept, as statsmodels does).
     """
     xt, yt = _check_inputs(x, y)
+    if max_iter < 1 or not tol > 0:
+        raise ValueError(f"need max_iter >= 1 and tol > 0, got max_iter={max_iter!r}, tol={tol!r}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     # Samples sorted positives-first: each class is then a contiguous slice for the separation check.
     order = torch.argsort(~yt, stable=True).to(xt.device)
     n_pos = int(yt.sum())
     n_samples, n_neurons = xt.shape
     budget = _BLOCK_BYTES["cuda" if dev.type == "cuda" else "cpu"]
-    block = int(min(n_neurons, max(_MIN_BLOCK, budget // (3 * 8 * n_samples))))
+    block = int(min(n_neurons, max(_MIN_BLOCK, budget // (6 * 8 * n_samples))))
     parts = [_fit_block(xt[:, j0:j0 + block], order, n_pos, dev, max_iter, tol) for j0 in range(0, n_neurons, block)]
     out = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
     return _finish(out)
 
 
+def _as_tensor(a) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a.detach()
+    with warnings.catch_warnings():
+        # Read-only arrays (e.g. from Ray's object store) are fine: they are only ever copied from.
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(np.asarray(a))
+
+
 def _check_inputs(x, y) -> tuple[torch.Tensor, torch.Tensor]:
-    xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    yt = (y if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))).detach().cpu()
+    xt, yt = _as_tensor(x), _as_tensor(y).cpu()
     if xt.ndim != 2 or not (xt.is_floating_point() or xt.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"x must be a 2-D float array (n_samples, n_neurons), got shape {tuple(xt.shape)} {xt.dtype}")
     if yt.ndim != 1 or yt.shape[0] != xt.shape[0]:
@@ -56,27 +73,28 @@ def _check_inputs(x, y) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"y must hold only 0/1 labels, got {yf[bad][0].item()!r}")
     if yf.sum() in (0, yf.numel()):
         raise ValueError(f"y must contain both classes, got {int(yf.sum())} positives of {yf.numel()}")
-    return xt.detach(), yf.bool()
+    return xt, yf.bool()
 
 
 def _fit_block(xs: torch.Tensor, order: torch.Tensor, n_pos: int, dev, max_iter: int, tol: float) -> dict:
     """Fit one block of neurons: xs (n_samples, B) in the caller's dtype -> dict of (B,) tensors."""
     # (B, n_samples) float64, contiguous: per-neuron sums then run along the fast axis.
     xb = torch.empty((xs.shape[1], xs.shape[0]), dtype=torch.float64, device=dev)
-    xb.copy_(xs.index_select(0, order).T)
-    mask = torch.isfinite(xb)
-    if bool(mask.all()):
-        mask = None
-    else:
+    xb.copy_(xs.to(dev).index_select(0, order.to(dev)).T)
+    total = xb.sum(-1)
+    mask = None
+    if not bool(torch.isfinite(total).all()):  # a non-finite value poisons its row's sum: no extra pass
+        mask = torch.isfinite(xb)
         xb.masked_fill_(~mask, 0.0)
+        total = xb.sum(-1)
     n = xb.new_full((xb.shape[0],), xb.shape[1]) if mask is None else mask.sum(-1, dtype=torch.float64)
-    mean = xb.sum(-1) / n
+    status = _degenerate(xb, mask, n_pos)  # before centering, whose rounding could create ties
+    mean = total / n
     # Centering is an affine reparametrisation (Newton's iterates are unchanged) that makes the 2x2
     # Hessian near-diagonal, so its closed-form determinant does not cancel for offset activations.
     xb.sub_(mean[:, None])
     if mask is not None:
         xb.masked_fill_(~mask, 0.0)
-    status = _degenerate(xb, mask, n_pos)
     fit = _newton(xb, mask, n_pos, n, status == 0, max_iter, tol)
     fit["beta0"] = fit["beta0"] - fit["beta"] * mean  # back to the uncentered intercept
     fit["n"], fit["status_code"] = n.round().long(), torch.where(status == 0, fit["status_code"], status)
@@ -90,8 +108,9 @@ def _degenerate(xb: torch.Tensor, mask, n_pos: int) -> torch.Tensor:
     lowest positive and some positive above the lowest negative. Ties at the boundary are
     quasi-complete separation (the slope still diverges). An empty class counts as separated.
     """
-    lo = xb if mask is None else xb.masked_fill(~mask, float("inf"))
-    hi = xb if mask is None else xb.masked_fill(~mask, float("-inf"))
+    lo, hi = xb, xb
+    if mask is not None:
+        lo, hi = xb.masked_fill(~mask, float("inf")), xb.masked_fill(~mask, float("-inf"))
     min1, max1 = lo[:, :n_pos].amin(-1), hi[:, :n_pos].amax(-1)
     min0, max0 = lo[:, n_pos:].amin(-1), hi[:, n_pos:].amax(-1)
     separated = (max0 <= min1) | (max1 <= min0)
@@ -103,35 +122,63 @@ def _degenerate(xb: torch.Tensor, mask, n_pos: int) -> torch.Tensor:
 def _newton(xb, mask, n_pos: int, n, active, max_iter: int, tol: float) -> dict:
     """Newton iterations on the active rows of centered xb (B, S), positives first.
 
-    Rows that have converged (or gone non-finite) stop being updated and, once a quarter of the rows
-    iterated are finished, are dropped from the working copy so later steps skip them.
+    The first steps run in float32 (half the memory traffic) until every step is below
+    ``_COARSE_TOL``; float64 steps then converge to ``tol`` from there, so the answer is float64 exact.
+    Finished rows (converged or non-finite) keep taking their ~zero steps until a quarter of the rows
+    are finished; those are then written out and dropped from the working copy.
     """
     rows = active.nonzero().squeeze(1)
-    nan = torch.full_like(n, float("nan"))
-    out = {"b0": nan, "b1": nan.clone(), "var1": nan.clone(), "n_iter": torch.zeros_like(n, dtype=torch.long),
-           "converged": torch.zeros_like(active)}
-    xa = xb.index_select(0, rows)
-    ma = None if mask is None else mask.index_select(0, rows)
+    out = {"theta": torch.full((2, len(n)), float("nan"), dtype=n.dtype, device=n.device),
+           "var1": torch.full_like(n, float("nan")), "n_iter": torch.zeros_like(n, dtype=torch.long),
+           "conv": torch.zeros_like(active)}
+    xa, ma = xb, mask
+    if len(rows) < len(n):
+        xa, ma = xb.index_select(0, rows), None if mask is None else mask.index_select(0, rows)
     st = _first_step(xa, ma, n_pos, n.index_select(0, rows), tol)
-    buf, tmp = torch.empty_like(xa), torch.empty_like(xa)
-    for it in range(2, max_iter + 1):
-        if bool(st["done"].all()):
+    it = _coarse_steps(xa, ma, st, min(max_iter, _MAX_COARSE))
+    bufs = torch.empty((5, *xa.shape), dtype=xa.dtype, device=xa.device)
+    for it in range(it + 1, max_iter + 1):
+        n_done = int(st["done"].sum())
+        if n_done == len(rows):
             break
-        if 4 * int(st["done"].sum()) >= len(rows):
+        if 4 * n_done >= len(rows):
             _write_back(out, st, rows, st["done"])
             keep = ~st["done"]
-            rows, xa, st = rows[keep], xa[keep], {k: v[keep] for k, v in st.items()}
+            rows, xa, st = rows[keep], xa[keep], {k: v[..., keep] for k, v in st.items()}
             ma = None if ma is None else ma[keep]
-            buf, tmp = torch.empty_like(xa), torch.empty_like(xa)
-        _step(xa, ma, st, buf, tmp, it, tol)
+            bufs = bufs[:, : len(rows)]
+        d, st["var1"] = _step(xa, ma, st, bufs)  # var1: SE from the Hessian of the last step, as statsmodels
+        st["theta"] += d
+        st["n_iter"] += ~st["done"]
+        newly = (d.abs() <= st["theta"].abs().mul_(tol).add_(tol)).all(0)
+        st["conv"] |= newly & ~st["done"]
+        st["done"] |= newly | ~torch.isfinite(d).all(0)  # a non-finite step cannot recover
     _write_back(out, st, rows, torch.ones_like(st["done"]))
-    code = torch.where(out["converged"], 0, 3).to(torch.int8)
-    return {"beta0": out["b0"], "beta": out["b1"], "var1": out["var1"], "converged": out["converged"],
+    code = torch.where(out["conv"], 0, 3).to(torch.int8)
+    return {"beta0": out["theta"][0], "beta": out["theta"][1], "var1": out["var1"], "converged": out["conv"],
             "n_iter": out["n_iter"], "status_code": code}
 
 
+def _coarse_steps(xa, ma, st: dict, last_it: int) -> int:
+    """Float32 Newton steps 2..last_it, until the steps of all but an eighth of the rows are below
+    _COARSE_TOL (stragglers, e.g. near-separated neurons, finish in float64). Returns the last step."""
+    x32 = xa.to(torch.float32)
+    bufs = torch.empty((5, *xa.shape), dtype=torch.float32, device=xa.device)
+    it = 1
+    for it in range(2, last_it + 1):
+        d, _ = _step(x32, ma, st, bufs)
+        # float32 sums can lose a weight the float64 phase would see: skip such a step, do not fail it.
+        finite = torch.isfinite(d).all(0)
+        st["theta"] += d.nan_to_num_(0.0, 0.0, 0.0)
+        st["n_iter"] += ~st["done"]
+        pending = ~(d.abs() <= st["theta"].abs().mul_(_COARSE_TOL).add_(_COARSE_TOL)).all(0) & finite & ~st["done"]
+        if 8 * int(pending.sum()) <= len(d[0]):
+            break
+    return it
+
+
 def _first_step(xa, ma, n_pos: int, n, tol: float) -> dict:
-    """State after Newton's first step from the intercept-only MLE (logit(ybar), 0), in closed form.
+    """Per-row state after Newton's first step from the intercept-only MLE (logit(ybar), 0), in closed form.
 
     There p = ybar for every sample, so the score is (0, sum(y x)) and the Hessian is
     ybar (1 - ybar) diag(n, sum(x^2)) on centered x: the step needs no elementwise sigmoid pass.
@@ -140,37 +187,38 @@ def _first_step(xa, ma, n_pos: int, n, tol: float) -> dict:
     syx, sxx = xa[:, :n_pos].sum(-1), torch.linalg.vecdot(xa, xa)
     ybar = sy / n
     w0 = ybar * (1 - ybar)
-    b1 = syx / (w0 * sxx)
-    conv = b1.abs() <= tol * (1 + b1.abs())
-    return {"b0": torch.log(ybar / (1 - ybar)), "b1": b1, "var1": 1 / (w0 * sxx), "sy": sy, "syx": syx,
-            "n_iter": torch.ones_like(n, dtype=torch.long), "converged": conv, "done": conv.clone()}
+    theta = torch.stack((torch.log(ybar / (1 - ybar)), syx / (w0 * sxx)))
+    conv = theta[1].abs() <= tol * (1 + theta[1].abs())
+    return {"theta": theta, "var1": 1 / (w0 * sxx), "score_y": torch.stack((sy, syx)),
+            "n_iter": torch.ones_like(n, dtype=torch.long), "conv": conv, "done": conv.clone()}
 
 
-def _step(xa, ma, st: dict, buf, tmp, it: int, tol: float) -> None:
-    """One Newton step for the unfinished rows of ``st``, in place; buf, tmp: scratch like xa."""
-    p = torch.sigmoid_(torch.addcmul(st["b0"][:, None], xa, st["b1"][:, None], out=buf))
+def _step(xa, ma, st: dict, bufs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Newton step (2, R) from every row's ``st["theta"]``, and var(beta) from the Hessian there (R,).
+
+    xa: (R, S) centered activations in the working precision; bufs: (5, R, S) scratch of that dtype.
+    """
+    b0, b1 = st["theta"].to(xa.dtype)[:, :, None]
+    p = torch.mul(xa, b1, out=bufs[0]).add_(b0).sigmoid_()
     if ma is not None:
         p.mul_(ma)  # dropped samples weigh nothing: x is 0 there, so p is the only factor needed
-    g0, g1 = st["sy"] - p.sum(-1), st["syx"] - torch.linalg.vecdot(p, xa)
-    w = p.addcmul_(p, p, value=-1)  # p (1 - p), in place
-    h00, h01 = w.sum(-1), torch.mul(w, xa, out=tmp).sum(-1)
-    h11 = torch.linalg.vecdot(tmp, xa)
-    det = h00 * h11 - h01 * h01
-    d0, d1 = (h11 * g0 - h01 * g1) / det, (h00 * g1 - h01 * g0) / det
-    upd = ~st["done"]
-    b0, b1 = torch.where(upd, st["b0"] + d0, st["b0"]), torch.where(upd, st["b1"] + d1, st["b1"])
-    st["var1"] = torch.where(upd, h00 / det, st["var1"])  # SE from the Hessian of the last step, as statsmodels
-    st["n_iter"] = torch.where(upd, it, st["n_iter"])
-    newly = upd & (d0.abs() <= tol * (1 + b0.abs())) & (d1.abs() <= tol * (1 + b1.abs()))
-    st["b0"], st["b1"], st["converged"] = b0, b1, st["converged"] | newly
-    # A non-finite step cannot recover: stop iterating it (reported as not converged).
-    st["done"] = st["done"] | newly | ~(torch.isfinite(b0) & torch.isfinite(b1))
+    torch.addcmul(p, p, p, value=-1, out=bufs[1])  # w = p (1 - p)
+    torch.mul(bufs[:2], xa, out=bufs[2:4])
+    torch.mul(bufs[3], xa, out=bufs[4])
+    # One reduction for all five sums: p, w, p x, w x, w x^2 (a single dispatch over the block).
+    sums = bufs.sum(-1).to(torch.float64)
+    h00, h01, h11 = sums[1], sums[3], sums[4]
+    g = st["score_y"] - sums[0:3:2]  # score: (sum y - sum p, sum y x - sum p x)
+    det = torch.addcmul(h00 * h11, h01, h01, value=-1)
+    # Closed-form 2x2 solve: d0 = (h11 g0 - h01 g1) / det, d1 = (h00 g1 - h01 g0) / det.
+    d = torch.stack((h11, h00)).mul_(g).addcmul_(h01, g.flip(0), value=-1).div_(det)
+    return d, h00 / det
 
 
 def _write_back(out: dict, st: dict, rows, sel) -> None:
     """Copy the state of the selected working rows into the block-wide results."""
-    for k in ("b0", "b1", "var1", "n_iter", "converged"):
-        out[k][rows[sel]] = st[k][sel]
+    for k in ("theta", "var1", "n_iter", "conv"):
+        out[k][..., rows[sel]] = st[k][..., sel]
 
 
 def _finish(out: dict) -> dict[str, np.ndarray]:
@@ -186,3 +234,73 @@ def _finish(out: dict) -> dict[str, np.ndarray]:
         "n": out["n"], "beta0": beta0, "beta": beta, "se": se, "z": z, "p": 2 * norm.sf(np.abs(z)),
         "converged": out["converged"] & ~bad, "n_iter": np.where(bad, 0, out["n_iter"]), "status": names[code],
     }
+
+
+def benjamini_hochberg(p) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q), as statsmodels ``multipletests(p, method="fdr_bh")[1]``.
+
+    p: (n,) p-values. NaN entries stay NaN and do not count towards the number of tests.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"p must be 1-D, got shape {p.shape}")
+    q = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(~np.isnan(p))
+    if finite.size == 0:
+        return q
+    order = finite[np.argsort(p[finite])]
+    ranked = p[order] / (np.arange(1, order.size + 1) / order.size)
+    q[order] = np.minimum(np.minimum.accumulate(ranked[::-1])[::-1], 1.0)
+    return q
+
+
+def bonferroni_significant(p, alpha: float = 0.05) -> np.ndarray:
+    """(n,) bool: p < alpha / m, m the number of non-NaN p-values (NaN p is never significant)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    p = np.asarray(p, dtype=np.float64)
+    m = int(np.count_nonzero(~np.isnan(p)))
+    return p < alpha / max(m, 1)
+
+
+def balanced_sample(labels, max_samples: int, seed) -> np.ndarray:
+    """Sorted int64 indices of a class-balanced subsample of (n,) 0/1 or bool ``labels``.
+
+    k = min(#positives, #negatives, max_samples) positives, then k negatives, each drawn without
+    replacement (in that order) by ``numpy.random.default_rng(seed)``.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be a 1-D array of 0/1 or bool, got shape {labels.shape} dtype {labels.dtype}")
+    if int(max_samples) < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples!r}")
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(f"labels need both classes to balance, got {pos.size} positives and {neg.size} negatives")
+    k = min(pos.size, neg.size, int(max_samples))
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([rng.choice(pos, k, replace=False), rng.choice(neg, k, replace=False)])
+    return np.sort(chosen)
+
+
+def neuron_logit_table(x, y, alpha: float = 0.05, device=None) -> pl.DataFrame:
+    """Per-neuron logistic fits of one block (e.g. one layer) as a table, one row per neuron.
+
+    x: (n_samples, n_neurons), y: (n_samples,) 0/1, as ``fit_logit_per_neuron``. Multiple-testing
+    corrections run over this block's "ok" neurons only (other rows: significant False, q_bh NaN):
+    ``significant`` is Bonferroni at ``alpha``, ``q_bh`` Benjamini-Hochberg.
+    Columns: neuron (int32), n (int32), beta, se, z, p (float64), significant (bool), q_bh (float64),
+    status (str), converged (bool), n_iter (int16).
+    """
+    fit = fit_logit_per_neuron(x, y, device=device)
+    p_ok = np.where(fit["status"] == STATUS_OK, fit["p"], np.nan)
+    return pl.DataFrame({
+        "neuron": pl.Series(np.arange(len(fit["p"])), dtype=pl.Int32),
+        "n": pl.Series(fit["n"], dtype=pl.Int32),
+        **{k: pl.Series(fit[k], dtype=pl.Float64) for k in ("beta", "se", "z", "p")},
+        "significant": pl.Series(bonferroni_significant(p_ok, alpha), dtype=pl.Boolean),
+        "q_bh": pl.Series(benjamini_hochberg(p_ok), dtype=pl.Float64),
+        "status": pl.Series(fit["status"].tolist(), dtype=pl.String),
+        "converged": pl.Series(fit["converged"], dtype=pl.Boolean),
+        "n_iter": pl.Series(fit["n_iter"], dtype=pl.Int16),
+    })

@@ -11,7 +11,7 @@ from jobs.report import write_report
 
 MODELS = {"gpt2": dict(n_layer=3, n_embd=6, d_mlp=10), "gpt2-medium": dict(n_layer=4, n_embd=7, d_mlp=12)}
 N_CHUNK, N_POS = 3, 24
-VOCAB = [" the", " Paris", "<script>", " $5", "\n", " of", " Ada", ".", " and", "\t"]
+VOCAB = [" the", " Paris", "<script>", " $5", "$x$", "\n", " of", " Ada", ".", " and", "\t"]  # $..$: no mathtext
 I16, I32 = pl.Int16, pl.Int32
 ALL_FIGURES = ["path_cumulative", "path_logit_vs_step", "rotation_angles", "rotation_t", "neurons_beta",
                "neurons_per_layer", "neurons_heatmap", "mi_layer", "mi_density", "attn_strip", "attn_hist",
@@ -19,7 +19,7 @@ ALL_FIGURES = ["path_cumulative", "path_logit_vs_step", "rotation_angles", "rota
 
 
 def _grid(model, n_layer=None, chunks=range(N_CHUNK)):
-    """(model, chunk, pos[, layer]) rows in key order."""
+    """(model, chunk, pos[, layer]) key rows in key order."""
     axes = [np.array(list(chunks)), np.arange(N_POS)] + ([np.arange(1, n_layer + 1)] if n_layer else [])
     mesh = [a.ravel() for a in np.meshgrid(*axes, indexing="ij")]
     cols = {"model": [model] * len(mesh[0]), "chunk": pl.Series(mesh[0], dtype=I32),
@@ -29,64 +29,85 @@ def _grid(model, n_layer=None, chunks=range(N_CHUNK)):
     return pl.DataFrame(cols)
 
 
-def _model_tables(model, n_layer, n_embd, d_mlp, rng):
-    n_tok = N_CHUNK * N_POS
+def _f32(values):
+    return pl.Series(values, dtype=pl.Float32)
+
+
+def _token_tables(model, n_layer, rng):
+    n = N_CHUNK * N_POS
     tok = _grid(model).with_columns(
-        row=pl.int_range(pl.len(), dtype=pl.Int64), token_id=pl.Series(rng.integers(0, 50257, n_tok), dtype=I32),
-        token=pl.Series(rng.choice(VOCAB, n_tok)), next_token_id=pl.Series(rng.integers(0, 50257, n_tok), dtype=I32),
-        next_token_logit=pl.Series(rng.normal(5, 2, n_tok), dtype=pl.Float32),
-        is_proper_noun=pl.Series(rng.random(n_tok) < 0.2))
-    last = pl.col("pos") == N_POS - 1
-    tok = tok.with_columns(pl.when(~last).then(pl.col(c)).alias(c) for c in ("next_token_id", "next_token_logit"))
-    lm = _grid(model, n_layer).with_columns(path_step=pl.Series(rng.gamma(2.0, 1.0, n_tok * n_layer), dtype=pl.Float32),
-                                            angle_rad=pl.Series(rng.uniform(0, 3, n_tok * n_layer), dtype=pl.Float32))
+        row=pl.int_range(pl.len(), dtype=pl.Int64), token_id=pl.Series(rng.integers(0, 50257, n), dtype=I32),
+        token=pl.Series(rng.choice(VOCAB, n)), next_token_id=pl.Series(rng.integers(0, 50257, n), dtype=I32),
+        next_token_logit=_f32(rng.normal(5, 2, n)), is_proper_noun=pl.Series(rng.random(n) < 0.2))
+    at_end = pl.col("pos") == N_POS - 1  # no next token at the chunk end
+    tok = tok.with_columns(pl.when(~at_end).then(pl.col(c)).alias(c) for c in ("next_token_id", "next_token_logit"))
+    lm = _grid(model, n_layer).with_columns(path_step=_f32(rng.gamma(2.0, 1.0, n * n_layer)),
+                                            angle_rad=_f32(rng.uniform(0, 3, n * n_layer)))
     lm = lm.with_columns(path_cum=pl.col("path_step").cum_sum().over("chunk", "pos"))
-    occ = [(t, s, c, p) for t in (" Paris", "<script>") for s in ("corpus", "sentences") for c, p in [(0, 3), (1, 5), (2, 7)]]
-    ra = pl.DataFrame([dict(model=model, target=t, source=s, chunk=c, pos=p, layer=lay, kind=k,
-                            angle_rad=float(rng.uniform(0, 2))) for t, s, c, p in occ
-                       for lay in range(1, n_layer + 1) for k in figures.KIND_COLORS],
-                      schema_overrides=dict(chunk=I32, pos=I32, layer=I16, angle_rad=pl.Float32))
-    rot = (ra.group_by("model", "target", "source", "layer")
-           .agg(pl.len().cast(I32).alias("n"), *[pl.col("angle_rad").filter(pl.col("kind") == k).mean().cast(pl.Float64)
-                                                 .alias(f"mean_{k}_rad") for k in figures.KIND_COLORS])
-           .with_columns(t=pl.lit(rng.normal(0, 3)), p=pl.lit(float(rng.uniform()))))
-    rot = rot.with_columns(t=pl.Series(rng.normal(0, 3, rot.height)), p=pl.Series(rng.uniform(0, 0.1, rot.height)))
-    rot = rot.with_columns(significant=pl.col("p") < 0.02)
-    act = _grid(model, n_layer, chunks=[1, 2]).with_columns(
-        label=pl.Series(rng.random(2 * N_POS * n_layer) < 0.3),
-        values=pl.Series([rng.normal(size=d_mlp).astype(np.float16) for _ in range(2 * N_POS * n_layer)],
-                         dtype=pl.Array(pl.Float16, d_mlp)))
-    n_nl = n_layer * d_mlp
-    beta, p = rng.normal(0, 1, n_nl), rng.uniform(0, 1, n_nl) ** 3
-    nl = pl.DataFrame(dict(model=[model] * n_nl, layer=pl.Series(np.repeat(np.arange(1, n_layer + 1), d_mlp), dtype=I16),
-                           neuron=pl.Series(np.tile(np.arange(d_mlp), n_layer), dtype=I32), n=pl.Series([n_tok] * n_nl, dtype=I32),
-                           beta=beta, se=np.full(n_nl, 0.5), z=beta / 0.5, p=p, significant=p < 0.05, q_bh=np.minimum(p * 3, 1),
-                           status=["ok"] * n_nl, converged=[True] * n_nl, n_iter=pl.Series([6] * n_nl, dtype=I16)))
-    iu, ju = np.triu_indices(n_embd, 1)
-    mi = pl.DataFrame(dict(model=model, layer=pl.Series(np.repeat(np.arange(n_layer + 1), len(iu)), dtype=I16),
-                           dim_i=pl.Series(np.tile(iu, n_layer + 1), dtype=I32), dim_j=pl.Series(np.tile(ju, n_layer + 1), dtype=I32),
-                           mi_bits=rng.gamma(1.0, 0.05, len(iu) * (n_layer + 1))))
-    mis = mi.group_by("model", "layer").agg(pl.lit(n_tok, I32).alias("n_tokens"), pl.col("mi_bits").mean().alias("mean_bits"),
-                                            pl.col("mi_bits").median().alias("median_bits"),
-                                            pl.col("mi_bits").quantile(0.05).alias("p05_bits"),
-                                            pl.col("mi_bits").quantile(0.95).alias("p95_bits"))
-    an = _grid(model, n_layer).with_columns(log_norm=pl.Series(rng.normal(2, 0.5, n_tok * n_layer), dtype=pl.Float32))
-    ar_keys = [(lay, c) for lay in range(1, n_layer + 1) for c in [None, 0, 1, 2]]
-    ar = pl.DataFrame(dict(model=model, layer=pl.Series([k[0] for k in ar_keys], dtype=I16),
-                           chunk=pl.Series([k[1] for k in ar_keys], dtype=I32), n=pl.Series([N_POS] * len(ar_keys), dtype=I32),
-                           b0=rng.normal(size=len(ar_keys)), b1=rng.normal(0.4, 0.2, len(ar_keys)),
-                           b2=rng.normal(0.1, 0.2, len(ar_keys)), p1=rng.uniform(0, 0.05, len(ar_keys)),
-                           p2=rng.uniform(0, 1, len(ar_keys)), r2=rng.uniform(size=len(ar_keys)), status="ok"))
+    ps = pl.DataFrame(dict(model=[model], n_tokens=[n - N_CHUNK], r_path_logit=[float(rng.uniform(-1, 1))]))
     hm = tok.select("model", "chunk", "pos", "token").with_columns(
-        activation=pl.Series(rng.normal(size=n_tok), dtype=pl.Float32), sampled=pl.col("chunk") >= 1)
-    ps = pl.DataFrame(dict(model=[model], n_tokens=[n_tok - N_CHUNK], r_path_logit=[float(rng.uniform(-1, 1))]))
-    return dict(tokens=tok, layer_metrics=lm, path_summary=ps, rotation_angles=ra, rotation=rot, activations=act,
-                neuron_logit=nl, mi=mi, mi_summary=mis, attn_norms=an, attn_ar=ar, heatmap=hm)
+        activation=_f32(rng.normal(size=n)), sampled=pl.col("chunk") >= 1)
+    an = _grid(model, n_layer).with_columns(log_norm=_f32(rng.normal(2, 0.5, n * n_layer)))
+    return dict(tokens=tok, layer_metrics=lm, path_summary=ps, heatmap=hm, attn_norms=an)
+
+
+def _rotation_tables(model, n_layer, rng):
+    occ = [(t, s, c, p) for t in (" Paris", "<script>") for s in ("corpus", "sentences") for c, p in [(0, 3), (1, 5)]]
+    ra = pl.DataFrame([dict(model=model, target=t, source=s, chunk=c, pos=p, layer=lay, kind=k,
+                            angle_rad=float(rng.uniform(0, 2)))
+                       for t, s, c, p in occ for lay in range(1, n_layer + 1) for k in figures.KIND_COLORS],
+                      schema_overrides=dict(chunk=I32, pos=I32, layer=I16, angle_rad=pl.Float32))
+    means = [pl.col("angle_rad").filter(pl.col("kind") == k).mean().cast(pl.Float64).alias(f"mean_{k}_rad")
+             for k in figures.KIND_COLORS]
+    rot = ra.group_by("model", "target", "source", "layer", maintain_order=True).agg(
+        (pl.len() // 3).cast(I32).alias("n"), *means)
+    rot = rot.with_columns(t=pl.Series(rng.normal(0, 3, rot.height)), p=pl.Series(rng.uniform(0, 0.1, rot.height)))
+    return dict(rotation_angles=ra, rotation=rot.with_columns(significant=pl.col("p") < 0.02))
+
+
+def _neuron_tables(model, n_layer, d_mlp, rng):
+    act = _grid(model, n_layer, chunks=[1, 2])  # chunk 0 is out of sample
+    act = act.with_columns(label=pl.Series(rng.random(act.height) < 0.3), values=pl.Series(
+        rng.normal(size=(act.height, d_mlp)).astype(np.float16), dtype=pl.Array(pl.Float16, d_mlp)))
+    n = n_layer * d_mlp
+    beta, p = rng.normal(0, 1, n), rng.uniform(0, 1, n) ** 3
+    nl = pl.DataFrame(dict(
+        model=[model] * n, layer=pl.Series(np.repeat(np.arange(1, n_layer + 1), d_mlp), dtype=I16),
+        neuron=pl.Series(np.tile(np.arange(d_mlp), n_layer), dtype=I32), n=pl.Series([N_CHUNK * N_POS] * n, dtype=I32),
+        beta=beta, se=np.full(n, 0.5), z=beta / 0.5, p=p, significant=p < 0.05, q_bh=np.minimum(p * 3, 1),
+        status=["ok"] * n, converged=[True] * n, n_iter=pl.Series([6] * n, dtype=I16)))
+    return dict(activations=act, neuron_logit=nl)
+
+
+def _mi_tables(model, n_layer, n_embd, rng):
+    iu, ju = np.triu_indices(n_embd, 1)
+    reps = n_layer + 1  # hidden_states index 0..n_layer
+    mi = pl.DataFrame(dict(model=model, layer=pl.Series(np.repeat(np.arange(reps), len(iu)), dtype=I16),
+                           dim_i=pl.Series(np.tile(iu, reps), dtype=I32), dim_j=pl.Series(np.tile(ju, reps), dtype=I32),
+                           mi_bits=rng.gamma(1.0, 0.05, len(iu) * reps)))
+    v = pl.col("mi_bits")
+    mis = mi.group_by("model", "layer").agg(
+        pl.lit(N_CHUNK * N_POS, I32).alias("n_tokens"), v.mean().alias("mean_bits"), v.median().alias("median_bits"),
+        v.quantile(0.05).alias("p05_bits"), v.quantile(0.95).alias("p95_bits"))
+    return dict(mi=mi, mi_summary=mis)
+
+
+def _ar_table(model, n_layer, rng):
+    keys = [(lay, c) for lay in range(1, n_layer + 1) for c in [None, 0, 1, 2]]  # chunk None = pooled row
+    k = len(keys)
+    return dict(attn_ar=pl.DataFrame(dict(
+        model=model, layer=pl.Series([x[0] for x in keys], dtype=I16), chunk=pl.Series([x[1] for x in keys], dtype=I32),
+        n=pl.Series([N_POS] * k, dtype=I32), b0=rng.normal(size=k), b1=rng.normal(0.4, 0.2, k),
+        b2=rng.normal(0.1, 0.2, k), p1=rng.uniform(0, 0.05, k), p2=rng.uniform(0, 1, k), r2=rng.uniform(size=k),
+        status="ok")))
 
 
 def make_tables(seed=0) -> dict[str, pl.DataFrame]:
+    """Every table (plus the ``heatmap`` frame) for both MODELS, schema-correct, random values."""
     rng = np.random.default_rng(seed)
-    per_model = [_model_tables(m, rng=rng, **cfg) for m, cfg in MODELS.items()]
+    per_model = [{**_token_tables(m, c["n_layer"], rng), **_rotation_tables(m, c["n_layer"], rng),
+                  **_neuron_tables(m, c["n_layer"], c["d_mlp"], rng), **_mi_tables(m, c["n_layer"], c["n_embd"], rng),
+                  **_ar_table(m, c["n_layer"], rng)} for m, c in MODELS.items()]
     return {k: pl.concat([t[k] for t in per_model], how="vertical_relaxed") for k in per_model[0]}
 
 
@@ -187,9 +208,13 @@ def test_figure_rejects_empty_input(frames):
 
 def test_write_report_is_self_contained(frames, rendered, tmp_path):
     entries, _ = rendered
-    manifest = {"run_id": "run-<1>", "models": list(MODELS), "data": {"dataset": "wikitext", "chunks": N_CHUNK},
+    manifest = {"run_id": "run-<1>", "models": {m: {"source": "hub", **c} for m, c in MODELS.items()},
+                "data": {"source": "wikitext <raw>", "chunks": N_CHUNK},
                 "stages": {"capture": {"seconds": 12.5, "status": "done"}, "mi": {"seconds": 3.25}}}
-    path = write_report(str(tmp_path), manifest, {k: v.lazy() for k, v in frames.items()}, entries)
+    tables = {k: v.lazy() for k, v in frames.items()}
+    rot = frames["rotation"]  # 28 rows: triple it so the 50-row head (25 per model) has to cut
+    tables["rotation"] = pl.concat([rot.with_columns(target=pl.col("target") + f"#{i}") for i in range(3)]).lazy()
+    path = write_report(str(tmp_path), manifest, tables, entries)
     html = open(path, encoding="utf-8").read()
     assert path.endswith("report.html")
     for e in entries:
@@ -198,12 +223,25 @@ def test_write_report_is_self_contained(frames, rendered, tmp_path):
     for heading in ("Path length", "Rotation", "Proper-noun neurons", "Mutual information", "Attention"):
         assert re.search(rf"<h2[^>]*>[^<]*{heading}", html), heading
     assert "&lt;script&gt;" in html and "run-&lt;1&gt;" in html and "capture" in html and "12.5" in html
+    assert "gpt2 (3 layers), gpt2-medium (4 layers)" in html and "source: wikitext &lt;raw&gt;" in html
     assert "<script" not in html.lower() and "<link" not in html.lower()
     assert not re.search(r"(src|href)\s*=\s*[\"']?https?:", html) and "@import" not in html
-    assert html.count("<tr>") <= 6 * 52 + 10  # every summary table is cut at 50 rows
+    rotation = html[html.index('<section id="rotation">'):].split("</section>")[0]
+    assert rotation.count("<tr>") == 1 + 25 + 25 and "50 of 84 shown" in rotation  # header + 25 rows per model
+    assert "gpt2-medium" in html[html.index('<section id="neurons">'):]
 
 
 def test_write_report_without_tables(tmp_path):
     path = write_report(str(tmp_path), {}, {}, [])
     html = open(path, encoding="utf-8").read()
     assert "<h2" in html and "not run" in html.lower() and "data:image" not in html
+
+
+def test_synthetic_tables_match_the_parquet_schema(frames):
+    from jobs.schema import TABLES, file_schema
+
+    for name in TABLES:  # activations: the models' fixed-size lists concatenate to a plain list
+        expected = pl.from_arrow(file_schema(name).empty_table()).schema
+        got = frames[name].filter(pl.col("model") == "gpt2").select(list(expected)).schema
+        assert {c: str(t) for c, t in got.items()} == {c: str(t) for c, t in expected.items()}, name
+        assert frames[name].schema["model"] == pl.String

@@ -121,3 +121,120 @@ def test_tokens_rows_and_labels(run_dir, inputs):
     assert " Mary" in t.filter(pl.col("is_proper_noun"))["token"].to_list() or " London" in t.filter(pl.col("is_proper_noun"))["token"].to_list()
     other = table(run_dir, "tokens").filter(pl.col("model") == "tiny-b").sort("chunk", "pos")
     assert other["token_id"].to_list() == t["token_id"].to_list()
+
+
+def test_every_file_has_the_documented_schema(run_dir):
+    import pyarrow.parquet as pq
+
+    from jobs.schema import TABLES, file_schema
+    from jobs.store import Store
+
+    store = Store(run_dir)
+    assert set(store.tables()) == set(TABLES)
+    for name in TABLES:
+        for path in store.list_files(name):
+            schema = pq.read_schema(path)
+            expected = file_schema(name, d_mlp=schema.field("values").type.list_size if name == "activations" else None)
+            assert schema.remove_metadata().equals(expected), (name, path)
+
+
+def test_readme_documents_every_column():
+    from jobs.schema import TABLES
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    schema_part = readme[readme.index("## Schema"):]
+    for name, schema in TABLES.items():
+        assert f"| {name} |" in schema_part, name
+        for column in schema.names:
+            assert column in schema_part, (name, column)
+
+
+def test_query_cli_prints_and_writes(run_dir, tmp_path, capsys):
+    assert main(["query", run_dir, "SELECT model, count(*) AS n FROM tokens GROUP BY model ORDER BY model"]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny-a" in printed and "tiny-b" in printed and str(9 * CHUNK) in printed
+    out = tmp_path / "q.csv"
+    assert main(["query", run_dir, "SELECT layer, avg(path_step) AS s FROM layer_metrics WHERE model = 'tiny-a' GROUP BY layer", "--output", str(out)]) == 0
+    assert len(pl.read_csv(out)) == 3
+    assert main(["query", run_dir, "SELECT * FROM no_such_table"]) == 2
+    assert "tables:" in capsys.readouterr().err
+
+
+def test_report_has_every_section(run_dir):
+    assert main(["report", run_dir]) == 0
+    html = open(os.path.join(run_dir, "report.html"), encoding="utf-8").read()
+    assert html.count("data:image/png;base64,") >= 10
+    for section in ("path", "rotation", "neurons", "mi", "attn_ar"):
+        assert f'id="{section}"' in html or section in html
+    figures = os.listdir(os.path.join(run_dir, "figures"))
+    assert any(f.endswith(".svg") for f in figures) and any(f.endswith(".png") for f in figures)
+
+
+def test_neuron_fits_match_statsmodels_on_stored_activations(run_dir):
+    import warnings
+
+    import statsmodels.api as sm
+
+    acts = table(run_dir, "activations").filter((pl.col("model") == "tiny-a") & (pl.col("layer") == 2)).sort("chunk", "pos")
+    fits = table(run_dir, "neuron_logit").filter((pl.col("model") == "tiny-a") & (pl.col("layer") == 2)).sort("neuron")
+    x = np.stack(acts["values"].to_numpy()).astype(np.float64)
+    y = acts["label"].to_numpy().astype(float)
+    assert 0 < y.sum() < len(y) and y.sum() == len(y) / 2  # balanced sample
+    assert fits.height == x.shape[1]
+    checked = 0
+    for j in range(0, x.shape[1], 7):
+        if fits["status"][j] != "ok":
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            res = sm.Logit(y, sm.add_constant(x[:, j])).fit(disp=0)
+        assert fits["beta"][j] == pytest.approx(res.params[1], rel=1e-6)
+        assert fits["p"][j] == pytest.approx(res.pvalues[1], rel=1e-6)
+        checked += 1
+    assert checked >= 3
+
+
+def test_mi_matches_notebook_function(run_dir, inputs):
+    from probe_core.mutual_info import notebook_pair_mi
+
+    chunks = reference_chunks(inputs, run_dir)
+    model = GPT2LMHeadModel.from_pretrained(inputs["models"][1]).eval()
+    with torch.no_grad():
+        hidden = model(torch.as_tensor(chunks[:2]), output_hidden_states=True).hidden_states[1]
+    h = hidden.reshape(-1, hidden.shape[-1])[:100].double().numpy()
+    mi = table(run_dir, "mi").filter((pl.col("model") == "tiny-b") & (pl.col("layer") == 1))
+    d = h.shape[1]
+    assert mi.height == d * (d - 1) // 2
+    for row in mi.sample(20, seed=0).iter_rows(named=True):
+        assert row["mi_bits"] == pytest.approx(notebook_pair_mi(h[:, row["dim_i"]], h[:, row["dim_j"]]), abs=1e-6)
+
+
+def test_attn_ar_pooled_matches_statsmodels(run_dir):
+    import statsmodels.api as sm
+
+    norms = table(run_dir, "attn_norms").filter((pl.col("model") == "tiny-a") & (pl.col("layer") == 1)).sort("chunk", "pos")
+    y = norms["log_norm"].to_numpy().astype(np.float64).reshape(9, CHUNK)
+    t = np.arange(3, CHUNK)
+    Y, X1, X2 = y[:, t].ravel(), y[:, t - 1].ravel(), y[:, t - 2].ravel()
+    res = sm.OLS(Y, sm.add_constant(np.column_stack([X1, X2]))).fit()
+    row = table(run_dir, "attn_ar").filter((pl.col("model") == "tiny-a") & (pl.col("layer") == 1) & pl.col("chunk").is_null())
+    assert row["n"][0] == len(Y)
+    np.testing.assert_allclose([row["b0"][0], row["b1"][0], row["b2"][0]], res.params, rtol=1e-8)
+    np.testing.assert_allclose([row["p1"][0], row["p2"][0]], res.pvalues[1:], rtol=1e-6)
+
+
+def test_rotation_matches_scipy(run_dir):
+    from scipy.stats import ttest_rel
+
+    angles = table(run_dir, "rotation_angles").filter((pl.col("model") == "tiny-a") & (pl.col("layer") == 2))
+    tgt = angles.filter(pl.col("kind") == "target").sort("chunk", "pos")["angle_rad"].to_numpy().astype(float)
+    prev = angles.filter(pl.col("kind") == "previous").sort("chunk", "pos")["angle_rad"].to_numpy().astype(float)
+    assert len(tgt) >= 5
+    res = ttest_rel(tgt, prev)
+    row = table(run_dir, "rotation").filter((pl.col("model") == "tiny-a") & (pl.col("layer") == 2) & (pl.col("source") == "corpus"))
+    assert row["n"][0] == len(tgt)
+    assert row["t"][0] == pytest.approx(res.statistic, rel=1e-9)
+    assert row["p"][0] == pytest.approx(res.pvalues if hasattr(res, "pvalues") else res.pvalue, rel=1e-9)
+    ids = table(run_dir, "tokens").filter(pl.col("model") == "tiny-a").join(
+        angles.filter(pl.col("kind") == "target").select("chunk", "pos"), on=["chunk", "pos"])
+    assert set(ids["token_id"].to_list()) == {607}  # " her"

@@ -1,0 +1,220 @@
+"""Benchmark: tokens/s of the capture stage against a plain Hugging Face forward, per model size.
+
+    python bench/throughput.py [--sizes tiny,gpt2] [--device cpu|cuda] [--dtype float32|bfloat16]
+                               [--batch 2] [--tokens 256] [--peak-flops 989e12]
+
+Both sides run in this process on the same random GPT-2, the same batch (B sequences of T WikiText-2
+tokens) and dtype, under ``torch.inference_mode``; each is timed as the median of several runs after
+warm-up runs (CUDA synchronised). Variants, fastest expected first:
+
+- ``plain``: ``model(ids, output_hidden_states=True)``, the reference (it includes the (B, T, V) LM head).
+- ``plain_body``: ``model.transformer(ids, output_hidden_states=True)``: no LM head, as the job runs it.
+- ``metrics``: ``forward_metrics`` with every per-token metric (path, angles, next logit, attention
+  norms, sampled MLP rows), plus the device->host copies of its small outputs.
+- ``capture``: the worker's own pieces as ``ModelWorker.__call__`` runs them (metrics, rotation angles,
+  Arrow tables, copies to host) minus the Parquet writes. ``ratio = capture / plain`` (target >= 0.8).
+- ``worker``: the whole ``ModelWorker.__call__``, Parquet shards written to a temporary folder.
+
+On CUDA, MFU = 2 * n_params * tok/s / peak, n_params = the model's parameters (tied wte counted once).
+Ends with one JSON line.
+"""
+import argparse
+import os
+import sys
+import tempfile
+from unittest import mock
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build_model, build_tokenizer, corpus_tokens, emit, load_average, median_times, parse_sizes  # noqa: E402
+
+# Density of the neurons sample in the real job: 2000 sampled tokens over WikiText-2 test (~283k tokens).
+SAMPLE_DENSITY = 2000 / 283_000
+
+
+def make_batch(tokens: np.ndarray, decode: list[str], b: int, t: int, target_id: int, seed: int = 0) -> dict:
+    """A batch as the driver sends it (``jobs.run.batch_payload``): B chunks of T corpus tokens.
+
+    The chunks are the first B (in corpus order) holding the rotation target after position 0, so the
+    rotation path does real work; the neuron sample has the job's density (~7 per 1k tokens).
+    """
+    from probe_core.tokens import proper_noun_labels
+
+    chunks = tokens[: tokens.size // t * t].reshape(-1, t)
+    keep = np.flatnonzero((chunks[:, 1:] == target_id).any(1))[:b]
+    if keep.size < b:
+        raise ValueError(f"only {keep.size} chunks of {t} tokens hold the target; lower --batch (got {b})")
+    ids = chunks[keep].astype(np.int32)
+    proper = proper_noun_labels([decode[i] for i in ids.ravel()]).reshape(b, t)
+    rng = np.random.default_rng(seed)
+    n = max(1, round(b * t * SAMPLE_DENSITY))
+    flat = np.sort(rng.choice(b * t, size=n, replace=False))
+    return {"chunk": keep, "input_ids": ids, "rows": np.zeros((b, t), np.int64), "proper": proper,
+            "sample_b": flat // t, "sample_t": flat % t}
+
+
+def make_worker(size: str, model, device: str, dtype: str, store_dir: str, decode: list[str], target_id: int):
+    """A ModelWorker around an in-memory model (``load_model`` patched out, so no checkpoint on disk)."""
+    from jobs.config import ANALYSES, RunConfig
+    from jobs.models import ModelSpec
+    from jobs.worker import ModelWorker
+
+    c = model.config
+    spec = ModelSpec(source=f"random-{size}", name=size, n_layer=c.n_layer, n_embd=c.n_embd, d_mlp=c.n_inner or 4 * c.n_embd,
+                     n_positions=c.n_positions, vocab_size=c.vocab_size, config={})
+    cfg = RunConfig(analyses=ANALYSES, device=device, dtype=dtype)
+    with mock.patch("jobs.worker.load_model", return_value=model):
+        return ModelWorker(spec, cfg, store_dir, decode, target_id, threads=0)
+
+
+def metrics_only(worker, batch: dict) -> None:
+    """forward_metrics with every per-token metric on, then the device->host copies of its outputs."""
+    from probe_core.metrics import forward_metrics
+
+    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=worker.device)
+    with torch.inference_mode():
+        out = forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True,
+                              mlp_rows=(batch["sample_b"], batch["sample_t"]))
+        for key in ("path_step", "path_cum", "angle_rad", "next_logit", "log_norm"):
+            out[key].cpu().numpy()
+        out["mlp_pre"].to(torch.float16).cpu().numpy()
+
+
+def capture_no_writes(worker, batch: dict) -> dict:
+    """``ModelWorker.__call__`` (all analyses) without the Parquet and progress writes: returns the tables."""
+    from probe_core.metrics import forward_metrics
+
+    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=worker.device)
+    with torch.inference_mode():
+        out = forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True,
+                              mlp_rows=(batch["sample_b"], batch["sample_t"]))
+        tables = {"tokens": worker._tokens(batch, out), "layer_metrics": worker._layer_metrics(batch, out),
+                  "attn_norms": worker._attn_norms(batch, out),
+                  "rotation_angles": worker._rotation(batch["chunk"], batch["input_ids"], out["hidden"], None, "corpus")}
+        tables["mlp"] = out["mlp_pre"].to(torch.float16).cpu().numpy()
+    return tables
+
+
+def host_breakdown(worker, batch: dict, repeats: int, cuda: bool) -> dict:
+    """Median milliseconds of each piece of ``ModelWorker.__call__`` on this batch (writes included)."""
+    from jobs.worker import part_name
+    from probe_core.metrics import forward_metrics
+
+    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=worker.device)
+    rows = (batch["sample_b"], batch["sample_t"])
+    part = part_name(batch["chunk"])
+    with torch.inference_mode():
+        out = forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True, mlp_rows=rows)
+        tables = capture_no_writes(worker, batch)
+        mlp = tables.pop("mlp")
+
+        def writes():
+            for name, data in tables.items():
+                if data.num_rows:
+                    worker.store.write_table(name, part, data, model=worker.spec.name)
+            worker._write_samples(batch, mlp, part)
+            worker.store.write_json(f"_progress/model={worker.spec.name}/{part}.json", {"tokens": int(ids.numel()), "seconds": 0.0})
+
+        pieces = {
+            "forward_metrics": lambda: forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True, mlp_rows=rows),
+            "tokens_table": lambda: worker._tokens(batch, out),
+            "layer_metrics_table": lambda: worker._layer_metrics(batch, out),
+            "attn_norms_table": lambda: worker._attn_norms(batch, out),
+            "rotation_table": lambda: worker._rotation(batch["chunk"], batch["input_ids"], out["hidden"], None, "corpus"),
+            "parquet_writes": writes,
+        }
+        seconds = median_times(pieces, warmup=1, repeats=repeats, cuda=cuda)
+    return {k: round(v * 1e3, 2) for k, v in seconds.items()}
+
+
+def bench_size(size: str, args, tokens: np.ndarray, decode: list[str], target_id: int) -> dict:
+    cuda = args.device == "cuda"
+    model = build_model(size, device=args.device, dtype=args.dtype)
+    batch = make_batch(tokens, decode, args.batch, args.tokens, target_id)
+    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=args.device)
+    n_tok = ids.numel()
+    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as store_dir:
+        worker = make_worker(size, model, args.device, args.dtype, store_dir, decode, target_id)
+        occurrences = int((batch["input_ids"][:, 1:] == target_id).sum())
+
+        @torch.inference_mode()
+        def plain():
+            model(ids, output_hidden_states=True)
+
+        @torch.inference_mode()
+        def plain_body():
+            model.transformer(input_ids=ids, output_hidden_states=True)
+
+        # worker(batch) rewrites the same part names each time (atomic renames), so files do not pile up.
+        seconds = median_times({"plain": plain, "plain_body": plain_body, "metrics": lambda: metrics_only(worker, batch),
+                                "capture": lambda: capture_no_writes(worker, batch), "worker": lambda: worker(batch)},
+                               warmup=args.warmup, repeats=args.repeats, cuda=cuda)
+        breakdown = host_breakdown(worker, batch, args.repeats, cuda) if args.breakdown else None
+    rate = {k: n_tok / s for k, s in seconds.items()}
+    n_params = sum(p.numel() for p in model.parameters())
+    row = {"tok_s": round(rate["capture"], 1), "plain_tok_s": round(rate["plain"], 1),
+           "ratio": round(rate["capture"] / rate["plain"], 3),
+           "plain_body_tok_s": round(rate["plain_body"], 1), "metrics_tok_s": round(rate["metrics"], 1),
+           "worker_tok_s": round(rate["worker"], 1), "ratio_body": round(rate["capture"] / rate["plain_body"], 3),
+           "n_params": n_params, "tokens_per_batch": n_tok, "target_occurrences": occurrences}
+    if breakdown:
+        row["breakdown_ms"] = breakdown
+    if cuda:
+        row["mfu"] = round(2 * n_params * rate["capture"] / args.peak_flops, 4)
+        row["plain_mfu"] = round(2 * n_params * rate["plain"] / args.peak_flops, 4)
+    del worker, model
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def print_row(size: str, row: dict) -> None:
+    if "breakdown_ms" in row:
+        n_tok = row["tokens_per_batch"]
+        print(f"{size:>7}: per batch of {n_tok} tokens: " + ", ".join(f"{k} {v:.1f} ms ({v * 1e3 / n_tok:.2f} us/tok)" for k, v in row["breakdown_ms"].items()))
+    mfu = f", MFU {row['mfu']:.1%} (plain {row['plain_mfu']:.1%})" if "mfu" in row else ""
+    print(f"{size:>7}: plain {row['plain_tok_s']:>11,.0f} | body {row['plain_body_tok_s']:>11,.0f} | "
+          f"metrics {row['metrics_tok_s']:>11,.0f} | capture {row['tok_s']:>11,.0f} | worker+writes {row['worker_tok_s']:>11,.0f} tok/s"
+          f" | ratio capture/plain {row['ratio']:.2f}{' (< 0.8 target)' if row['ratio'] < 0.8 else ''}"
+          f" (capture/body {row['ratio_body']:.2f}){mfu}", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default=None, help="comma list of tiny,gpt2,medium,large,xl; default tiny,gpt2 on CPU, gpt2..xl on CUDA")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--batch", type=int, default=2, help="sequences per forward")
+    p.add_argument("--tokens", type=int, default=256, help="tokens per sequence (<= 1024)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--breakdown", action="store_true", help="also time each piece of the worker (forward, each table, the Parquet writes)")
+    p.add_argument("--peak-flops", type=float, default=989e12, help="accelerator peak FLOP/s for MFU (H100 SXM dense bf16: 989e12)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if not 2 <= args.tokens <= 1024:
+        p.error(f"--tokens must be in [2, 1024], got {args.tokens}")
+    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--batch and --repeats must be >= 1, --warmup >= 0")
+    sizes = parse_sizes(args.sizes or ("tiny,gpt2" if args.device == "cpu" else "gpt2,medium,large,xl"))
+    from probe_core.tokens import decode_table
+
+    tokenizer = build_tokenizer()
+    decode = decode_table(tokenizer)
+    target_id = tokenizer(" her", add_special_tokens=False)["input_ids"][0]
+    tokens = corpus_tokens(tokenizer)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"throughput: {device}, load average {load_average()}, {args.dtype}, batch {args.batch} x {args.tokens} tokens, median of {args.repeats} after {args.warmup} warm-up")
+    results = {}
+    for size in sizes:
+        results[size] = bench_size(size, args, tokens, decode, target_id)
+        print_row(size, results[size])
+    emit({"bench": "throughput", "device": device, "load_avg_1m_end": load_average(), "dtype": args.dtype, "batch": args.batch, "tokens": args.tokens, "sizes": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

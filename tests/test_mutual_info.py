@@ -1,0 +1,224 @@
+"""Parity of the vectorized MI estimators with numpy's histogram2d (per pair) and sklearn's KSG."""
+import functools
+
+import numpy as np
+import pytest
+import torch
+from sklearn.feature_selection import mutual_info_regression
+
+from probe_core import mutual_info as mi
+from probe_core.mutual_info import (
+    histogram_mi_matrix, ksg_mi_column, ksg_mi_matrix, mi_summary, notebook_pair_mi, upper_pairs,
+)
+
+
+def pairwise_reference(x, bins=15):
+    d = x.shape[1]
+    return np.array([[notebook_pair_mi(x[:, i], x[:, j], bins=bins) for j in range(d)] for i in range(d)])
+
+
+def independent_reference(x, bins):
+    """MI from first principles (no histogram2d): own equal-width bins, plug-in entropies in bits."""
+    def codes(col):
+        lo, hi = col.min(), col.max()
+        if lo == hi:
+            return np.zeros(col.shape, dtype=int)
+        return np.clip(np.searchsorted(np.linspace(lo, hi, bins + 1), col, side="right") - 1, 0, bins - 1)
+
+    def entropy(*cs):
+        _, counts = np.unique(np.stack(cs), axis=1, return_counts=True)
+        p = counts / counts.sum()
+        return -np.sum(p * np.log2(p))
+
+    c = [codes(x[:, k]) for k in range(x.shape[1])]
+    d = x.shape[1]
+    return np.array([[entropy(c[i]) + entropy(c[j]) - entropy(c[i], c[j]) for j in range(d)] for i in range(d)])
+
+
+def awkward_data(n, d, seed, dtype=np.float32):
+    """Gaussian, correlated, tied, constant, heavy-tailed, max-repeated and large-offset columns."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    x[:, 1] = x[:, 0] + 0.3 * rng.standard_normal(n)
+    x[:, 2] = np.round(x[:, 2] * 2) / 2  # heavy ties, values land exactly on edges
+    x[:, 3] = 7.25  # constant: numpy widens the range to (v-0.5, v+0.5)
+    x[:, 4] = rng.standard_cauchy(n)  # heavy tails: most values in one or two bins
+    x[:, 5] = rng.integers(0, 4, n)  # few distinct values
+    x[: n // 4, 6] = x[:, 6].max()  # many values equal to the last edge
+    x[:, 7] = 1e4 + rng.standard_normal(n) * 1e-3  # large offset, fine spacing
+    x[:, 8] = np.exp(3 * rng.standard_normal(n))  # log-normal
+    x[:, 9] = x[:, 8] ** 2 * np.sign(rng.standard_normal(n))
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("n,d,seed,dtype,bins", [
+    (50, 20, 0, np.float32, 15), (117, 21, 1, np.float32, 15), (200, 19, 2, np.float64, 15),
+    (64, 12, 3, np.float32, 2), (150, 16, 4, np.float64, 7),
+])
+def test_histogram_matrix_matches_notebook_every_pair(n, d, seed, dtype, bins):
+    x = awkward_data(n, d, seed, dtype)
+    got = histogram_mi_matrix(x, bins=bins)
+    ref = pairwise_reference(x, bins)
+    assert got.shape == (d, d) and got.dtype == np.float64
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9)
+    assert np.abs(got[3]).max() < 1e-12  # a constant column carries no information
+    np.testing.assert_array_equal(got, got.T)
+
+
+def test_reference_agrees_with_first_principles():
+    # guards the notebook function itself (and so every parity test above) against a shared mistake
+    x = awkward_data(90, 10, 5, np.float64)
+    np.testing.assert_allclose(pairwise_reference(x, 15), independent_reference(x, 15), atol=1e-9)
+
+
+def test_blocking_token_chunks_and_torch_input_agree(monkeypatch):
+    x = awkward_data(120, 17, 6)
+    ref = pairwise_reference(x)
+    np.testing.assert_allclose(histogram_mi_matrix(x, block_dims=4), ref, atol=1e-9)
+    np.testing.assert_allclose(histogram_mi_matrix(torch.from_numpy(x), block_dims=1), ref, atol=1e-9)
+    monkeypatch.setattr(mi, "_ONEHOT_BYTES", 7 * 15 * 13)  # int8 one-hots of 13 tokens: counts summed over chunks
+    np.testing.assert_allclose(histogram_mi_matrix(x, block_dims=7), ref, atol=1e-9)
+
+
+def test_gpu_code_path_and_int8_fallback_on_cpu(monkeypatch):
+    x = awkward_data(120, 17, 12)
+    ref = pairwise_reference(x)
+
+    def no_int_mm(*args):
+        raise RuntimeError("no int8 GEMM here")
+
+    monkeypatch.setattr(torch, "_int_mm", no_int_mm)
+    np.testing.assert_allclose(histogram_mi_matrix(x, block_dims=6), ref, atol=1e-9)
+    # what a GPU runs: float32 one-hot products and the torch float64 entropy sums
+    monkeypatch.setattr(mi, "_onehot_dtype", lambda device, n: torch.float32)
+    monkeypatch.setattr(mi, "_sum_xlogx", functools.partial(mi._sum_xlogx, use_numpy=False))
+    np.testing.assert_allclose(histogram_mi_matrix(x, block_dims=5), ref, atol=1e-9)
+
+
+def test_integer_and_half_inputs():
+    rng = np.random.default_rng(7)
+    xi = rng.integers(-5, 40, size=(80, 9))
+    np.testing.assert_allclose(histogram_mi_matrix(xi), pairwise_reference(xi), atol=1e-9)
+    xh = torch.from_numpy(np.clip(awkward_data(80, 11, 8), -6e4, 6e4)).half()
+    np.testing.assert_allclose(histogram_mi_matrix(xh), pairwise_reference(xh.float().numpy()), atol=1e-9)
+
+
+def test_diagonal_is_binned_entropy():
+    x = awkward_data(100, 10, 9)
+    diag = np.diag(histogram_mi_matrix(x))
+    np.testing.assert_allclose(diag, [notebook_pair_mi(x[:, k], x[:, k]) for k in range(10)], atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_edges_and_codes_bit_identical_to_numpy(dtype):
+    x = awkward_data(150, 12, 10, dtype)
+    x[:, 10] = np.linspace(-1, 1, 150) * np.finfo(dtype).tiny  # denormal-scale range
+    x[:, 11] = np.arange(150) % 2 * np.finfo(dtype).smallest_subnormal  # step underflows: numpy's special path
+    lo, hi = x.min(0), x.max(0)
+    edges = mi._numpy_edges(lo, hi, 15)
+    codes = mi._bin_codes(torch.from_numpy(x), 15).numpy()
+    for k in range(12):
+        _, ref_edges, _ = np.histogram2d(x[:, k], x[:, k], bins=15)
+        np.testing.assert_array_equal(edges[k], ref_edges)
+        assert edges.dtype == ref_edges.dtype
+        hist, _, _ = np.histogram2d(x[:, k], x[:, k], bins=15)
+        np.testing.assert_array_equal(np.bincount(codes[k], minlength=15), hist.sum(1))
+
+
+def test_real_hidden_states_of_tiny_model(tiny_model, gpt2_tokenizer):
+    text = "The quick brown fox jumps over the lazy dog while Alice reads a book in Paris."
+    ids = gpt2_tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        hidden = tiny_model(ids, output_hidden_states=True).hidden_states
+    assert len(hidden) == 4
+    for layer in (0, 2, 3):
+        h = hidden[layer][0]  # (n_tokens, 32) float32
+        got = histogram_mi_matrix(h)
+        np.testing.assert_allclose(got, pairwise_reference(h.numpy()), rtol=0, atol=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_notebook():
+    x = awkward_data(200, 20, 11)
+    np.testing.assert_allclose(histogram_mi_matrix(x, device="cuda"), pairwise_reference(x), atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [np.zeros(10), np.zeros((1, 4)), np.zeros((5, 0)), np.zeros((2, 3, 4))])
+def test_rejects_bad_shapes(bad):
+    with pytest.raises(ValueError, match="2-D"):
+        histogram_mi_matrix(bad)
+
+
+@pytest.mark.parametrize("bins", [1, 0, 2.5, True, "15"])
+def test_rejects_bad_bins(bins):
+    with pytest.raises(ValueError, match="bins"):
+        histogram_mi_matrix(np.random.rand(10, 3), bins=bins)
+
+
+def test_rejects_non_finite():
+    x = np.random.rand(10, 3)
+    x[2, 1] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        histogram_mi_matrix(x)
+
+
+def test_upper_pairs_row_major():
+    m = np.arange(16.0).reshape(4, 4)
+    i, j, v = upper_pairs(m)
+    expected = [(a, b) for a in range(4) for b in range(a + 1, 4)]
+    assert list(zip(i.tolist(), j.tolist())) == expected
+    np.testing.assert_array_equal(v, [m[a, b] for a, b in expected])
+    assert (i.dtype, j.dtype, v.dtype) == (np.int32, np.int32, np.float64)
+    with pytest.raises(ValueError, match="square"):
+        upper_pairs(np.zeros((2, 3)))
+
+
+def ksg_data():
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((150, 6))
+    x[:, 1] += x[:, 0]
+    x[:, 4] = x[:, 2] ** 2 + 0.1 * rng.standard_normal(150)
+    return x
+
+
+def test_ksg_column_is_one_sklearn_call_in_bits():
+    x = ksg_data()
+    for j in (0, 3, 5):
+        expected = mutual_info_regression(x[:, j + 1:], x[:, j], n_neighbors=4, random_state=5) / np.log(2) \
+            if j < 5 else np.zeros(0)
+        np.testing.assert_array_equal(ksg_mi_column(x, j, seed=5, n_neighbors=4), expected)
+
+
+def test_ksg_matrix_matches_direct_pairwise_sklearn():
+    x = ksg_data()
+    got = ksg_mi_matrix(torch.from_numpy(x), seed=0)
+    d = x.shape[1]
+    for i in range(d):
+        assert np.isnan(got[i, i])
+        for j in range(i + 1, d):
+            direct = mutual_info_regression(x[:, [j]], x[:, i], n_neighbors=3, random_state=0)[0] / np.log(2)
+            assert got[i, j] == pytest.approx(direct, abs=1e-9)
+            assert got[j, i] == got[i, j]
+    assert got[0, 1] > 0.3 and got[2, 4] > 1.0  # dependent pairs are found
+
+
+def test_ksg_validation():
+    with pytest.raises(ValueError, match="column j"):
+        ksg_mi_column(ksg_data(), 6, seed=0)
+    with pytest.raises(ValueError, match="n_neighbors"):
+        ksg_mi_matrix(np.random.rand(3, 2), n_neighbors=3)
+    with pytest.raises(ValueError, match="2-D"):
+        ksg_mi_matrix(np.random.rand(5))
+
+
+def test_mi_summary_nan_safe():
+    rng = np.random.default_rng(13)
+    v = rng.exponential(size=501)
+    with_nan = np.concatenate([v, [np.nan] * 7])
+    s = mi_summary(with_nan)
+    assert s["mean"] == pytest.approx(v.mean(), rel=1e-12)
+    assert s["median"] == pytest.approx(np.median(v), rel=1e-12)
+    assert s["p05"] == pytest.approx(np.percentile(v, 5), rel=1e-12)
+    assert s["p95"] == pytest.approx(np.percentile(v, 95), rel=1e-12)
+    empty = mi_summary([np.nan])
+    assert set(empty) == {"mean", "median", "p05", "p95"} and all(np.isnan(x) for x in empty.values())
