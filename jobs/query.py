@@ -11,17 +11,6 @@ from jobs.store import Store
 HIVE_TYPES = {"model": pl.String, "layer": pl.Int16}
 
 
-def storage_options(store: Store) -> dict | None:
-    """polars' object-store options for a non-local run, taken from the standard AWS environment."""
-    if store.is_local:
-        return None
-    env = {"aws_endpoint_url": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")}
-    opts = {k: v for k, v in env.items() if v}
-    if opts.get("aws_endpoint_url", "").startswith("http://"):
-        opts["aws_allow_http"] = "true"
-    return opts or None
-
-
 def scan_tables(store: Store) -> dict[str, pl.LazyFrame]:
     """Each table that has files, as a lazy scan with its hive partition columns (model, layer).
 
@@ -30,25 +19,16 @@ def scan_tables(store: Store) -> dict[str, pl.LazyFrame]:
     """
     tables = {}
     for table in store.tables():
-        files = store.list_files(table)
-        if not store.is_local:
-            files = [f"{store.uri.split('://')[0]}://{f}" for f in files]
+        hive = {k: HIVE_TYPES[k] for k in partition_keys(table)}
         if table == "activations":
-            per_model = {}
-            for f in files:
-                per_model.setdefault(f.split("/model=")[1].split("/")[0], []).append(f)
+            models = sorted({f.split("/model=")[1].split("/")[0] for f in store.list_files(table)})
             tables[table] = pl.concat([
-                _scan(fs, table, store).with_columns(pl.col("values").cast(pl.List(pl.Float16)))
-                for fs in per_model.values()
+                store.scan(f"{table}/model={m}", **hive).with_columns(pl.col("values").cast(pl.List(pl.Float16)))
+                for m in models
             ])
         else:
-            tables[table] = _scan(files, table, store)
+            tables[table] = store.scan(table, **hive)
     return tables
-
-
-def _scan(files: list[str], table: str, store: Store) -> pl.LazyFrame:
-    hive = {k: HIVE_TYPES[k] for k in partition_keys(table)}
-    return pl.scan_parquet(files, hive_partitioning=True, hive_schema=hive, storage_options=storage_options(store))
 
 
 def open_run(uri: str) -> Store:

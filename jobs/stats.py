@@ -42,7 +42,7 @@ def layer_mi(store_uri: str, model: str, layer: int, hidden: np.ndarray, method:
 
 
 def scan(store: Store, table: str, model: str) -> pl.LazyFrame:
-    return pl.scan_parquet(store.list_files(f"{table}/model={model}"))
+    return store.scan(f"{table}/model={model}")
 
 
 def model_attn_ar(store_uri: str, model: str, start: int = 3) -> int:

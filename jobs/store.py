@@ -110,6 +110,33 @@ class Store:
         names = (posixpath.basename(i.path) for i in self.fs.get_file_info(selector))
         return {n[: -len(suffix)] for n in names if n.endswith(suffix) and not n.startswith(".")}
 
+    def urls(self, folder_rel: str) -> list[str]:
+        """The finished Parquet files under a folder as URLs polars opens (scheme added off local disk)."""
+        files = self.list_files(folder_rel)
+        if self.is_local:
+            return files
+        scheme = self.uri.split("://", 1)[0]
+        return [f"{scheme}://{f}" for f in files]
+
+    def storage_options(self) -> dict | None:
+        """polars' object-store options for a non-local run, from the standard AWS environment
+        (polars itself does not read AWS_ENDPOINT_URL_S3)."""
+        if self.is_local:
+            return None
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if not endpoint:
+            return None
+        opts = {"aws_endpoint_url": endpoint}
+        if endpoint.startswith("http://"):
+            opts["aws_allow_http"] = "true"
+        return opts
+
+    def scan(self, folder_rel: str, **hive_schema) -> "pl.LazyFrame":
+        import polars as pl
+
+        return pl.scan_parquet(self.urls(folder_rel), hive_partitioning=bool(hive_schema), hive_schema=hive_schema or None,
+                               storage_options=self.storage_options())
+
     def tables(self) -> list[str]:
         return [t for t in TABLES if self.list_files(t)]
 
