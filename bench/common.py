@@ -220,17 +220,30 @@ def emit(result: dict) -> None:
 
 
 def worker_busy(out_dir: str) -> dict:
-    """Seconds each model's actor spent inside ``ModelWorker.__call__`` (sum over its progress markers)."""
+    """Per model: seconds its actor spent inside ``ModelWorker.__call__`` (sum over its progress markers),
+    the first batch's seconds (part-000000..., it pays the fresh process's warm-up) and the batch count."""
     busy = {}
     root = os.path.join(out_dir, "_progress")
     for folder in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        total = 0.0
-        for name in os.listdir(os.path.join(root, folder)):
+        seconds = {}
+        for name in sorted(os.listdir(os.path.join(root, folder))):
             if name.endswith(".json"):
                 with open(os.path.join(root, folder, name)) as f:
-                    total += json.load(f)["seconds"]
-        busy[folder.removeprefix("model=")] = round(total, 3)
+                    seconds[name] = json.load(f)["seconds"]
+        first = seconds[min(seconds)] if seconds else 0.0
+        busy[folder.removeprefix("model=")] = {"seconds": round(sum(seconds.values()), 3), "first_batch_s": round(first, 3),
+                                               "batches": len(seconds)}
     return busy
+
+
+def write_repeated_corpus(path: str, repeat: int) -> int:
+    """A temporary corpus holding the WikiText-2 test split ``repeat`` times; returns its bytes."""
+    with open(CORPUS, "rb") as f:
+        text = f.read()
+    with open(path, "wb") as f:
+        for _ in range(repeat):
+            f.write(text)
+    return len(text) * repeat
 
 
 def _job_main(argv: list[str]) -> int:

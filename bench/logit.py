@@ -8,6 +8,7 @@ times and the fastest run counts, so a busy machine penalises neither side. Ends
 """
 import argparse
 import json
+import os
 import time
 import warnings
 
@@ -62,7 +63,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     x, y = make_data(args.samples, args.neurons, args.seed)
-    cols = np.sort(np.random.default_rng(args.seed + 1).choice(args.neurons, min(args.subset, args.neurons), replace=False))
+    subset = min(args.subset, args.neurons)
+    cols = np.sort(np.random.default_rng(args.seed + 1).choice(args.neurons, subset, replace=False))
     fit_logit_per_neuron(x[:, :64], y, device=args.device)  # warm-up: first-call torch overheads
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
@@ -78,15 +80,17 @@ def main() -> None:
     max_rel = float(np.max(np.abs(ours - ref) / np.abs(ref)))
 
     statuses, counts = np.unique(fit["status"], return_counts=True)
-    print(f"data: {args.samples} samples x {args.neurons} neurons, torch threads={torch.get_num_threads()}")
+    print(f"data: {args.samples} samples x {args.neurons} neurons, torch threads={torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (2 threads suffer when it is high)")
     print(f"status: {dict(zip(statuses.tolist(), counts.tolist()))}, Newton steps: "
           f"median {np.median(fit['n_iter']):.0f}, max {fit['n_iter'].max()}")
     print(f"batched ({args.device}): {batched_s:.3f} s for all {args.neurons} neurons")
     print(f"statsmodels: {sm_s:.3f} s for {len(cols)} neurons -> {sm_scaled:.3f} s scaled to all")
     print(f"speed-up: {sm_scaled / batched_s:.1f}x, max relative diff (beta, se, p): {max_rel:.2e}")
     print(json.dumps({
-        "bench": "logit", "ratio": round(sm_scaled / batched_s, 2), "max_rel_diff": max_rel, "neurons": args.neurons,
-        "samples": args.samples, "device": args.device, "threads": torch.get_num_threads(), "batched_s": round(batched_s, 4),
+        "bench": "logit", "ratio": round(sm_scaled / batched_s, 2), "max_rel_diff": max_rel,
+        "neurons": args.neurons, "samples": args.samples, "device": args.device,
+        "threads": torch.get_num_threads(), "batched_s": round(batched_s, 4),
         "statsmodels_s_scaled": round(sm_scaled, 4),
     }))
 

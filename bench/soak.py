@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CORPUS, REPO, descendants_matching, emit, job_command, load_average, parse_sizes, probe_cli, rss_parts_mb, save_model_dir  # noqa: E402
+from common import REPO, descendants_matching, emit, job_command, load_average, parse_sizes, probe_cli, rss_parts_mb, save_model_dir, write_repeated_corpus  # noqa: E402
 
 ALL = "path,rotation,neurons,mi,attn_ar"
 
@@ -83,15 +83,6 @@ def summarise(samples: list[dict], settle: float) -> dict:
     return out
 
 
-def write_corpus(path: str, repeat: int) -> int:
-    with open(CORPUS, "rb") as f:
-        text = f.read()
-    with open(path, "wb") as f:
-        for _ in range(repeat):
-            f.write(text)
-    return len(text) * repeat
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeat", type=int, default=10, help="copies of the test split in the corpus")
@@ -113,7 +104,7 @@ def main(argv=None) -> int:
     os.makedirs(root, exist_ok=True)
     try:
         corpus = os.path.join(root, f"wiki.test.x{args.repeat}.raw")
-        n_bytes = write_corpus(corpus, args.repeat)
+        n_bytes = write_repeated_corpus(corpus, args.repeat)
         model_dir = save_model_dir(size, os.path.join(root, "models"))
         cli = ["run", "--models", model_dir, "--data", corpus, "--out", os.path.join(root, "run"), "--device", args.device,
                "--analyses", analyses] + (["--max-tokens", str(args.max_tokens)] if args.max_tokens else [])
@@ -138,7 +129,7 @@ def main(argv=None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    busy = sum(job["worker_busy_s"].values())
+    busy = sum(b["seconds"] for b in job["worker_busy_s"].values())
     print(f"  {job['tokens']:,} tokens | total {job['wall_s']:.1f}s | " + " | ".join(f"{k} {v:.1f}s" for k, v in job["stages_s"].items())
           + f" | actor busy {busy:.1f}s | capture {job['tokens'] / job['stages_s']['capture']:,.0f} tok/s", flush=True)
     for name in ("driver", "actors"):

@@ -1,4 +1,5 @@
 """The driver of ``probe run``: plan, capture (one Ray actor per model), statistics (Ray tasks), report."""
+import math
 import os
 import platform
 import subprocess
@@ -77,21 +78,29 @@ def start_ray(cfg: RunConfig) -> None:
         ray.init(dashboard_host="127.0.0.1", include_dashboard=False, log_to_driver=True)
 
 
-def actor_resources(cfg: RunConfig, n_models: int) -> dict:
-    """Ray options per model actor: a GPU (or a fraction) each where there are GPUs.
+def gpu_shares(cfg: RunConfig, n_models: int) -> tuple[float, float]:
+    """(GPU per model actor, GPU per statistics task); 0 means CPU.
 
-    Actors reserve no CPU: their torch threads are set explicitly, and a CPU reservation would
-    starve the statistics tasks that run while the actors are still alive (heatmap traces need
-    them after the fits). SPREAD places them on different nodes. With --device cuda a GPU is asked
-    for even when the cluster shows none yet, so an autoscaling cluster launches GPU workers.
+    Actors stay alive during the statistics stage (the heatmap traces need them), so a GPU slot must
+    stay free for the tasks: each GPU is cut into k = ceil((n_models + 1) / gpus) equal slots, an actor
+    takes one slot, and a task at most one slot (0.25 at most), which then fits on some GPU.
+    With --device cuda a GPU is asked for even when the cluster shows none yet, so an autoscaling
+    cluster that starts with zero GPU workers launches them.
     """
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    options = {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": "SPREAD"}
-    if cfg.device == "cuda":
-        options["num_gpus"] = min(1.0, gpus / n_models) if gpus else 1.0
-    elif cfg.device == "auto" and gpus > 0:
-        options["num_gpus"] = min(1.0, gpus / n_models)
-    return options
+    gpus = int(ray.cluster_resources().get("GPU", 0.0))
+    if cfg.device == "cpu" or (cfg.device == "auto" and gpus == 0):
+        return 0.0, 0.0
+    if gpus == 0:
+        return 1.0, 0.0
+    slot = 1.0 / math.ceil((n_models + 1) / gpus)
+    return round(slot, 4), round(min(0.25, slot), 4)
+
+
+def actor_resources(cfg: RunConfig, n_models: int) -> dict:
+    """Ray options per model actor. Actors reserve no CPU: their torch threads are set explicitly,
+    and a CPU reservation would starve the statistics tasks that run while they are alive. SPREAD
+    places them on different nodes."""
+    return {"num_cpus": 0, "num_gpus": gpu_shares(cfg, n_models)[0], "scheduling_strategy": "SPREAD"}
 
 
 def batch_payload(plan: Plan, chunk_ids: np.ndarray) -> dict:
@@ -173,11 +182,12 @@ def _part(chunk_ids) -> str:
     return part_name(chunk_ids)
 
 
-def run_stats(plan: Plan, store: Store, workers: dict, use_gpu: bool) -> None:
+def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
     """Launch every statistics task at once, then wait (no ray.get in the submit loop). The heatmap
     traces go last: they need the neuron fits and the model actors."""
     cfg, analyses = plan.cfg, set(plan.cfg.analyses)
-    gpu = {"num_gpus": 0.25} if use_gpu else {}
+    use_gpu = task_gpu > 0
+    gpu = {"num_gpus": task_gpu} if use_gpu else {}
     pending, fits = [], {}
     for m in plan.models:
         worker = workers[m.name]
@@ -209,34 +219,51 @@ def run_stats(plan: Plan, store: Store, workers: dict, use_gpu: bool) -> None:
     ray.get(pending)
 
 
+def start_workers(plan: Plan, store: Store) -> dict:
+    """One ModelWorker actor per model; restarted (and its in-flight batch retried) if its process dies."""
+    cfg = plan.cfg
+    options = actor_resources(cfg, len(plan.models))
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1) // len(plan.models)))
+    actor = ray.remote(max_restarts=4, max_task_retries=4)(ModelWorker)
+    decode_ref = ray.put(plan.decode)
+    return {
+        m.name: actor.options(**options, resources=cfg.actor_resources.get(m.name) or None).remote(
+            m, cfg, store.uri, decode_ref, plan.target_id, threads)
+        for m in plan.models
+    }
+
+
 def run(cfg: RunConfig) -> str:
     """Run the whole job; returns the run folder. Raises UsageError on bad input before heavy work."""
+    log("[plan] checking inputs")
     plan = make_plan(cfg)
     log(plan.describe())
     store = Store(cfg.out)
     manifest = Manifest(store, plan)
     manifest.stage("plan", "done")
     start_ray(cfg)
-    t0 = time.perf_counter()
-    resources = actor_resources(cfg, len(plan.models))
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1) // len(plan.models)))
-    actor = ray.remote(max_restarts=4, max_task_retries=4)(ModelWorker)
-    decode_ref = ray.put(plan.decode)
-    workers = {
-        m.name: actor.options(**resources, resources=cfg.actor_resources.get(m.name) or None).remote(m, cfg, store.uri, decode_ref, plan.target_id, threads)
-        for m in plan.models
-    }
-    manifest.stage("capture", "running")
-    skipped = run_capture(plan, store, workers)
-    manifest.stage("capture", "done", time.perf_counter() - t0, skipped_batches=skipped)
-    t1 = time.perf_counter()
-    manifest.stage("stats", "running")
-    run_stats(plan, store, workers, use_gpu=resources["num_gpus"] > 0)
-    for w in workers.values():
-        ray.kill(w)
-    manifest.stage("stats", "done", time.perf_counter() - t1)
-    t2 = time.perf_counter()
-    make_report(store, manifest.data)
-    manifest.stage("report", "done", time.perf_counter() - t2)
+    stage = "capture"
+    try:
+        t0 = time.perf_counter()
+        workers = start_workers(plan, store)
+        log(f"[capture] {len(plan.models)} model actors, {len(plan.batches())} batches of up to {plan.batch_size} chunks")
+        manifest.stage("capture", "running")
+        skipped = run_capture(plan, store, workers)
+        manifest.stage("capture", "done", time.perf_counter() - t0, skipped_batches=skipped)
+        stage, t1 = "stats", time.perf_counter()
+        log(f"[stats] analyses: {', '.join(a for a in cfg.analyses if a != 'path')} (+ path summary)")
+        manifest.stage("stats", "running")
+        run_stats(plan, store, workers, gpu_shares(cfg, len(plan.models))[1])
+        for w in workers.values():
+            ray.kill(w)
+        manifest.stage("stats", "done", time.perf_counter() - t1)
+        stage, t2 = "report", time.perf_counter()
+        log("[report] figures and report.html")
+        make_report(store, manifest.data)
+        manifest.stage("report", "done", time.perf_counter() - t2)
+    except BaseException as e:
+        # Finished shards stay; the manifest says where the run stopped so --resume can finish it.
+        manifest.stage(stage, "failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
+        raise
     log(f"done: {cfg.out} (probe query {cfg.out} \"SELECT ...\"; report at {cfg.out}/report.html)")
     return cfg.out

@@ -261,7 +261,7 @@ def bonferroni_significant(p, alpha: float = 0.05) -> np.ndarray:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     p = np.asarray(p, dtype=np.float64)
     m = int(np.count_nonzero(~np.isnan(p)))
-    return p < alpha / max(len(p), 1)
+    return p < alpha / max(m, 1)
 
 
 def balanced_sample(labels, max_samples: int, seed) -> np.ndarray:

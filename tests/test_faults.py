@@ -1,0 +1,218 @@
+"""Faults during `probe run` on a local two-node Ray cluster: a model actor killed, a worker node removed,
+the driver killed and the run resumed. Each faulted run must end with exactly the tables of an
+undisturbed run on the same inputs; readers must never see a partial file.
+
+The cluster (ray.cluster_utils.Cluster: a head with 2 CPUs and a worker node with 1) is shared by the
+module, and every run uses the same cluster shape: the driver sizes torch threads from the cluster's
+CPUs, and equal tables need equal arithmetic.
+"""
+import os
+import signal
+import time
+
+import pytest
+
+from tests.conftest import save_tiny_model
+from tests.corpus import write_corpus
+from tests.raycluster import (
+    ConcurrentReader, RayEnv, assert_one_row_per_key, assert_readable, assert_same_tables, finish, free_port,
+    markers, probe_args, start_probe, tail, temporaries, wait_for,
+)
+
+CHUNK, N_CHUNKS = 32, 32
+LAYERS = {"tiny-a": 3, "tiny-b": 2}
+TOTAL = N_CHUNKS * len(LAYERS)  # _progress markers of a finished run (batch size 1)
+RUN_TIMEOUT = 240
+
+
+class LocalCluster:
+    def __init__(self, ray_env: RayEnv):
+        from ray.cluster_utils import Cluster
+
+        self.env, self.dashboard_port = ray_env, free_port()
+        with ray_env.applied():
+            self.cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port,
+            })
+        self.worker = self.add_worker()
+
+    def add_worker(self):
+        with self.env.applied():
+            return self.cluster.add_node(num_cpus=1)
+
+    def remove(self, node) -> None:
+        with self.env.applied():
+            self.cluster.remove_node(node)
+
+    def shutdown(self) -> None:
+        with self.env.applied():
+            self.cluster.shutdown()
+
+    def model_actors(self, state: str | None = "ALIVE", detail: bool = False) -> list:
+        """ModelWorker actors (ray.util.state through the head's dashboard), retried while it starts up."""
+        from ray.util.state import list_actors
+
+        filters = [("class_name", "=", "ModelWorker")] + ([("state", "=", state)] if state else [])
+
+        def query():
+            try:
+                return (list_actors(address=f"http://127.0.0.1:{self.dashboard_port}", filters=filters, detail=detail),)
+            except Exception:  # the state API answers errors while the dashboard starts
+                return None
+
+        return wait_for(query, 60, "the state API", interval=0.5)[0]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray_env = RayEnv()
+    c = None
+    try:
+        c = LocalCluster(ray_env)
+        yield c
+    finally:
+        if c is not None:
+            c.shutdown()
+        ray_env.stop()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    models = [save_tiny_model(root / "tiny-a", seed=1), save_tiny_model(root / "tiny-b", seed=2, n_layer=2, n_embd=48, n_inner=96)]
+    return {"root": root, "models": models, "data": write_corpus(root / "corpus.txt", n_rows=40)}
+
+
+def run_args(cluster, inputs, out, run_id, *extra):
+    return probe_args(inputs["models"], inputs["data"], out, run_id, "--max-tokens", str(N_CHUNKS * CHUNK),
+                      "--address", cluster.cluster.address, *extra)
+
+
+def launch(cluster, inputs, name, *extra):
+    out, log = str(inputs["root"] / name), str(inputs["root"] / f"{name}.log")
+    return out, log, start_probe(run_args(cluster, inputs, out, name, *extra), cluster.env, log)
+
+
+def in_progress(out: str, at_least: int = 3):
+    """A predicate: the run has finished some batches but far from all."""
+    def check():
+        n = len(markers(out))
+        assert n < TOTAL, f"the run finished all {TOTAL} batches before the fault could be injected"
+        return n >= at_least
+    return check
+
+
+@pytest.fixture(scope="module")
+def baseline(cluster, inputs):
+    """An undisturbed run, read the whole time by a concurrent reader."""
+    start = time.perf_counter()
+    out, log, proc = launch(cluster, inputs, "baseline")
+    reader = ConcurrentReader(out)
+    reader.start()
+    try:
+        finish(proc, RUN_TIMEOUT, log)
+    finally:
+        reader.stop()
+    return {"out": out, "reader": reader, "seconds": time.perf_counter() - start}
+
+
+def test_undisturbed_run_is_complete_and_never_partially_visible(baseline):
+    out, reader = baseline["out"], baseline["reader"]
+    assert reader.errors == [], reader.errors[:3]
+    assert reader.reads > 0
+    assert len(markers(out)) == TOTAL
+    assert_one_row_per_key(out, N_CHUNKS, CHUNK, LAYERS)
+    assert assert_readable(out) > 0
+    assert temporaries(out) == []
+
+
+def test_actor_killed_mid_run(cluster, inputs, baseline):
+    out, log, proc = launch(cluster, inputs, "actor-kill")
+    try:
+        wait_for(in_progress(out), 120, "the first batches")
+        victim = cluster.model_actors()[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        done_at_kill = len(markers(out))
+        finish(proc, RUN_TIMEOUT, log)
+    finally:
+        proc.kill()
+    assert done_at_kill < TOTAL
+    restarted = [a for a in cluster.model_actors(state=None, detail=True) if a.actor_id == victim.actor_id]
+    assert restarted and restarted[0].num_restarts >= 1, "the killed actor was not restarted"
+    assert markers(out) == markers(baseline["out"])
+    assert_one_row_per_key(out, N_CHUNKS, CHUNK, LAYERS)
+    assert_same_tables(out, baseline["out"])
+    assert_readable(out)
+
+
+def test_worker_node_removed_mid_run(cluster, inputs, baseline):
+    """Actors reserve no CPU and are SPREAD: the one on the removed node must restart on the head."""
+    head = cluster.cluster.head_node.node_id
+    out, log, proc = launch(cluster, inputs, "node-removal")
+    try:
+        wait_for(in_progress(out), 120, "the first batches")
+        actors = cluster.model_actors()
+        assert len(actors) == 2
+        moved = [a for a in actors if a.node_id == cluster.worker.node_id]
+        assert len(moved) == 1, f"SPREAD did not put one actor on the worker node: {[a.node_id for a in actors]}"
+        cluster.remove(cluster.worker)
+        done_at_removal = len(markers(out))
+        finish(proc, RUN_TIMEOUT, log)
+    finally:
+        proc.kill()
+        cluster.worker = cluster.add_worker()  # the next tests get the same cluster shape
+    assert done_at_removal < TOTAL
+    after = [a for a in cluster.model_actors(state=None, detail=True) if a.actor_id == moved[0].actor_id][0]
+    assert after.num_restarts >= 1 and after.node_id == head
+    assert markers(out) == markers(baseline["out"])
+    assert_one_row_per_key(out, N_CHUNKS, CHUNK, LAYERS)
+    assert_same_tables(out, baseline["out"])
+    assert_readable(out)
+
+
+@pytest.fixture(scope="module")
+def resumed(cluster, inputs):
+    """`probe run` SIGKILLed mid-capture, a stale temporary left as by a writer killed mid-write, then --resume."""
+    out, log, proc = launch(cluster, inputs, "driver-kill")
+    try:
+        wait_for(in_progress(out, at_least=4), 120, "the first batches")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    # Ray ends a dead driver's actors; wait so that no old actor writes while the resumed run lists markers.
+    wait_for(lambda: not cluster.model_actors(), 60, "the killed driver's actors to end", interval=0.5)
+    done = {m: sum(1 for p in markers(out) if p.startswith(f"model={m}/")) for m in LAYERS}
+    stale = os.path.join(out, "tokens", "model=tiny-a", f".part-000000-000000.parquet.{'0' * 32}.tmp")
+    with open(stale, "wb") as f:
+        f.write(b"PAR1 half a file")
+    log2 = str(inputs["root"] / "driver-kill-resume.log")
+    proc2 = start_probe(run_args(cluster, inputs, out, "driver-kill", "--resume"), cluster.env, log2)
+    try:
+        text = finish(proc2, RUN_TIMEOUT, log2)
+    finally:
+        proc2.kill()
+    return {"out": out, "done": done, "log": text, "stale": stale}
+
+
+def test_driver_killed_then_resumed(resumed, baseline):
+    out, done = resumed["out"], resumed["done"]
+    assert 0 < sum(done.values()) < TOTAL
+    for model, n in done.items():
+        if n:
+            assert f"[capture] {model}: {n} of {N_CHUNKS} batches already written, skipped" in resumed["log"]
+    import json
+
+    with open(os.path.join(out, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["stages"]["capture"]["skipped_batches"] == done
+    assert all(manifest["stages"][s]["status"] == "done" for s in ("capture", "stats", "report"))
+    assert markers(out) == markers(baseline["out"])
+    assert_one_row_per_key(out, N_CHUNKS, CHUNK, LAYERS)
+    assert_same_tables(out, baseline["out"])
+    assert_readable(out)
+
+
+@pytest.mark.xfail(strict=True, reason="a writer killed mid-write leaves its hidden .tmp; nothing sweeps them (see report)")
+def test_no_temporaries_left_after_a_resumed_run(resumed):
+    assert temporaries(resumed["out"]) == []
