@@ -63,7 +63,9 @@ class Plan:
         for m in self.models:
             lines.append(f"  model {m.name}: {m.n_layer} layers, d={m.n_embd}, d_mlp={m.d_mlp}, ~{m.n_params / 1e6:.0f}M params, writes ~{gib(est[m.name])}")
         if "neurons" in self.cfg.analyses:
-            lines.append(f"  neurons: {len(self.sample_keys)} sampled tokens ({int(self.sample_labels.sum())} proper nouns)")
+            acts = sum(len(self.sample_keys) * m.n_layer * m.d_mlp * 2 for m in self.models)
+            lines.append(f"  neurons: {len(self.sample_keys)} sampled tokens ({int(self.sample_labels.sum())} proper nouns); "
+                         f"activations (float16, every layer): {gib(acts)} in the object store and on disk")
         lines.append(f"  disk: ~{gib(sum(est.values()))} in all")
         return "\n".join(lines)
 

@@ -74,8 +74,8 @@ def start_ray(cfg: RunConfig) -> None:
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=True)
     else:
-        # A local instance: dashboard on loopback only.
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        # A local instance: its dashboard listens on loopback only.
+        ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def gpu_shares(cfg: RunConfig, n_models: int) -> tuple[float, float]:

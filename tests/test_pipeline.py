@@ -238,3 +238,53 @@ def test_rotation_matches_scipy(run_dir):
     ids = table(run_dir, "tokens").filter(pl.col("model") == "tiny-a").join(
         angles.filter(pl.col("kind") == "target").select("chunk", "pos"), on=["chunk", "pos"])
     assert set(ids["token_id"].to_list()) == {607}  # " her"
+
+
+@pytest.fixture(scope="module")
+def options_run(ray_local, inputs):
+    sentences = inputs["root"] / "sentences.txt"
+    sentences.write_text("Mary thanked her brother.\nWhen John arrived, Alice called her sister again in Paris.\n\nHer.\n")
+    out = str(inputs["root"] / "run-options")
+    code = main(["run", "--models", inputs["models"][0], "--data", inputs["data"], "--out", out, "--chunk-tokens", str(CHUNK),
+                 "--max-tokens", str(CHUNK * 3), "--analyses", "path,rotation,mi", "--sentences", str(sentences),
+                 "--mi-method", "ksg", "--mi-tokens", "40", "--final-hidden", "pre_ln_f"])
+    assert code == 0
+    return out
+
+
+def test_sentences_use_real_positions_only(options_run, gpt2_tokenizer):
+    angles = table(options_run, "rotation_angles").filter(pl.col("source") == "sentences")
+    occ = angles.filter(pl.col("kind") == "target").select("chunk", "pos").unique().sort("chunk", "pos")
+    # " her" (607) follows another token in sentences 0 and 1; "Her." starts sentence 2, so no occurrence there.
+    expected = []
+    for i, s in enumerate(["Mary thanked her brother.", "When John arrived, Alice called her sister again in Paris.", "Her."]):
+        ids = gpt2_tokenizer(s)["input_ids"]
+        expected += [(i, t) for t in range(1, len(ids)) if ids[t] == 607]
+    assert [tuple(r) for r in occ.iter_rows()] == expected
+    summary = table(options_run, "rotation")
+    assert set(summary["source"].to_list()) == {"corpus", "sentences"}
+    assert summary.filter(pl.col("source") == "sentences")["n"].to_list() == [len(expected)] * 3
+
+
+def test_pre_ln_f_changes_only_the_last_step(options_run, run_dir):
+    a = table(options_run, "layer_metrics").filter(pl.col("model") == "tiny-a").sort("chunk", "pos", "layer")
+    b = table(run_dir, "layer_metrics").filter((pl.col("model") == "tiny-a") & (pl.col("chunk") < 3)).sort("chunk", "pos", "layer")
+    early_a, early_b = a.filter(pl.col("layer") < 3), b.filter(pl.col("layer") < 3)
+    np.testing.assert_allclose(early_a["path_step"].to_numpy(), early_b["path_step"].to_numpy(), rtol=1e-6)
+    last_a, last_b = a.filter(pl.col("layer") == 3)["path_step"].to_numpy(), b.filter(pl.col("layer") == 3)["path_step"].to_numpy()
+    assert not np.allclose(last_a, last_b)
+
+
+def test_ksg_mi_runs_per_layer(options_run, inputs):
+    from probe_core.metrics import forward_metrics
+    from probe_core.mutual_info import ksg_mi_matrix, upper_pairs
+
+    chunks = reference_chunks(inputs, options_run)
+    model = GPT2LMHeadModel.from_pretrained(inputs["models"][0]).eval()
+    with torch.no_grad():
+        hidden = forward_metrics(model, torch.as_tensor(chunks[:1]), final_hidden="pre_ln_f")["hidden"]
+    mi = table(options_run, "mi").sort("layer", "dim_i", "dim_j")
+    assert sorted(set(mi["layer"].to_list())) == [0, 1, 2, 3]
+    last = hidden[3, 0, :40].numpy()
+    expected = upper_pairs(ksg_mi_matrix(last, seed=0))[2]
+    np.testing.assert_allclose(mi.filter(pl.col("layer") == 3)["mi_bits"].to_numpy(), expected, atol=1e-6)

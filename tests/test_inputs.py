@@ -1,0 +1,70 @@
+"""Input readers and local Ray defaults, without a hub or a cluster."""
+import numpy as np
+import pytest
+
+from jobs import data
+from jobs.config import UsageError
+
+
+class FakeDataset(dict):
+    pass
+
+
+def test_hub_dataset_is_read_through_datasets(monkeypatch, gpt2_tokenizer):
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return FakeDataset(text=["", " = Title = \n", " Mary met her friend . \n", ""])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    rows = data.read_rows("wikitext-2-raw-v1:validation")
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "validation")]
+    corpus = data.tokenize_rows(rows, gpt2_tokenizer, "hub")
+    # Blank rows are skipped but keep their index, so `row` points at the dataset's own rows.
+    assert set(corpus.rows.tolist()) == {1, 2}
+
+
+def test_hub_dataset_offline_says_what_to_do(monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UsageError, match="pass a local file"):
+        data.read_rows("wikitext-2-raw-v1")
+
+
+def test_text_file_rows_match_hub_rows(tmp_path, gpt2_tokenizer):
+    path = tmp_path / "t.raw"
+    path.write_text(" = Title = \n\n Mary met her friend . \n")
+    rows = data.read_text_file(str(path))
+    assert rows == [" = Title = \n", "\n", " Mary met her friend . \n"]
+    corpus = data.tokenize_rows(rows, gpt2_tokenizer, str(path), max_tokens=5)
+    assert len(corpus.token_ids) == 5 and corpus.token_ids.dtype == np.int32
+    assert corpus.fingerprint() != data.tokenize_rows(rows, gpt2_tokenizer, str(path)).fingerprint()
+
+
+def test_parquet_needs_text_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["a"]}), tmp_path / "x.parquet")
+    with pytest.raises(UsageError, match="no 'text' column"):
+        data.read_rows(str(tmp_path / "x.parquet"))
+    pq.write_table(pa.table({"text": ["Mary met her.\n", None]}), tmp_path / "y.parquet")
+    assert data.read_rows(str(tmp_path / "y.parquet")) == ["Mary met her.\n", ""]
+
+
+def test_local_ray_dashboard_binds_loopback(monkeypatch):
+    from jobs import run as job
+    from jobs.config import RunConfig
+
+    seen = {}
+    monkeypatch.setattr(job.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(job.ray, "init", lambda **kw: seen.update(kw))
+    job.start_ray(RunConfig())
+    assert seen["dashboard_host"] == "127.0.0.1" and "address" not in seen
