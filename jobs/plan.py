@@ -58,7 +58,7 @@ class Plan:
             f"plan: run {self.cfg.run_id} -> {self.cfg.out}",
             f"  data: {self.corpus.source}: {self.corpus.n_rows} rows, {len(self.corpus.token_ids)} tokens, "
             f"{self.n_chunks} chunks of {self.cfg.chunk_tokens} ({len(self.corpus.token_ids) - self.chunks.size} tail tokens dropped)",
-            f"  analyses: {','.join(self.cfg.analyses)}; batch size {self.batch_size}",
+            f"  analyses: {','.join(self.cfg.analyses)}; batch size {self.batch_size} (CPU default; more on GPUs)",
         ]
         for m in self.models:
             lines.append(f"  model {m.name}: {m.n_layer} layers, d={m.n_embd}, d_mlp={m.d_mlp}, ~{m.n_params / 1e6:.0f}M params, writes ~{gib(est[m.name])}")
@@ -85,12 +85,15 @@ def check_output(cfg: RunConfig) -> Store:
     return store
 
 
-def auto_batch_size(cfg: RunConfig, models: list[ModelSpec]) -> int:
+def auto_batch_size(cfg: RunConfig, models: list[ModelSpec], on_gpu: bool = False) -> int:
+    """Chunks per batch: --batch-size, else what keeps the stacked hidden states, (L + 1, B, T, d) in
+    float32, which dominate a worker's memory, near 512 MiB on a CPU or 8 GiB on a GPU (a worker
+    halves a batch that still does not fit its GPU's free memory)."""
     if cfg.batch_size:
         return cfg.batch_size
-    # The stacked hidden states, (L + 1, B, T, d) float32, dominate a worker's memory: keep them near 512 MiB.
+    budget = (8 if on_gpu else 0.5) * 2**30
     per_seq = max((m.n_layer + 1) * m.n_embd * cfg.chunk_tokens * 4 for m in models)
-    return int(max(1, min(16, (512 * 2**20) // per_seq)))
+    return int(max(1, min(32 if on_gpu else 16, budget // per_seq)))
 
 
 def single_token(tokenizer, text: str) -> int:

@@ -10,7 +10,7 @@ import ray
 
 from jobs import stats
 from jobs.config import RunConfig
-from jobs.plan import Plan, make_plan
+from jobs.plan import Plan, auto_batch_size, make_plan
 from jobs.store import Store
 from jobs.query import make_report
 from jobs.worker import ModelWorker, part_name
@@ -26,6 +26,7 @@ class Manifest:
     def __init__(self, store: Store, plan: Plan):
         self.store = store
         previous = store.read_json("manifest.json") if plan.cfg.resume else {}
+        self.previous = previous
         self.data = {
             "run_id": plan.cfg.run_id,
             "config": plan.cfg.to_dict(),
@@ -242,6 +243,9 @@ def run(cfg: RunConfig) -> str:
     manifest = Manifest(store, plan)
     manifest.stage("plan", "done")
     start_ray(cfg)
+    # Batches are fixed per run (part names depend on them): a resumed run keeps the original size.
+    plan.batch_size = manifest.previous.get("batch_size") or auto_batch_size(cfg, plan.models, gpu_shares(cfg, len(plan.models))[0] > 0)
+    manifest.data["batch_size"] = plan.batch_size
     stage = "capture"
     try:
         t0 = time.perf_counter()

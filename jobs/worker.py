@@ -31,6 +31,19 @@ def sequence_seeds(seed: int, chunks: np.ndarray, salt: str = "corpus") -> np.nd
     return np.array([zlib.crc32(f"{seed}:{salt}:{int(c)}".encode()) for c in chunks], dtype=np.int64)
 
 
+def split_batch(batch: dict) -> tuple[dict, dict]:
+    """Halve a batch along its chunks; sampled positions follow their chunk (sample_b re-based)."""
+    half = len(batch["chunk"]) // 2
+    first = np.asarray(batch["sample_b"]) < half
+    halves = []
+    for keep, lo, hi in ((first, 0, half), (~first, half, len(batch["chunk"]))):
+        sub = {k: np.asarray(batch[k])[lo:hi] for k in ("chunk", "input_ids", "rows", "proper")}
+        sub["sample_b"] = np.asarray(batch["sample_b"])[keep] - lo
+        sub["sample_t"] = np.asarray(batch["sample_t"])[keep]
+        halves.append(sub)
+    return halves[0], halves[1]
+
+
 def part_name(chunks: np.ndarray) -> str:
     return f"part-{int(chunks[0]):06d}-{int(chunks[-1]):06d}"
 
@@ -52,8 +65,37 @@ class ModelWorker:
     def __call__(self, batch: dict) -> dict:
         """batch: chunk (B,), input_ids (B, T), rows (B, T), proper (B, T) bool, sample_b/sample_t (n,)."""
         start = time.perf_counter()
+        tables, mlp = self._compute_fitting(batch)
+        part = part_name(batch["chunk"])
+        for name, data in tables.items():
+            if data.num_rows:
+                self.store.write_table(name, part, data, model=self.spec.name)
+        if mlp is not None:
+            self._write_samples(batch, mlp, part)
+        seconds = time.perf_counter() - start
+        tokens = int(np.asarray(batch["input_ids"]).size)
+        # The marker goes last: a batch counts as done (for --resume) only once all its shards exist.
+        self.store.write_json(f"_progress/model={self.spec.name}/{part}.json", {"tokens": tokens, "seconds": seconds})
+        return {"part": part, "tokens": tokens, "seconds": seconds}
+
+    def _compute_fitting(self, batch: dict):
+        """Compute a batch; on CUDA out-of-memory, halve it and merge the halves' results."""
+        try:
+            return self._compute(batch)
+        except torch.cuda.OutOfMemoryError:
+            if len(batch["chunk"]) == 1:
+                raise
+            torch.cuda.empty_cache()
+            first, second = split_batch(batch)
+            (t1, m1), (t2, m2) = self._compute_fitting(first), self._compute_fitting(second)
+            tables = {k: pa.concat_tables([t1[k], t2[k]]) for k in t1}
+            parts = [m for m in (m1, m2) if m is not None]
+            return tables, np.concatenate(parts, axis=1) if parts else None
+
+    def _compute(self, batch: dict):
+        """(tables, mlp): the per-token tables of a batch and the sampled pre-activations (L, n, d_mlp) or None."""
         analyses = set(self.cfg.analyses)
-        ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=self.device)
+        ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long, device=self.device)
         want_mlp = "neurons" in analyses and len(batch["sample_b"]) > 0
         with torch.inference_mode():
             out = forward_metrics(
@@ -66,15 +108,7 @@ class ModelWorker:
             if "rotation" in analyses:
                 tables["rotation_angles"] = self._rotation(batch["chunk"], batch["input_ids"], out["hidden"], None, "corpus")
             mlp = out["mlp_pre"].to(torch.float16).cpu().numpy() if want_mlp else None
-        part = part_name(batch["chunk"])
-        for name, data in tables.items():
-            if data.num_rows:
-                self.store.write_table(name, part, data, model=self.spec.name)
-        if want_mlp:
-            self._write_samples(batch, mlp, part)
-        seconds = time.perf_counter() - start
-        self.store.write_json(f"_progress/model={self.spec.name}/{part}.json", {"tokens": int(ids.numel()), "seconds": seconds})
-        return {"part": part, "tokens": int(ids.numel()), "seconds": seconds}
+        return tables, mlp
 
     def _grid(self, batch, n_layer: int | None = None):
         chunk = np.asarray(batch["chunk"], dtype=np.int32)

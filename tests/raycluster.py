@@ -158,19 +158,25 @@ def stage(out: str, name: str) -> str | None:
 
 
 def read_tables(out: str) -> dict[str, pl.DataFrame]:
-    """Every table of a run, rows sorted by every non-nested column so runs compare row for row."""
+    """Every table of a run, rows sorted by its keys (then its floats) so runs compare row for row."""
     from jobs.query import open_run, scan_tables
 
     tables = {}
     for name, scan in scan_tables(open_run(out)).items():
         frame = scan.collect()
-        keys = [c for c, t in frame.schema.items() if not t.is_nested()]
-        tables[name] = frame.sort(keys).select(sorted(frame.columns))
+        keys = [c for c, t in frame.schema.items() if not t.is_nested() and not t.is_float()]
+        floats = [c for c, t in frame.schema.items() if t.is_float()]
+        tables[name] = frame.sort(keys + floats).select(sorted(frame.columns))
     return tables
 
 
+# Written from one forward pass each: equal inputs give bit-equal values, whatever the batch's history.
+PER_TOKEN = ("tokens", "layer_metrics", "attn_norms", "activations", "rotation_angles")
+
+
 def assert_same_tables(got: str, want: str) -> None:
-    """Same tables, same rows, same values (exactly: the same batches on the same CPU give the same floats)."""
+    """Same tables, same rows, same values: per-token tables bit for bit, statistics to 1e-9 relative
+    (polars and numpy reductions may sum in a different order from one run to the next)."""
     from polars.testing import assert_frame_equal
 
     a, b = read_tables(got), read_tables(want)
@@ -178,7 +184,10 @@ def assert_same_tables(got: str, want: str) -> None:
     for name in a:
         assert a[name].height == b[name].height, f"{name}: {a[name].height} rows vs {b[name].height}"
         try:
-            assert_frame_equal(a[name], b[name], check_exact=True)
+            if name in PER_TOKEN:
+                assert_frame_equal(a[name], b[name], check_exact=True)
+            else:
+                assert_frame_equal(a[name], b[name], check_exact=False, rtol=1e-9, atol=1e-12)
         except AssertionError as e:
             raise AssertionError(f"table {name} differs: {e}") from None
 

@@ -1,0 +1,71 @@
+"""ModelWorker as a plain object (no Ray): one batch in, shards out; the out-of-memory split is exact."""
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from jobs.config import RunConfig
+from jobs.models import resolve_model
+from jobs.store import Store
+from jobs.worker import ModelWorker, split_batch
+from probe_core.tokens import decode_table
+
+
+@pytest.fixture(scope="module")
+def batch(gpt2_tokenizer):
+    ids = gpt2_tokenizer("Mary met her friend in London. When John arrived, Alice called her sister again in Paris today.")["input_ids"]
+    chunks = np.stack([ids[:10], ids[10:20], ids[5:15]]).astype(np.int32)
+    return {"chunk": np.array([4, 5, 6]), "input_ids": chunks, "rows": np.zeros_like(chunks, dtype=np.int64),
+            "proper": np.zeros(chunks.shape, bool), "sample_b": np.array([0, 1, 2, 2]), "sample_t": np.array([3, 0, 1, 9])}
+
+
+def make_worker(tiny_model_dir, gpt2_tokenizer, out):
+    cfg = RunConfig(models=(tiny_model_dir,), analyses=("path", "rotation", "neurons", "attn_ar"), device="cpu", out=str(out))
+    return ModelWorker(resolve_model(tiny_model_dir), cfg, str(out), decode_table(gpt2_tokenizer), 607)
+
+
+def test_split_batch_rebases_samples(batch):
+    a, b = split_batch(batch)
+    assert a["chunk"].tolist() == [4] and b["chunk"].tolist() == [5, 6]
+    assert a["sample_b"].tolist() == [0] and b["sample_b"].tolist() == [0, 1, 1]
+    assert b["sample_t"].tolist() == [0, 1, 9]
+
+
+def test_out_of_memory_split_gives_identical_results(tmp_path, tiny_model_dir, gpt2_tokenizer, batch, monkeypatch):
+    worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "a")
+    whole_tables, whole_mlp = worker._compute(batch)
+    real = worker._compute
+
+    def small_gpu(b):
+        if len(b["chunk"]) > 1:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(b)
+
+    monkeypatch.setattr(worker, "_compute", small_gpu)
+    split_tables, split_mlp = worker._compute_fitting(batch)
+    np.testing.assert_array_equal(whole_mlp, split_mlp)
+    for name, table in whole_tables.items():
+        a, b = pl.from_arrow(table), pl.from_arrow(split_tables[name])
+        keys = [c for c in a.columns if not a[c].dtype.is_float()]
+        a, b = a.sort(keys), b.sort(keys)  # rotation rows group by kind within each half
+        assert a.height == b.height > 0, name
+        assert a.drop([c for c in a.columns if a[c].dtype.is_float()]).equals(b.drop([c for c in b.columns if b[c].dtype.is_float()]))
+        for c in (c for c in a.columns if a[c].dtype.is_float()):
+            np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_call_writes_shards_then_marker(tmp_path, tiny_model_dir, gpt2_tokenizer, batch):
+    worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "b")
+    result = worker(batch)
+    store = Store(str(tmp_path / "b"))
+    assert result["part"] == "part-000004-000006" and result["tokens"] == 30
+    assert store.list_parts("_progress/model=tiny-gpt2", ".json") == {"part-000004-000006"}
+    for table in ("tokens", "layer_metrics", "attn_norms", "rotation_angles"):
+        assert store.list_files(f"{table}/model=tiny-gpt2"), table
+    assert len(store.list_files("activations/model=tiny-gpt2")) == 3  # one file per layer
+    blocks = worker.neuron_blocks(np.array([[4, 3], [6, 9]]))
+    assert len(blocks) == 3 and blocks[0].shape == (2, 64)
+    # A fresh worker (a restarted actor) reads the same rows back from the activations table.
+    again = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "b").neuron_blocks(np.array([[4, 3], [6, 9]]))
+    for x, y in zip(blocks, again):
+        np.testing.assert_array_equal(x, y)
