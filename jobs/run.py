@@ -138,11 +138,15 @@ class Progress:
                 log(f"[capture] {m}: {self.done[m]}/{self.totals[m]} chunks, {rate:,.0f} tok/s, ETA {left:,.0f}s")
 
 
-def run_capture(plan: Plan, store: Store, workers: dict) -> dict:
-    """Stream batches to every model actor with at most ``max_in_flight`` per actor; skip finished parts."""
+def run_capture(plan: Plan, store: Store, workers: dict, only: dict | None = None) -> dict:
+    """Stream batches to every model actor with at most ``max_in_flight`` per actor; skip finished
+    parts on --resume. ``only``: the batches to (re)compute per model."""
     batches = plan.batches()
     todo, skipped = {}, {}
     for m in plan.models:
+        if only is not None:
+            todo[m.name], skipped[m.name] = list(only.get(m.name, [])), 0
+            continue
         done = store.list_parts(f"_progress/model={m.name}", ".json") if plan.cfg.resume else set()
         todo[m.name] = [b for b in batches if _part(b) not in done]
         skipped[m.name] = len(batches) - len(todo[m.name])
@@ -176,7 +180,33 @@ def run_capture(plan: Plan, store: Store, workers: dict) -> dict:
         progress.update(model, n, result["tokens"])
         if todo[model]:
             submit(model)
+    ray.get([w.flush.remote() for w in workers.values()])
     return {m: skipped[m] for m in skipped}
+
+
+def missing_parts(plan: Plan, store: Store) -> dict[str, list[np.ndarray]]:
+    """Batches without a marker, per model: a write lost with a crashed actor, say."""
+    missing = {}
+    for m in plan.models:
+        done = store.list_parts(f"_progress/model={m.name}", ".json")
+        lost = [b for b in plan.batches() if part_name(b) not in done]
+        if lost:
+            missing[m.name] = lost
+    return missing
+
+
+def capture_until_complete(plan: Plan, store: Store, workers: dict, attempts: int = 3) -> dict:
+    """Stream every batch, then recompute any batch whose marker is missing, until none is."""
+    skipped = run_capture(plan, store, workers)
+    for _ in range(attempts):
+        missing = missing_parts(plan, store)
+        if not missing:
+            return skipped
+        log(f"[capture] recomputing {sum(map(len, missing.values()))} batches whose shards were lost")
+        run_capture(plan, store, workers, only=missing)
+    if missing_parts(plan, store):
+        raise RuntimeError("some batches could not be written after several attempts; rerun with --resume")
+    return skipped
 
 
 def _part(chunk_ids) -> str:
@@ -252,7 +282,7 @@ def run(cfg: RunConfig) -> str:
         workers = start_workers(plan, store)
         log(f"[capture] {len(plan.models)} model actors, {len(plan.batches())} batches of up to {plan.batch_size} chunks")
         manifest.stage("capture", "running")
-        skipped = run_capture(plan, store, workers)
+        skipped = capture_until_complete(plan, store, workers)
         manifest.stage("capture", "done", time.perf_counter() - t0, skipped_batches=skipped)
         stage, t1 = "stats", time.perf_counter()
         log(f"[stats] analyses: {', '.join(a for a in cfg.analyses if a != 'path')} (+ path summary)")

@@ -5,6 +5,7 @@ a plain object: ``ModelWorker(...)(batch)``.
 """
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -58,25 +59,43 @@ class ModelWorker:
         self.device = pick_device(cfg.device)
         self.model = load_model(spec, self.device, cfg.dtype, cfg.allow_pickle)
         self.samples: dict[tuple[int, int], np.ndarray] = {}  # (chunk, pos) -> (L, d_mlp) float16
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.pending = None
 
     def ready(self) -> dict:
         return {"device": self.device, "model": self.spec.name}
 
     def __call__(self, batch: dict) -> dict:
-        """batch: chunk (B,), input_ids (B, T), rows (B, T), proper (B, T) bool, sample_b/sample_t (n,)."""
+        """batch: chunk (B,), input_ids (B, T), rows (B, T), proper (B, T) bool, sample_b/sample_t (n,).
+
+        Computes the batch, then hands its shards to the background writer, so writing overlaps the
+        next batch's forward pass. At most one write is outstanding; ``flush`` waits for it.
+        """
         start = time.perf_counter()
         tables, mlp = self._compute_fitting(batch)
         part = part_name(batch["chunk"])
-        for name, data in tables.items():
-            if data.num_rows:
-                self.store.write_table(name, part, data, model=self.spec.name)
+        writes = [(name, data, {}) for name, data in tables.items() if data.num_rows]
         if mlp is not None:
-            self._write_samples(batch, mlp, part)
-        seconds = time.perf_counter() - start
+            writes += self._keep_samples(batch, mlp)
         tokens = int(np.asarray(batch["input_ids"]).size)
-        # The marker goes last: a batch counts as done (for --resume) only once all its shards exist.
-        self.store.write_json(f"_progress/model={self.spec.name}/{part}.json", {"tokens": tokens, "seconds": seconds})
+        seconds = time.perf_counter() - start
+        self.flush()
+        self.pending = self.writer.submit(self._write, part, writes, {"tokens": tokens, "seconds": seconds})
         return {"part": part, "tokens": tokens, "seconds": seconds}
+
+    def _write(self, part: str, writes: list, marker: dict) -> None:
+        for name, data, extra in writes:
+            self.store.write_table(name, part, data, model=self.spec.name, **extra)
+        # The marker goes last: a batch counts as done (for --resume) only once all its shards exist.
+        self.store.write_json(f"_progress/model={self.spec.name}/{part}.json", marker)
+
+    def flush(self) -> int:
+        """Wait for the outstanding write (re-raising its error); returns how many were waited for."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return 0
+        pending.result()
+        return 1
 
     def _compute_fitting(self, batch: dict):
         """Compute a batch; on CUDA out-of-memory, halve it and merge the halves' results."""
@@ -158,18 +177,20 @@ class ModelWorker:
         data = {k: np.concatenate(v) for k, v in columns.items()}
         return pa.table({"target": np.full(len(data["chunk"]), self.cfg.target, dtype=object), "source": np.full(len(data["chunk"]), source, dtype=object), **data})
 
-    def _write_samples(self, batch, mlp: np.ndarray, part: str) -> None:
-        """Keep sampled pre-activations in memory for the fit stage and write them as table ``activations``."""
+    def _keep_samples(self, batch, mlp: np.ndarray) -> list:
+        """Keep sampled pre-activations in memory for the fit stage; return their ``activations`` writes."""
         chunks = np.asarray(batch["chunk"])[batch["sample_b"]].astype(np.int32)
         pos = np.asarray(batch["sample_t"], dtype=np.int32)
         labels = np.asarray(batch["proper"])[batch["sample_b"], batch["sample_t"]]
         for i, key in enumerate(zip(chunks.tolist(), pos.tolist())):
             self.samples[key] = mlp[:, i]
         d_mlp = mlp.shape[-1]
+        writes = []
         for layer in range(mlp.shape[0]):
             values = pa.FixedSizeListArray.from_arrays(pa.array(mlp[layer].reshape(-1), pa.float16()), d_mlp)
             data = pa.table({"chunk": chunks, "pos": pos, "label": labels, "values": values})
-            self.store.write_table("activations", part, data, d_mlp=d_mlp, model=self.spec.name, layer=layer + 1)
+            writes.append(("activations", data, {"d_mlp": d_mlp, "layer": layer + 1}))
+        return writes
 
     def neuron_blocks(self, keys: np.ndarray) -> tuple:
         """Sampled pre-activations per layer, rows in the order of ``keys`` (n, 2) = (chunk, pos).
@@ -178,6 +199,7 @@ class ModelWorker:
         own object). Rows this process did not compute (a resumed run, or a restarted actor) are read back
         from the ``activations`` table.
         """
+        self.flush()
         missing = [tuple(k) for k in keys.tolist() if tuple(k) not in self.samples]
         if missing:
             self._load_samples(missing)

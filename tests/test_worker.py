@@ -54,9 +54,23 @@ def test_out_of_memory_split_gives_identical_results(tmp_path, tiny_model_dir, g
             np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_write_error_surfaces_on_the_next_call(tmp_path, tiny_model_dir, gpt2_tokenizer, batch, monkeypatch):
+    worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "c")
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(worker.store, "write_table", broken)
+    worker(batch)
+    with pytest.raises(OSError, match="disk full"):
+        worker.flush()
+    assert not Store(str(tmp_path / "c")).list_parts("_progress/model=tiny-gpt2", ".json")
+
+
 def test_call_writes_shards_then_marker(tmp_path, tiny_model_dir, gpt2_tokenizer, batch):
     worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "b")
     result = worker(batch)
+    assert worker.flush() == 1 and worker.flush() == 0  # the shards are written in the background
     store = Store(str(tmp_path / "b"))
     assert result["part"] == "part-000004-000006" and result["tokens"] == 30
     assert store.list_parts("_progress/model=tiny-gpt2", ".json") == {"part-000004-000006"}
