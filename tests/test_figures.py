@@ -2,11 +2,12 @@
 import base64
 import re
 
+import matplotlib
 import numpy as np
 import polars as pl
 import pytest
 
-from jobs import figures
+from jobs import figures, plotting, token_heatmap
 from jobs.report import write_report
 
 MODELS = {"gpt2": dict(n_layer=3, n_embd=6, d_mlp=10), "gpt2-medium": dict(n_layer=4, n_embd=7, d_mlp=12)}
@@ -14,8 +15,8 @@ N_CHUNK, N_POS = 3, 24
 VOCAB = [" the", " Paris", "<script>", " $5", "$x$", "\n", " of", " Ada", ".", " and", "\t"]  # $..$: no mathtext
 I16, I32 = pl.Int16, pl.Int32
 ALL_FIGURES = ["path_cumulative", "path_logit_vs_step", "rotation_angles", "rotation_t", "neurons_beta",
-               "neurons_per_layer", "neurons_heatmap", "mi_layer", "mi_density", "attn_strip", "attn_hist",
-               "attn_ar_coefs"]
+               "neurons_per_layer", "token_heatmap_in_sample", "token_heatmap_held_out", "mi_layer", "mi_density",
+               "attn_strip", "attn_hist", "attn_ar_coefs"]
 
 
 def _grid(model, n_layer=None, chunks=range(N_CHUNK)):
@@ -45,10 +46,8 @@ def _token_tables(model, n_layer, rng):
                                             angle_rad=_f32(rng.uniform(0, 3, n * n_layer)))
     lm = lm.with_columns(path_cum=pl.col("path_step").cum_sum().over("chunk", "pos"))
     ps = pl.DataFrame(dict(model=[model], n_tokens=[n - N_CHUNK], r_path_logit=[float(rng.uniform(-1, 1))]))
-    hm = tok.select("model", "chunk", "pos", "token").with_columns(
-        activation=_f32(rng.normal(size=n)), sampled=pl.col("chunk") >= 1)
     an = _grid(model, n_layer).with_columns(log_norm=_f32(rng.normal(2, 0.5, n * n_layer)))
-    return dict(tokens=tok, layer_metrics=lm, path_summary=ps, heatmap=hm, attn_norms=an)
+    return dict(tokens=tok, layer_metrics=lm, path_summary=ps, attn_norms=an)
 
 
 def _rotation_tables(model, n_layer, rng):
@@ -76,7 +75,11 @@ def _neuron_tables(model, n_layer, d_mlp, rng):
         neuron=pl.Series(np.tile(np.arange(d_mlp), n_layer), dtype=I32), n=pl.Series([N_CHUNK * N_POS] * n, dtype=I32),
         beta=beta, se=np.full(n, 0.5), z=beta / 0.5, p=p, significant=p < 0.05, q_bh=np.minimum(p * 3, 1),
         status=["ok"] * n, converged=[True] * n, n_iter=pl.Series([6] * n, dtype=I16)))
-    return dict(activations=act, neuron_logit=nl)
+    hm = _grid(model, chunks=[2, 0]).with_columns(  # chunk 2 from the neuron sample, chunk 0 held out
+        layer=pl.lit(n_layer, I16), neuron=pl.lit(d_mlp - 1, I32), activation=_f32(rng.normal(0, 2, 2 * N_POS)),
+        in_sample_chunk=pl.col("chunk") == 2)
+    hm = hm.with_columns(sampled=pl.col("in_sample_chunk") & pl.Series(rng.random(hm.height) < 0.3))
+    return dict(activations=act, neuron_logit=nl, neuron_heatmap=hm)
 
 
 def _mi_tables(model, n_layer, n_embd, rng):
@@ -103,7 +106,7 @@ def _ar_table(model, n_layer, rng):
 
 
 def make_tables(seed=0) -> dict[str, pl.DataFrame]:
-    """Every table (plus the ``heatmap`` frame) for both MODELS, schema-correct, random values."""
+    """Every table for both MODELS, schema-correct, random values."""
     rng = np.random.default_rng(seed)
     per_model = [{**_token_tables(m, c["n_layer"], rng), **_rotation_tables(m, c["n_layer"], rng),
                   **_neuron_tables(m, c["n_layer"], c["d_mlp"], rng), **_mi_tables(m, c["n_layer"], c["n_embd"], rng),
@@ -133,15 +136,18 @@ def test_render_all_writes_every_figure(rendered):
 
 
 def test_render_all_skips_missing_and_empty_tables(frames, tmp_path):
-    keep = {k: v.lazy() for k, v in frames.items() if k not in {"mi", "heatmap", "rotation_angles"}}
+    keep = {k: v.lazy() for k, v in frames.items() if k not in {"mi", "neuron_heatmap", "rotation_angles"}}
     keep["attn_norms"] = frames["attn_norms"].lazy().head(0)  # empty table: figures skipped, no error
     keep["rotation"] = None
     names = [e["name"] for e in figures.render_all(keep, str(tmp_path))]
     assert names == ["path_cumulative", "path_logit_vs_step", "neurons_beta", "neurons_per_layer", "attn_ar_coefs"]
     assert figures.render_all({}, str(tmp_path / "none")) == []
-    no_sig = frames["neuron_logit"].with_columns(significant=pl.lit(False))
-    only = {"heatmap": frames["heatmap"].lazy(), "neuron_logit": no_sig.lazy()}
-    assert "neurons_heatmap" in [e["name"] for e in figures.render_all(only, str(tmp_path / "h"))]
+    hm, tok = frames["neuron_heatmap"].lazy(), frames["tokens"].lazy()
+    assert figures.render_all({"neuron_heatmap": hm}, str(tmp_path / "h0")) == []  # token text needed
+    names = [e["name"] for e in figures.render_all({"neuron_heatmap": hm, "tokens": tok}, str(tmp_path / "h2"))]
+    assert names == ["token_heatmap_in_sample", "token_heatmap_held_out"]
+    only_in = {"neuron_heatmap": hm.filter(pl.col("in_sample_chunk")), "tokens": tok}
+    assert [e["name"] for e in figures.render_all(only_in, str(tmp_path / "h1"))] == ["token_heatmap_in_sample"]
 
 
 def test_default_layers_follow_the_data(frames):
@@ -151,14 +157,6 @@ def test_default_layers_follow_the_data(frames):
         counts = {lay: int(d.filter(pl.col("layer") == lay)["significant"].sum()) for lay in d["layer"].unique()}
         top = max(counts.values())
         assert figures.neuron_layers(nl.lazy())[model] == min(k for k, v in counts.items() if v == top)
-        layer = figures.neuron_layers(nl.lazy())[model]
-        cand = d.filter((pl.col("layer") == layer) & pl.col("significant") & (pl.col("beta") > 0))
-        best = figures.best_neurons(nl.lazy(), {model: layer}).get(model)
-        if cand.height:
-            i = int(np.argmax(cand["beta"].to_numpy()))
-            assert best == (layer, cand["neuron"][i], pytest.approx(cand["beta"][i]))
-        else:
-            assert best is None
     mi = frames["mi"]
     means = mi.group_by("model", "layer").agg(pl.col("mi_bits").mean())
     for model, layer in figures.mi_layers(mi.lazy()).items():
@@ -168,7 +166,7 @@ def test_default_layers_follow_the_data(frames):
 
 
 def test_binned_density_matches_numpy_histogram(frames):
-    centres, dens = figures._binned_density(frames["attn_norms"].lazy(), "log_norm", 0.0, 1.0, bins=20)
+    centres, dens = plotting.binned_density(frames["attn_norms"].lazy(), "log_norm", 0.0, 1.0, bins=20)
     for model in MODELS:
         vals = frames["attn_norms"].filter(pl.col("model") == model)
         lo, hi = vals["log_norm"].min(), vals["log_norm"].max()
@@ -184,18 +182,40 @@ def test_binned_density_matches_numpy_histogram(frames):
 
 def test_thin_caps_and_is_deterministic(frames):
     lf = frames["attn_norms"].lazy()
-    a = figures._thin(lf, ["model", "layer"], ["chunk", "pos"], 10).collect()
-    b = figures._thin(lf, ["model", "layer"], ["chunk", "pos"], 10).collect()
+    a = plotting.thin(lf, ["model", "layer"], ["chunk", "pos"], 10).collect()
+    b = plotting.thin(lf, ["model", "layer"], ["chunk", "pos"], 10).collect()
     assert a.equals(b) and 0 < a.height < frames["attn_norms"].height / 3
     assert a.columns == frames["attn_norms"].columns
 
 
-def test_heatmap_uses_in_sample_chunk_and_path_title_has_r(frames):
+@pytest.mark.parametrize("in_sample, chunk", [(True, 2), (False, 0)])
+def test_token_heatmap_draws_the_chunk_text_coloured_by_the_neuron(frames, in_sample, chunk):
+    hm, tok, nl = frames["neuron_heatmap"], frames["tokens"], frames["neuron_logit"]
+    fig = token_heatmap.fig_token_heatmap(hm.lazy(), tok.lazy(), nl.lazy(), in_sample=in_sample, max_tokens=20)
+    text_axes = [ax for ax in fig.axes if ax.get_title()]
+    colorbars = [ax for ax in fig.axes if not ax.get_title()]
+    assert len(text_axes) == len(colorbars) == len(MODELS)
+    for ax, cax, (model, cfg) in zip(text_axes, colorbars, MODELS.items()):
+        sel = (pl.col("model") == model) & (pl.col("chunk") == chunk)
+        rows, words = hm.filter(sel).sort("pos").head(20), tok.filter(sel).sort("pos").head(20)["token"].to_list()
+        assert [t.get_text() for t in ax.texts] == [w.replace("\t", " ").replace("\n", "↵") for w in words]
+        vmax = float(np.abs(hm.filter(pl.col("model") == model)["activation"].to_numpy()).max())  # both chunks
+        np.testing.assert_allclose(sorted(np.abs(cax.get_ylim())), [vmax, vmax], rtol=1e-6)
+        want = matplotlib.colormaps["RdBu_r"]((rows["activation"].to_numpy() / vmax + 1) / 2)
+        np.testing.assert_allclose([p.get_facecolor() for p in ax.patches], want, atol=0.02)  # one colormap step
+        assert sum(p.get_edgecolor()[3] > 0 for p in ax.patches) == rows["sampled"].sum() > (0 if in_sample else -1)
+        layer, neuron = cfg["n_layer"], cfg["d_mlp"] - 1
+        beta = nl.filter((pl.col("model") == model) & (pl.col("layer") == layer) & (pl.col("neuron") == neuron))["beta"]
+        title = ax.get_title()
+        assert f"layer {layer} neuron {neuron} (β = {beta[0]:.3g}" in title and f"chunk {chunk} " in title
+        assert ("in the neuron sample" in title) == in_sample and ("held out" in title) != in_sample
+        assert f"first 20 of {N_POS} tokens" in title
+    with pytest.raises(ValueError, match="max_tokens"):
+        token_heatmap.heatmap_rows(hm.lazy(), tok.lazy(), in_sample, max_tokens=0)
+
+
+def test_path_title_has_r(frames):
     lazy = {k: v.lazy() for k, v in frames.items()}
-    fig = figures.fig_token_heatmap(lazy["heatmap"], lazy["neuron_logit"], lazy["activations"], chunk=0)
-    assert all("chunk 1" in ax.get_title() for ax in fig.axes if ax.get_title())  # chunk 0 has no activations
-    fig = figures.fig_token_heatmap(lazy["heatmap"], chunk=2)
-    assert all("chunk 2" in ax.get_title() for ax in fig.axes if ax.get_title())
     fig = figures.fig_logit_vs_step(lazy["tokens"], lazy["layer_metrics"], lazy["path_summary"])
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert [f"r = {r:.3f}" in t for r, t in zip(frames["path_summary"]["r_path_logit"], titles)] == [True, True]

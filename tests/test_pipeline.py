@@ -288,3 +288,17 @@ def test_ksg_mi_runs_per_layer(options_run, inputs):
     last = hidden[3, 0, :40].numpy()
     expected = upper_pairs(ksg_mi_matrix(last, seed=0))[2]
     np.testing.assert_allclose(mi.filter(pl.col("layer") == 3)["mi_bits"].to_numpy(), expected, atol=1e-6)
+
+
+def test_neuron_heatmap_agrees_with_sampled_activations(run_dir):
+    heat = table(run_dir, "neuron_heatmap").filter(pl.col("model") == "tiny-a")
+    assert heat.height > 0 and heat["in_sample_chunk"].any()
+    layer, neuron = int(heat["layer"][0]), int(heat["neuron"][0])
+    fits = table(run_dir, "neuron_logit").filter((pl.col("model") == "tiny-a") & (pl.col("status") == "ok"))
+    per_layer = fits.group_by("layer").agg(pl.col("significant").sum().alias("k"))
+    assert per_layer.filter(pl.col("layer") == layer)["k"][0] == per_layer["k"].max()
+    acts = table(run_dir, "activations").filter((pl.col("model") == "tiny-a") & (pl.col("layer") == layer))
+    joined = heat.filter(pl.col("sampled")).join(acts, on=["chunk", "pos"])
+    assert joined.height == heat["sampled"].sum() > 0
+    stored = np.array([v[neuron] for v in joined["values"].to_list()], dtype=np.float64)
+    np.testing.assert_allclose(joined["activation"].to_numpy(), stored, rtol=2e-3, atol=2e-3)  # float16 storage
