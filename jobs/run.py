@@ -250,18 +250,23 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
     ray.get(pending)
 
 
-def start_workers(plan: Plan, store: Store) -> dict:
-    """One ModelWorker actor per model; restarted (and its in-flight batch retried) if its process dies."""
+def start_workers(plan: Plan, store: Store) -> tuple[dict, ray.ObjectRef]:
+    """One ModelWorker actor per model; restarted (and its in-flight batch retried) if its process dies.
+
+    Also returns the ref of the actors' shared constructor argument (the decode table): the driver must
+    hold it for the whole run, or a restarted actor could not be rebuilt.
+    """
     cfg = plan.cfg
     options = actor_resources(cfg, len(plan.models))
     threads = max(1, int(ray.cluster_resources().get("CPU", 1) // len(plan.models)))
     actor = ray.remote(max_restarts=4, max_task_retries=4)(ModelWorker)
     decode_ref = ray.put(plan.decode)
-    return {
+    workers = {
         m.name: actor.options(**options, resources=cfg.actor_resources.get(m.name) or None).remote(
             m, cfg, store.uri, decode_ref, plan.target_id, threads)
         for m in plan.models
     }
+    return workers, decode_ref
 
 
 def run(cfg: RunConfig) -> str:
@@ -279,7 +284,7 @@ def run(cfg: RunConfig) -> str:
     stage = "capture"
     try:
         t0 = time.perf_counter()
-        workers = start_workers(plan, store)
+        workers, _decode_ref = start_workers(plan, store)  # noqa: F841 (kept alive for actor restarts)
         log(f"[capture] {len(plan.models)} model actors, {len(plan.batches())} batches of up to {plan.batch_size} chunks")
         manifest.stage("capture", "running")
         skipped = capture_until_complete(plan, store, workers)
