@@ -230,9 +230,7 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
                             for layer, block in enumerate(blocks, start=1)]
         if "mi" in analyses:
             hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(plan.chunks[: plan.mi_chunks], plan.mi_tokens)
-            task = ray.remote(stats.layer_mi).options(**gpu)
-            pending += [task.remote(store.uri, m.name, layer, h, cfg.mi_method, cfg.mi_bins, cfg.seed, use_gpu)
-                        for layer, h in enumerate(hidden)]
+            pending += mi_tasks(plan, store, m, hidden, gpu)
         if "rotation" in analyses:
             # Sentences first: the t-tests read every occurrence, corpus and sentences.
             first = [worker.sentence_rotation.remote(*plan.sentences)] if plan.sentences is not None else []
@@ -267,6 +265,21 @@ def start_workers(plan: Plan, store: Store) -> tuple[dict, ray.ObjectRef]:
         for m in plan.models
     }
     return workers, decode_ref
+
+
+def mi_tasks(plan: Plan, store: Store, m, hidden: list, gpu: dict) -> list:
+    """One histogram task per layer, or for KSG (about 1 s a column) tasks over blocks of columns."""
+    cfg = plan.cfg
+    if cfg.mi_method == "histogram":
+        task = ray.remote(stats.layer_mi).options(**gpu)
+        return [task.remote(store.uri, m.name, layer, h, cfg.mi_bins, bool(gpu)) for layer, h in enumerate(hidden)]
+    d, refs = m.n_embd, []
+    block = min(stats.KSG_COLUMNS_PER_TASK, math.ceil((d - 1) / 8))  # at least 8 tasks a layer
+    columns, write = ray.remote(stats.ksg_columns), ray.remote(stats.write_ksg)
+    for layer, h in enumerate(hidden):
+        parts = [columns.remote(h, range(lo, min(lo + block, d - 1)), cfg.seed) for lo in range(0, d - 1, block)]
+        refs.append(write.remote(store.uri, m.name, layer, plan.mi_tokens, d, *parts))
+    return refs
 
 
 def run(cfg: RunConfig) -> str:

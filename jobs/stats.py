@@ -25,18 +25,33 @@ def fit_neurons(store_uri: str, model: str, layer: int, block: np.ndarray, label
     return {"model": model, "layer": layer, "significant": int(table["significant"].sum())}
 
 
-def layer_mi(store_uri: str, model: str, layer: int, hidden: np.ndarray, method: str, bins: int, seed: int, use_gpu=False) -> dict:
-    """All-pairs MI of one hidden_states layer over the MI token set: hidden (n_tokens, d)."""
-    if method == "ksg":
-        matrix = mutual_info.ksg_mi_matrix(hidden, seed=seed)
-    else:
-        matrix = mutual_info.histogram_mi_matrix(hidden, bins=bins, device=_device(use_gpu))
-    dim_i, dim_j, values = mutual_info.upper_pairs(matrix)
-    store = Store(store_uri)
-    part = f"layer-{layer:03d}"
+def layer_mi(store_uri: str, model: str, layer: int, hidden: np.ndarray, bins: int, use_gpu=False) -> dict:
+    """All-pairs histogram MI of one hidden_states layer over the MI token set: hidden (n_tokens, d)."""
+    matrix = mutual_info.histogram_mi_matrix(hidden, bins=bins, device=_device(use_gpu))
+    return write_mi(store_uri, model, layer, hidden.shape[0], *mutual_info.upper_pairs(matrix))
+
+
+KSG_COLUMNS_PER_TASK = 32
+
+
+def ksg_columns(hidden: np.ndarray, columns: range, seed: int) -> list[np.ndarray]:
+    """KSG MI (bits) of each column in ``columns`` against every later column (sklearn, ~1 s a column)."""
+    return [mutual_info.ksg_mi_column(hidden, j, seed=seed) for j in columns]
+
+
+def write_ksg(store_uri: str, model: str, layer: int, n_tokens: int, d: int, *blocks: list[np.ndarray]) -> dict:
+    """Join the column blocks of one layer (in column order) into the mi table."""
+    rows = [values for block in blocks for values in block]
+    dim_i = np.concatenate([np.full(d - j - 1, j, np.int32) for j in range(d - 1)])
+    dim_j = np.concatenate([np.arange(j + 1, d, dtype=np.int32) for j in range(d - 1)])
+    return write_mi(store_uri, model, layer, n_tokens, dim_i, dim_j, np.concatenate(rows[: d - 1]))
+
+
+def write_mi(store_uri: str, model: str, layer: int, n_tokens: int, dim_i, dim_j, values) -> dict:
+    store, part = Store(store_uri), f"layer-{layer:03d}"
     store.write_table("mi", part, pa.table({"layer": np.full(len(values), layer, np.int16), "dim_i": dim_i, "dim_j": dim_j, "mi_bits": values}), model=model)
     s = mutual_info.mi_summary(values)
-    summary = {"layer": [layer], "n_tokens": [hidden.shape[0]], **{f"{k}_bits": [v] for k, v in s.items()}}
+    summary = {"layer": [layer], "n_tokens": [n_tokens], **{f"{k}_bits": [v] for k, v in s.items()}}
     store.write_table("mi_summary", part, pa.table(summary), model=model)
     return {"model": model, "layer": layer, "mean_bits": s["mean"]}
 
