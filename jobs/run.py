@@ -1,8 +1,5 @@
 """The driver of ``probe run``: plan, capture (one Ray actor per model), statistics (Ray tasks), report."""
 import math
-import os
-import platform
-import subprocess
 import time
 
 import numpy as np
@@ -10,6 +7,7 @@ import ray
 
 from jobs import stats
 from jobs.config import RunConfig
+from jobs.manifest import Manifest
 from jobs.plan import Plan, auto_batch_size, make_plan
 from jobs.store import Store
 from jobs.query import make_report
@@ -18,55 +16,6 @@ from jobs.worker import ModelWorker, part_name
 
 def log(message: str) -> None:
     print(message, flush=True)
-
-
-class Manifest:
-    """OUT/manifest.json: resolved config, versions, models, data fingerprint, stage status and timings."""
-
-    def __init__(self, store: Store, plan: Plan):
-        self.store = store
-        previous = store.read_json("manifest.json") if plan.cfg.resume else {}
-        self.previous = previous
-        self.data = {
-            "run_id": plan.cfg.run_id,
-            "config": plan.cfg.to_dict(),
-            "versions": versions(),
-            "git_commit": git_commit(),
-            "models": {m.name: {"source": m.source, "n_layer": m.n_layer, "n_embd": m.n_embd, "config": m.config} for m in plan.models},
-            "data": {"source": plan.corpus.source, "fingerprint": plan.corpus.fingerprint(), "rows": plan.corpus.n_rows,
-                     "tokens": int(plan.chunks.size), "chunks": plan.n_chunks, "chunk_tokens": plan.cfg.chunk_tokens},
-            "batch_size": plan.batch_size,
-            "stages": previous.get("stages", {}),
-        }
-        if previous and previous.get("data", {}).get("fingerprint") != self.data["data"]["fingerprint"]:
-            from jobs.config import UsageError
-
-            raise UsageError("--resume: the data or --max-tokens differ from the run being resumed; use the same inputs")
-
-    def stage(self, name: str, status: str, seconds: float | None = None, **extra) -> None:
-        entry = {"status": status, **extra}
-        if seconds is not None:
-            entry["seconds"] = round(seconds, 3)
-        self.data["stages"][name] = entry
-        self.store.write_json("manifest.json", self.data)
-
-
-def versions() -> dict:
-    import polars
-    import pyarrow
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "ray": ray.__version__, "pyarrow": pyarrow.__version__, "polars": polars.__version__}
-
-
-def git_commit() -> str | None:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def start_ray(cfg: RunConfig) -> None:
@@ -148,21 +97,21 @@ def run_capture(plan: Plan, store: Store, workers: dict, only: dict | None = Non
             todo[m.name], skipped[m.name] = list(only.get(m.name, [])), 0
             continue
         done = store.list_parts(f"_progress/model={m.name}", ".json") if plan.cfg.resume else set()
-        todo[m.name] = [b for b in batches if _part(b) not in done]
+        todo[m.name] = [b for b in batches if part_name(b) not in done]
         skipped[m.name] = len(batches) - len(todo[m.name])
         if skipped[m.name]:
             log(f"[capture] {m.name}: {skipped[m.name]} of {len(batches)} batches already written, skipped")
     needed = {}
     for m in todo:
         for b in todo[m]:
-            needed[_part(b)] = needed.get(_part(b), 0) + 1
+            needed[part_name(b)] = needed.get(part_name(b), 0) + 1
     progress = Progress({m: plan.n_chunks for m in todo}, {m: plan.n_chunks - sum(len(b) for b in todo[m]) for m in todo})
     refs: dict[str, ray.ObjectRef] = {}
     in_flight: dict[ray.ObjectRef, tuple[str, str, int]] = {}
 
     def submit(model: str) -> None:
         chunk_ids = todo[model].pop(0)
-        part = _part(chunk_ids)
+        part = part_name(chunk_ids)
         if part not in refs:
             refs[part] = ray.put(batch_payload(plan, chunk_ids))
         in_flight[workers[model].__call__.remote(refs[part])] = (model, part, len(chunk_ids))
@@ -207,10 +156,6 @@ def capture_until_complete(plan: Plan, store: Store, workers: dict, attempts: in
     if missing_parts(plan, store):
         raise RuntimeError("some batches could not be written after several attempts; rerun with --resume")
     return skipped
-
-
-def _part(chunk_ids) -> str:
-    return part_name(chunk_ids)
 
 
 def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
