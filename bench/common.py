@@ -219,9 +219,10 @@ def emit(result: dict) -> None:
     print(json.dumps(result, sort_keys=False), flush=True)
 
 
-def worker_busy(out_dir: str) -> dict:
-    """Per model: seconds its actor spent inside ``ModelWorker.__call__`` (sum over its progress markers),
-    the first batch's seconds (part-000000..., it pays the fresh process's warm-up) and the batch count."""
+def actor_compute(out_dir: str) -> dict:
+    """Per model: seconds its actor spent computing batches (the progress markers' ``seconds``: each
+    ``ModelWorker.__call__`` up to handing its shards to the background writer, so writes are not in
+    it), the first batch's seconds (part-000000..., it pays the fresh process's warm-up), the batch count."""
     busy = {}
     root = os.path.join(out_dir, "_progress")
     for folder in sorted(os.listdir(root)) if os.path.isdir(root) else []:
@@ -267,7 +268,7 @@ def _job_main(argv: list[str]) -> int:
         "exit": code, "wall_s": round(wall, 3), "stages_s": stages,
         "other_s": round(wall - sum(stages.values()), 3),  # plan (tokenizing), Ray start-up, manifest writes
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "worker_busy_s": worker_busy(out_dir),
+        "actor_compute_s": actor_compute(out_dir),
         "tokens": manifest["data"]["tokens"], "chunks": manifest["data"]["chunks"], "batch_size": manifest["batch_size"],
     }
     with open(out_json, "w") as f:

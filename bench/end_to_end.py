@@ -38,8 +38,8 @@ def run_one(label: str, models: list[str], root: str, args) -> dict:
           + f" | other {result['other_s']:.1f}s | total {result['wall_s']:.1f}s | capture {result['tokens'] / stages['capture']:,.0f} tok/s"
           f" | driver peak RSS {result['driver_peak_rss_mb']:.0f} MiB", flush=True)
     busy = ", ".join(f"{m} {b['seconds']:.1f}s ({result['tokens'] / b['seconds']:,.0f} tok/s; {b['batches']} batches, first {b['first_batch_s']:.2f}s)"
-                     for m, b in result["worker_busy_s"].items())
-    print(f"{'':>12}  time inside ModelWorker.__call__ (sum over batches): {busy}", flush=True)
+                     for m, b in result["actor_compute_s"].items())
+    print(f"{'':>12}  actor compute (ModelWorker.__call__ less its background writes, summed over batches): {busy}", flush=True)
     print(f"{'':>12}  {probe_cli(cli)}", flush=True)
     return {**result, "capture_tok_s": round(result["tokens"] / stages["capture"], 1)}
 

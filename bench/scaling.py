@@ -8,8 +8,8 @@ WikiText-2 test split repeated as often as N needs) in a fresh driver process (`
 its peak RSS (``getrusage``, the driver alone) is its own.
 Widths are 3-layer tiny GPT-2s: ``tiny`` (d=32) and ``wN`` (d=N, d_mlp=2N). Reported per width:
 
-- log-log slopes of time vs tokens for the whole run, the capture stage, the time inside
-  ``ModelWorker.__call__`` (summed over batches) and that time less the first batch (a fresh actor's
+- log-log slopes of time vs tokens for the whole run, the capture stage, the actors' compute
+  time (``ModelWorker.__call__`` less its background writes, summed over batches) and that time less the first batch (a fresh actor's
   warm-up): ~1 means linear; fixed costs (Ray start-up, actor start, the report) pull the whole-run
   slope below 1 while N is small, so also
 - a linear fit ``time = fixed + per_token * N`` of the whole run (fixed seconds, microseconds/token);
@@ -37,12 +37,12 @@ def one_run(model_dir: str, corpus: str, tokens: int, root: str, label: str, arg
     cli = ["run", "--models", model_dir, "--data", corpus, "--out", out, "--device", args.device,
            "--max-tokens", str(tokens), "--chunk-tokens", str(args.chunk_tokens), "--analyses", args.analyses]
     r = run_job(cli, os.path.join(root, f"{label}.json"), log_path=os.path.join(root, f"{label}.log"))
-    busy = sum(b["seconds"] for b in r["worker_busy_s"].values())
-    steady = busy - sum(b["first_batch_s"] for b in r["worker_busy_s"].values())
-    print(f"  {label:>14}: total {r['wall_s']:6.1f}s | capture {r['stages_s']['capture']:5.1f}s | actor busy {busy:5.1f}s "
+    busy = sum(b["seconds"] for b in r["actor_compute_s"].values())
+    steady = busy - sum(b["first_batch_s"] for b in r["actor_compute_s"].values())
+    print(f"  {label:>14}: total {r['wall_s']:6.1f}s | capture {r['stages_s']['capture']:5.1f}s | actor compute {busy:5.1f}s "
           f"(after 1st batch {steady:5.1f}s) | stats {r['stages_s'].get('stats', 0):5.1f}s | report {r['stages_s'].get('report', 0):4.1f}s | "
           f"driver peak RSS {r['driver_peak_rss_mb']:6.0f} MiB", flush=True)
-    return {"tokens": r["tokens"], "wall_s": r["wall_s"], "capture_s": r["stages_s"]["capture"], "actor_busy_s": round(busy, 3),
+    return {"tokens": r["tokens"], "wall_s": r["wall_s"], "capture_s": r["stages_s"]["capture"], "actor_compute_s": round(busy, 3),
             "actor_steady_s": round(steady, 3), "stats_s": r["stages_s"].get("stats"), "report_s": r["stages_s"].get("report"),
             "driver_peak_rss_mb": r["driver_peak_rss_mb"], "command": probe_cli(cli)}
 
@@ -55,7 +55,7 @@ def summarise(runs: list[dict]) -> dict:
     return {
         "slope_wall": round(slope(n, wall), 3),
         "slope_capture": round(slope(n, [r["capture_s"] for r in runs]), 3),
-        "slope_actor_busy": round(slope(n, [r["actor_busy_s"] for r in runs]), 3),
+        "slope_actor_compute": round(slope(n, [r["actor_compute_s"] for r in runs]), 3),
         "slope_actor_steady": round(slope(n, [r["actor_steady_s"] for r in runs]), 3),
         "slope_stats": round(slope(n, [r["stats_s"] for r in runs]), 3),
         "fixed_s": round(float(fixed), 2), "us_per_token": round(float(per_token) * 1e6, 2),
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
             runs = [one_run(model_dir, corpora[n], n, root, f"{width}-{n}", args) for n in tokens]
             results[width] = {"runs": runs, **summarise(runs)}
             s = results[width]
-            print(f"  slopes vs tokens: wall {s['slope_wall']:.2f}, capture {s['slope_capture']:.2f}, actor busy {s['slope_actor_busy']:.2f}"
+            print(f"  slopes vs tokens: wall {s['slope_wall']:.2f}, capture {s['slope_capture']:.2f}, actor compute {s['slope_actor_compute']:.2f}"
                   f" (after 1st batch {s['slope_actor_steady']:.2f}), stats {s['slope_stats']:.2f} | wall = {s['fixed_s']:.1f}s + "
                   f"{s['us_per_token']:.1f} us/token | driver peak RSS {s['rss_growth_mb']:+.0f} MiB ({s['rss_bytes_per_token']:.0f} B/token)", flush=True)
     finally:
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
                "runs": {w: [{k: v for k, v in run.items() if k != "command"} for run in r["runs"]] for w, r in results.items()}}
     if len(widths) >= 2:
         params = [non_embedding_params(w) for w in widths]
-        summary["slope_actor_busy_vs_params"] = round(slope(params, [results[w]["runs"][-1]["actor_busy_s"] for w in widths]), 3)
-        print(f"across widths at {tokens[-1]:,} tokens: slope of actor busy time vs non-embedding params {summary['slope_actor_busy_vs_params']:.2f}")
+        summary["slope_actor_compute_vs_params"] = round(slope(params, [results[w]["runs"][-1]["actor_compute_s"] for w in widths]), 3)
+        print(f"across widths at {tokens[-1]:,} tokens: slope of actor compute time vs non-embedding params {summary['slope_actor_compute_vs_params']:.2f}")
     emit(summary)
     return 0
 

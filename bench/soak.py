@@ -8,9 +8,11 @@ the repo). ``probe run`` runs in a fresh driver process (``common.py job``); a b
 every ``--interval`` seconds, the driver's RSS and the RSS of that run's ``ray::ModelWorker`` actors (the
 driver's descendants whose command line says so, so other Ray instances on the machine are not counted).
 
-Memory is judged over the window in which the actors are alive (capture, then stats): ``start`` is the
-first sample of that window, ``end`` the last, ``peak`` the largest anywhere; a series is flat when it
-grows by at most max(64 MiB, 10% of start) from start to end. The driver's peak before the window
+Memory is judged over the window in which the actors are alive (capture, then stats), from ``--settle``
+seconds after the first actor appears: ``start``/``end`` are the medians of the window's first/last
+three samples, ``peak`` the largest; a series is flat when it grows by at most max(32 MiB, 5% of start)
+from start to end. ``trend`` is the least-squares slope over the window (MiB/min): on a short window
+it says more than the verdict. The driver's peak before the window
 (reading and tokenizing the corpus) is reported apart. Ends with one JSON line.
 """
 import argparse
@@ -29,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REPO, descendants_matching, emit, job_command, load_average, parse_sizes, probe_cli, rss_parts_mb, save_model_dir, write_repeated_corpus  # noqa: E402
 
 ALL = "path,rotation,neurons,mi,attn_ar"
+FLAT_MB, FLAT_FRACTION = 32.0, 0.05  # a series is flat when it grows by at most max(32 MiB, 5% of start)
 
 
 class Sampler(threading.Thread):
@@ -55,11 +58,12 @@ class Sampler(threading.Thread):
 
 
 def series_summary(t: np.ndarray, mib: np.ndarray) -> dict:
-    start, end = float(mib[0]), float(mib[-1])
+    """start/end: medians of the first and last 3 samples (one sample can catch a transient batch)."""
+    start, end = float(np.median(mib[:3])), float(np.median(mib[-3:]))
     growth = end - start
     trend = float(np.polyfit(t, mib, 1)[0] * 60) if len(t) >= 3 else float("nan")
     return {"start_mb": round(start, 1), "peak_mb": round(float(mib.max()), 1), "end_mb": round(end, 1),
-            "growth_mb": round(growth, 1), "trend_mb_per_min": round(trend, 2), "flat": bool(growth <= max(64.0, 0.1 * start))}
+            "growth_mb": round(growth, 1), "trend_mb_per_min": round(trend, 2), "flat": bool(growth <= max(FLAT_MB, FLAT_FRACTION * start))}
 
 
 def summarise(samples: list[dict], settle: float) -> dict:
@@ -129,9 +133,9 @@ def main(argv=None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    busy = sum(b["seconds"] for b in job["worker_busy_s"].values())
+    busy = sum(b["seconds"] for b in job["actor_compute_s"].values())
     print(f"  {job['tokens']:,} tokens | total {job['wall_s']:.1f}s | " + " | ".join(f"{k} {v:.1f}s" for k, v in job["stages_s"].items())
-          + f" | actor busy {busy:.1f}s | capture {job['tokens'] / job['stages_s']['capture']:,.0f} tok/s", flush=True)
+          + f" | actor compute {busy:.1f}s | capture {job['tokens'] / job['stages_s']['capture']:,.0f} tok/s", flush=True)
     for name in ("driver", "actors"):
         m = memory.get(name)
         if m:
@@ -145,7 +149,7 @@ def main(argv=None) -> int:
               f"driver peak overall (getrusage): {job['driver_peak_rss_mb']:.0f} MiB", flush=True)
     emit({"bench": "soak", "device": args.device, "size": size, "repeat": args.repeat, "analyses": analyses,
           "max_tokens": args.max_tokens, "load_avg_1m_end": load_average(), "tokens": job["tokens"], "wall_s": job["wall_s"],
-          "stages_s": job["stages_s"], "actor_busy_s": round(busy, 2), "driver_peak_rss_mb": job["driver_peak_rss_mb"], "memory": memory})
+          "stages_s": job["stages_s"], "actor_compute_s": round(busy, 2), "driver_peak_rss_mb": job["driver_peak_rss_mb"], "memory": memory})
     return 0
 
 

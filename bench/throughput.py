@@ -11,9 +11,13 @@ warm-up runs (CUDA synchronised). Variants, fastest expected first:
 - ``plain_body``: ``model.transformer(ids, output_hidden_states=True)``: no LM head, as the job runs it.
 - ``metrics``: ``forward_metrics`` with every per-token metric (path, angles, next logit, attention
   norms, sampled MLP rows), plus the device->host copies of its small outputs.
-- ``capture``: the worker's own pieces as ``ModelWorker.__call__`` runs them (metrics, rotation angles,
-  Arrow tables, copies to host) minus the Parquet writes. ``ratio = capture / plain`` (target >= 0.8).
-- ``worker``: the whole ``ModelWorker.__call__``, Parquet shards written to a temporary folder.
+- ``capture``: the worker's own pieces as ``ModelWorker.__call__`` runs them (``_compute_fitting``:
+  metrics, rotation angles, Arrow tables, copies to host; ``_keep_samples``) minus the Parquet writes.
+  ``ratio = capture / plain`` (target >= 0.8); ``ratio_body = capture / plain_body``.
+- ``worker``: the whole ``ModelWorker.__call__`` plus waiting for its shard writes (to a temporary
+  folder), serially; ``worker_pipelined``: back-to-back calls whose writes overlap the next call's
+  compute on the worker's background thread, as in the job (one timed run of ``--repeats`` calls).
+- ``--breakdown``: the milliseconds of each piece (forward, each table, the writes run synchronously).
 
 On CUDA, MFU = 2 * n_params * tok/s / peak, n_params = the model's parameters (tied wte counted once).
 Ends with one JSON line.
@@ -82,48 +86,55 @@ def metrics_only(worker, batch: dict) -> None:
         out["mlp_pre"].to(torch.float16).cpu().numpy()
 
 
-def capture_no_writes(worker, batch: dict) -> dict:
-    """``ModelWorker.__call__`` (all analyses) without the Parquet and progress writes: returns the tables."""
-    from probe_core.metrics import forward_metrics
+def capture_no_writes(worker, batch: dict) -> list:
+    """``ModelWorker.__call__`` minus the shard writes, from the worker's own pieces: the forward with
+    every metric, the Arrow tables (tokens, layer metrics, attention norms, rotation angles, sampled
+    activations) and the copies to host. Returns the (table name, table, partition extras) writes."""
+    tables, mlp = worker._compute_fitting(batch)
+    writes = [(name, data, {}) for name, data in tables.items() if data.num_rows]
+    return writes + (worker._keep_samples(batch, mlp) if mlp is not None else [])
 
-    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=worker.device)
-    with torch.inference_mode():
-        out = forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True,
-                              mlp_rows=(batch["sample_b"], batch["sample_t"]))
-        tables = {"tokens": worker._tokens(batch, out), "layer_metrics": worker._layer_metrics(batch, out),
-                  "attn_norms": worker._attn_norms(batch, out),
-                  "rotation_angles": worker._rotation(batch["chunk"], batch["input_ids"], out["hidden"], None, "corpus")}
-        tables["mlp"] = out["mlp_pre"].to(torch.float16).cpu().numpy()
-    return tables
+
+def worker_call(worker, batch: dict) -> None:
+    """The whole ``ModelWorker.__call__`` and then its shard writes (``flush``), serially: in the timing
+    loop a write left running on the worker's background thread would slow whichever variant ran next."""
+    worker(batch)
+    worker.flush()
+
+
+def worker_pipelined(worker, batch: dict, calls: int) -> float:
+    """Seconds per call of ``calls`` back-to-back ``ModelWorker.__call__`` (each call's writes overlap the
+    next call's compute on the background thread, as in the job), the last write included."""
+    import time
+
+    worker.flush()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        worker(batch)
+    worker.flush()
+    return (time.perf_counter() - t0) / calls
 
 
 def host_breakdown(worker, batch: dict, repeats: int, cuda: bool) -> dict:
-    """Median milliseconds of each piece of ``ModelWorker.__call__`` on this batch (writes included)."""
+    """Median milliseconds of each piece of ``ModelWorker.__call__`` on this batch, writes included."""
     from jobs.worker import part_name
     from probe_core.metrics import forward_metrics
 
     ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=worker.device)
     rows = (batch["sample_b"], batch["sample_t"])
     part = part_name(batch["chunk"])
+    writes = capture_no_writes(worker, batch)
     with torch.inference_mode():
         out = forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True, mlp_rows=rows)
-        tables = capture_no_writes(worker, batch)
-        mlp = tables.pop("mlp")
-
-        def writes():
-            for name, data in tables.items():
-                if data.num_rows:
-                    worker.store.write_table(name, part, data, model=worker.spec.name)
-            worker._write_samples(batch, mlp, part)
-            worker.store.write_json(f"_progress/model={worker.spec.name}/{part}.json", {"tokens": int(ids.numel()), "seconds": 0.0})
-
+        mlp = out["mlp_pre"].to(torch.float16).cpu().numpy()
         pieces = {
             "forward_metrics": lambda: forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True, mlp_rows=rows),
             "tokens_table": lambda: worker._tokens(batch, out),
             "layer_metrics_table": lambda: worker._layer_metrics(batch, out),
             "attn_norms_table": lambda: worker._attn_norms(batch, out),
             "rotation_table": lambda: worker._rotation(batch["chunk"], batch["input_ids"], out["hidden"], None, "corpus"),
-            "parquet_writes": writes,
+            "activations_tables": lambda: worker._keep_samples(batch, mlp),
+            "parquet_writes": lambda: worker._write(part, writes, {"tokens": int(ids.numel()), "seconds": 0.0}),
         }
         seconds = median_times(pieces, warmup=1, repeats=repeats, cuda=cuda)
     return {k: round(v * 1e3, 2) for k, v in seconds.items()}
@@ -149,15 +160,16 @@ def bench_size(size: str, args, tokens: np.ndarray, decode: list[str], target_id
 
         # worker(batch) rewrites the same part names each time (atomic renames), so files do not pile up.
         seconds = median_times({"plain": plain, "plain_body": plain_body, "metrics": lambda: metrics_only(worker, batch),
-                                "capture": lambda: capture_no_writes(worker, batch), "worker": lambda: worker(batch)},
+                                "capture": lambda: capture_no_writes(worker, batch), "worker": lambda: worker_call(worker, batch)},
                                warmup=args.warmup, repeats=args.repeats, cuda=cuda)
+        seconds["worker_pipelined"] = worker_pipelined(worker, batch, args.repeats)
         breakdown = host_breakdown(worker, batch, args.repeats, cuda) if args.breakdown else None
     rate = {k: n_tok / s for k, s in seconds.items()}
     n_params = sum(p.numel() for p in model.parameters())
     row = {"tok_s": round(rate["capture"], 1), "plain_tok_s": round(rate["plain"], 1),
            "ratio": round(rate["capture"] / rate["plain"], 3),
            "plain_body_tok_s": round(rate["plain_body"], 1), "metrics_tok_s": round(rate["metrics"], 1),
-           "worker_tok_s": round(rate["worker"], 1), "ratio_body": round(rate["capture"] / rate["plain_body"], 3),
+           "worker_tok_s": round(rate["worker"], 1), "worker_pipelined_tok_s": round(rate["worker_pipelined"], 1), "ratio_body": round(rate["capture"] / rate["plain_body"], 3),
            "n_params": n_params, "tokens_per_batch": n_tok, "target_occurrences": occurrences}
     if breakdown:
         row["breakdown_ms"] = breakdown
@@ -176,7 +188,7 @@ def print_row(size: str, row: dict) -> None:
         print(f"{size:>7}: per batch of {n_tok} tokens: " + ", ".join(f"{k} {v:.1f} ms ({v * 1e3 / n_tok:.2f} us/tok)" for k, v in row["breakdown_ms"].items()))
     mfu = f", MFU {row['mfu']:.1%} (plain {row['plain_mfu']:.1%})" if "mfu" in row else ""
     print(f"{size:>7}: plain {row['plain_tok_s']:>11,.0f} | body {row['plain_body_tok_s']:>11,.0f} | "
-          f"metrics {row['metrics_tok_s']:>11,.0f} | capture {row['tok_s']:>11,.0f} | worker+writes {row['worker_tok_s']:>11,.0f} tok/s"
+          f"metrics {row['metrics_tok_s']:>11,.0f} | capture {row['tok_s']:>11,.0f} | worker+writes {row['worker_tok_s']:>11,.0f} (pipelined {row['worker_pipelined_tok_s']:,.0f}) tok/s"
           f" | ratio capture/plain {row['ratio']:.2f}{' (< 0.8 target)' if row['ratio'] < 0.8 else ''}"
           f" (capture/body {row['ratio_body']:.2f}){mfu}", flush=True)
 

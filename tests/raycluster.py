@@ -6,7 +6,6 @@ that ``RAY_TMPDIR`` in its environment. Never ``ray stop``: it would stop every 
 """
 import contextlib
 import glob
-import json
 import os
 import shutil
 import signal
@@ -99,6 +98,8 @@ class HeadNode:
         self.log = open(log_path or os.path.join(ray_env.tmp, "head.log"), "w")
         cmd = [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}", f"--port={self.port}",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+               # Ray's fixed defaults (agent 52365, client server 10001) may be taken by another Ray on this machine.
+               f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
                "--object-store-memory=200000000", "--disable-usage-stats"]
         self.proc = subprocess.Popen(cmd, env=ray_env.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -123,7 +124,8 @@ class LocalCluster:
         self.env, self.worker_args, self.dashboard_port = ray_env, worker, free_port()
         with ray_env.applied():
             self.cluster = Cluster(initialize_head=True, head_node_args={
-                **head, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port})
+                **head, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port,
+                "dashboard_agent_listen_port": free_port()})
         self.worker = self.add_worker()
 
     @property
@@ -132,7 +134,7 @@ class LocalCluster:
 
     def add_worker(self):
         with self.env.applied():
-            return self.cluster.add_node(**self.worker_args)
+            return self.cluster.add_node(**self.worker_args, dashboard_agent_listen_port=free_port())
 
     def remove(self, node) -> None:
         with self.env.applied():
@@ -186,6 +188,12 @@ def finish(proc: subprocess.Popen, timeout: float, log_path: str) -> str:
     return text
 
 
+def check_running(proc: subprocess.Popen, log_path: str) -> None:
+    """Fail at once, with the log's tail, if a probe subprocess that should still run has ended."""
+    if proc.poll() is not None:
+        raise AssertionError(f"probe run ended early with {proc.returncode}:\n{tail(log_path)}")
+
+
 def tail(path: str, n: int = 40) -> str:
     with open(path, errors="replace") as f:
         return "".join(f.readlines()[-n:])
@@ -195,13 +203,6 @@ def markers(out: str) -> set[str]:
     """Finished batches: ``model=<name>/<part>.json`` under OUT/_progress."""
     root = os.path.join(out, "_progress")
     return {os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "model=*", "part-*.json"))}
-
-
-def stage(out: str, name: str) -> str | None:
-    with contextlib.suppress(OSError, ValueError):
-        with open(os.path.join(out, "manifest.json")) as f:
-            return json.load(f)["stages"].get(name, {}).get("status")
-    return None
 
 
 def read_tables(out: str) -> dict[str, pl.DataFrame]:

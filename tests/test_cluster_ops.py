@@ -9,13 +9,12 @@ import subprocess
 import sys
 import uuid
 
-import polars as pl
 import pytest
 
 from tests.conftest import build_tokenizer, save_tiny_model
 from tests.corpus import write_corpus
 from tests.raycluster import (
-    BIN, REPO, HeadNode, LocalCluster, RayEnv, finish, markers, model_actors, probe_args, start_probe, wait_for,
+    BIN, REPO, HeadNode, LocalCluster, RayEnv, check_running, finish, markers, model_actors, probe_args, start_probe, wait_for,
 )
 
 CHUNK, N_CHUNKS = 32, 12
@@ -73,41 +72,50 @@ def check_row_counts(out: str, data: str, analyses=("path", "rotation", "neurons
         assert layers.height == sum(s["n_layer"] for s in SHAPES.values())
 
 
+def submit(head: HeadNode, ray_env: RayEnv, sid: str, args: list[str]) -> None:
+    """`ray job submit --working-dir <repo> --no-wait -- python -m jobs.cli ...`, retried while the job agent starts."""
+    cmd = [os.path.join(BIN, "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", REPO,
+           "--submission-id", sid, "--no-wait", "--", "python", "-m", "jobs.cli", *args]
+
+    def submitted():
+        done = subprocess.run(cmd, env=ray_env.env, capture_output=True, text=True, timeout=120)
+        if done.returncode and "No available agent" in done.stderr:  # the job agent starts after the dashboard
+            return None
+        assert done.returncode == 0, done.stdout + done.stderr
+        return True
+
+    wait_for(submitted, 120, "the job agent to take the job", interval=2)
+
+
+def check_actor_process(client, sid: str, head: HeadNode, ray_env: RayEnv) -> None:
+    """A live ModelWorker runs the venv's python in the uploaded working dir (jobs/, probe_core/, no .venv)."""
+    def running_actor():
+        if client.get_job_status(sid).is_terminal():
+            raise AssertionError(f"the job ended before its actors were seen:\n{client.get_job_logs(sid)[-3000:]}")
+        return model_actors(head.dashboard)
+
+    pid = wait_for(running_actor, 180, "a model actor", interval=0.5)[0].pid
+    with open(f"/proc/{pid}/maps") as f:
+        assert os.path.join(sys.prefix, "lib") in f.read(), "the actor does not run the venv's python"
+    cwd = os.readlink(f"/proc/{pid}/cwd")
+    assert cwd.startswith(ray_env.tmp), f"the actor does not run in the job's working dir: {cwd}"
+    assert os.path.isdir(os.path.join(cwd, "jobs")) and os.path.isdir(os.path.join(cwd, "probe_core"))
+    assert not os.path.exists(os.path.join(cwd, ".venv")), "the upload should skip what .gitignore names"
+
+
 def test_ray_job_submit_to_a_ray_start_head(inputs):
-    """`ray job submit --working-dir <repo>`: the driver and the actors import the uploaded jobs/ and
-    probe_core/, the workers run the venv's python; 2 models on a 2-CPU head (no CPU starvation)."""
+    """`ray job submit` to a `ray start --head` node: 2 models on 2 CPUs (actors must not starve the
+    statistics tasks of CPUs), the job SUCCEEDS and writes every table with the expected rows."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     ray_env = RayEnv()
+    out, sid = str(inputs["root"] / "submitted"), f"probe-{uuid.uuid4().hex[:8]}"
     try:
         head = HeadNode(ray_env, num_cpus=2)
         head.wait_ready()
-        out, sid = str(inputs["root"] / "submitted"), f"probe-{uuid.uuid4().hex[:8]}"
-        args = probe_args(inputs["models"], inputs["data"], out, "submitted", "--max-tokens", str(N_CHUNKS * CHUNK))
-        submit = [os.path.join(BIN, "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", REPO,
-                  "--submission-id", sid, "--no-wait", "--", "python", "-m", "jobs.cli", *args]
-
-        def submitted():
-            done = subprocess.run(submit, env=ray_env.env, capture_output=True, text=True, timeout=120)
-            if done.returncode and "No available agent" in done.stderr:  # the job agent starts after the dashboard
-                return None
-            assert done.returncode == 0, done.stdout + done.stderr
-            return True
-
-        wait_for(submitted, 120, "the job agent to take the job", interval=2)
-
-        from ray.job_submission import JobStatus, JobSubmissionClient
-
+        submit(head, ray_env, sid, probe_args(inputs["models"], inputs["data"], out, "submitted", "--max-tokens", str(N_CHUNKS * CHUNK)))
         client = JobSubmissionClient(head.dashboard)
-
-        def running_actor():
-            if client.get_job_status(sid).is_terminal():
-                raise AssertionError(f"the job ended before its actors were seen:\n{client.get_job_logs(sid)[-3000:]}")
-            return model_actors(head.dashboard)
-
-        pid = wait_for(running_actor, 180, "a model actor", interval=0.5)[0].pid
-        with open(f"/proc/{pid}/maps") as f:
-            assert os.path.join(sys.prefix, "lib") in f.read(), "the actor does not run the venv's python"
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-        assert cwd.startswith(ray_env.tmp) and os.path.isdir(os.path.join(cwd, "probe_core")), cwd
+        check_actor_process(client, sid, head, ray_env)
         status = wait_for(lambda: (s := client.get_job_status(sid)).is_terminal() and s, 300, "the job to end", interval=1)
         logs = client.get_job_logs(sid)
         assert status == JobStatus.SUCCEEDED, logs[-3000:]
@@ -131,7 +139,12 @@ def test_actor_resources_place_model_actors_on_named_nodes(inputs):
         proc = start_probe(probe_args(inputs["models"], inputs["data"], out, "placed", "--max-tokens", str(N_CHUNKS * CHUNK),
                                       "--analyses", "path", "--address", cluster.address, "--actor-resources", pins), ray_env, log)
         try:
-            actors = wait_for(lambda: len(a := cluster.model_actors(detail=True)) == 2 and a, 120, "two model actors")
+
+            def two_actors():
+                check_running(proc, log)
+                return len(a := cluster.model_actors(detail=True)) == 2 and a
+
+            actors = wait_for(two_actors, 120, "two model actors", interval=0.5)
             finish(proc, 240, log)
         finally:
             proc.kill()

@@ -15,18 +15,14 @@ import pytest
 from tests.conftest import save_tiny_model
 from tests.corpus import write_corpus
 from tests.raycluster import (
-    ConcurrentReader, LocalCluster, RayEnv, assert_one_row_per_key, assert_readable, assert_same_tables, finish,
-    markers, probe_args, start_probe, temporaries, wait_for,
+    ConcurrentReader, LocalCluster, RayEnv, assert_one_row_per_key, assert_readable, assert_same_tables, check_running,
+    finish, markers, probe_args, start_probe, temporaries, wait_for,
 )
 
 CHUNK, N_CHUNKS = 32, 32
 LAYERS = {"tiny-a": 3, "tiny-b": 2}
 TOTAL = N_CHUNKS * len(LAYERS)  # _progress markers of a finished run (batch size 1)
 RUN_TIMEOUT = 240
-# jobs/run.py::start_workers drops its only reference to the ray.put decode table once the actors are
-# created, so Ray deletes it and a restarted ModelWorker cannot rebuild (ReferenceCountingAssertionError).
-RESTART_BUG = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "actor restart fails: start_workers lets the decode-table ObjectRef (an actor constructor argument) go out of scope"))
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +55,10 @@ def launch(cluster, inputs, name, *extra):
     return out, log, start_probe(run_args(cluster, inputs, out, name, *extra), cluster.env, log)
 
 
-def in_progress(out: str, per_model: int = 2):
+def in_progress(out: str, proc, log: str, per_model: int = 2):
     """A predicate: every model has finished ``per_model`` batches, and the run is far from done."""
     def check():
+        check_running(proc, log)
         done = markers(out)
         assert len(done) < TOTAL, f"the run finished all {TOTAL} batches before the fault could be injected"
         return all(sum(p.startswith(f"model={m}/") for p in done) >= per_model for m in LAYERS)
@@ -92,11 +89,10 @@ def test_undisturbed_run_is_complete_and_never_partially_visible(baseline):
     assert temporaries(out) == []
 
 
-@RESTART_BUG
 def test_actor_killed_mid_run(cluster, inputs, baseline):
     out, log, proc = launch(cluster, inputs, "actor-kill")
     try:
-        wait_for(in_progress(out), 120, "the first batches")
+        wait_for(in_progress(out, proc, log), 120, "the first batches")
         victim = cluster.model_actors()[0]
         os.kill(victim.pid, signal.SIGKILL)
         done_at_kill = len(markers(out))
@@ -112,14 +108,13 @@ def test_actor_killed_mid_run(cluster, inputs, baseline):
     assert_readable(out)
 
 
-@RESTART_BUG
 def test_worker_node_removed_mid_run(cluster, inputs, baseline):
     """tiny-b is pinned to the worker node (--actor-resources); the node goes mid-run and a replacement
     with the same resources joins (what an autoscaler does): the actor restarts there, the job finishes."""
     out, log, proc = launch(cluster, inputs, "node-removal", "--actor-resources", '{"tiny-b": {"node_b": 1}}')
     lost = cluster.worker
     try:
-        wait_for(in_progress(out), 120, "the first batches")
+        wait_for(in_progress(out, proc, log), 120, "the first batches")
         actors = cluster.model_actors(detail=True)
         pinned = [a for a in actors if "node_b" in a.required_resources]
         assert len(actors) == 2 and len(pinned) == 1 and pinned[0].node_id == lost.node_id
@@ -145,7 +140,7 @@ def resumed(cluster, inputs):
     """`probe run` SIGKILLed mid-capture, a stale temporary left as by a writer killed mid-write, then --resume."""
     out, log, proc = launch(cluster, inputs, "driver-kill")
     try:
-        wait_for(in_progress(out, per_model=3), 120, "the first batches")
+        wait_for(in_progress(out, proc, log, per_model=3), 120, "the first batches")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
