@@ -49,7 +49,7 @@ def gpu_shares(cfg: RunConfig, n_models: int) -> tuple[float, float]:
 def actor_resources(cfg: RunConfig, n_models: int) -> dict:
     """Ray options per model actor. Actors reserve no CPU: their torch threads are set explicitly,
     and a CPU reservation would starve the statistics tasks that run while they are alive. SPREAD
-    places them on different nodes."""
+    spreads them over nodes on a best-effort basis; --actor-resources pins them reliably."""
     return {"num_cpus": 0, "num_gpus": gpu_shares(cfg, n_models)[0], "scheduling_strategy": "SPREAD"}
 
 
@@ -246,6 +246,9 @@ def run(cfg: RunConfig) -> str:
         log(f"[capture] {len(plan.models)} model actors, {len(plan.batches())} batches of up to {plan.batch_size} chunks")
         manifest.stage("capture", "running")
         skipped = capture_until_complete(plan, store, workers)
+        removed = store.remove_temporaries()  # every batch has returned and flushed: no writer runs now
+        if removed:
+            log(f"[capture] removed {removed} temporaries left by interrupted writers")
         manifest.stage("capture", "done", time.perf_counter() - t0, skipped_batches=skipped)
         stage, t1 = "stats", time.perf_counter()
         log(f"[stats] analyses: {', '.join(a for a in cfg.analyses if a != 'path')} (+ path summary)")

@@ -110,6 +110,17 @@ class Store:
         names = (posixpath.basename(i.path) for i in self.fs.get_file_info(selector))
         return {n[: -len(suffix)] for n in names if n.endswith(suffix) and not n.startswith(".")}
 
+    def remove_temporaries(self) -> int:
+        """Delete the hidden temporaries of writers that died mid-write; call only while no writer runs."""
+        if not self.is_local:
+            return 0
+        selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
+        stale = [i.path for i in self.fs.get_file_info(selector)
+                 if i.type == pafs.FileType.File and posixpath.basename(i.path).startswith(".") and i.path.endswith(".tmp")]
+        for path in stale:
+            self.fs.delete_file(path)
+        return len(stale)
+
     def urls(self, folder_rel: str) -> list[str]:
         """The finished Parquet files under a folder as URLs polars opens (scheme added off local disk)."""
         files = self.list_files(folder_rel)

@@ -106,7 +106,7 @@ class HeadNode:
     def wait_ready(self, timeout: float = 120) -> None:
         def up():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.proc.returncode}; see {self.log.name}")
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{tail(self.log.name)}")
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(self.dashboard + "/api/version", timeout=2) as r:
                     return r.status == 200
@@ -290,7 +290,7 @@ class ConcurrentReader(threading.Thread):
                     self.reads += 1
                 except Exception as e:  # names are only ever renamed over, so any failure is a partial file
                     self.errors.append(f"{path}: {e}")
-            time.sleep(0.02)
+            time.sleep(0.1)
 
     def stop(self):
         self.done.set()

@@ -126,6 +126,15 @@ def test_ray_job_submit_to_a_ray_start_head(inputs):
     check_row_counts(out, inputs["data"])
 
 
+def loaded_model(pid: int, models: list[str]) -> str:
+    """Which model an actor process holds: safetensors weights stay memory-mapped from their folder."""
+    with open(f"/proc/{pid}/maps") as f:
+        maps = f.read()
+    held = [os.path.basename(m) for m in models if os.path.join(m, "model.safetensors") in maps]
+    assert len(held) == 1, f"actor {pid} maps {held} of the model folders"
+    return held[0]
+
+
 def test_actor_resources_place_model_actors_on_named_nodes(inputs):
     """Two nodes with custom resources; --actor-resources pins each model's actor to one of them
     (crossed: tiny-a on the worker, tiny-b on the head, so placement by creation order cannot pass)."""
@@ -139,17 +148,18 @@ def test_actor_resources_place_model_actors_on_named_nodes(inputs):
         proc = start_probe(probe_args(inputs["models"], inputs["data"], out, "placed", "--max-tokens", str(N_CHUNKS * CHUNK),
                                       "--analyses", "path", "--address", cluster.address, "--actor-resources", pins), ray_env, log)
         try:
-
             def two_actors():
                 check_running(proc, log)
                 return len(a := cluster.model_actors(detail=True)) == 2 and a
 
             actors = wait_for(two_actors, 120, "two model actors", interval=0.5)
+            placed = {loaded_model(a.pid, inputs["models"]): (a.node_id, a.required_resources) for a in actors}
             finish(proc, 240, log)
         finally:
             proc.kill()
-        nodes = {next(iter(set(a.required_resources) & {"node_a", "node_b"})): a.node_id for a in actors}
-        assert nodes == {"node_b": cluster.worker.node_id, "node_a": cluster.cluster.head_node.node_id}
+        head, worker = cluster.cluster.head_node.node_id, cluster.worker.node_id
+        assert placed["tiny-a"][0] == worker and placed["tiny-a"][1].get("node_b") == 1, placed
+        assert placed["tiny-b"][0] == head and placed["tiny-b"][1].get("node_a") == 1, placed
     finally:
         if cluster is not None:
             cluster.shutdown()
