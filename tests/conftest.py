@@ -37,6 +37,14 @@ def save_tiny_model(folder, seed=0, **overrides):
     return str(folder)
 
 
+def two_model_inputs(root) -> dict:
+    """Two tiny GPT-2s of different shapes (3 and 2 layers) and a small corpus, under ``root``."""
+    from tests.corpus import write_corpus
+
+    models = [save_tiny_model(root / "tiny-a", seed=1), save_tiny_model(root / "tiny-b", seed=2, n_layer=2, n_embd=48, n_inner=96)]
+    return {"root": root, "models": models, "data": write_corpus(root / "corpus.txt", n_rows=40)}
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     return build_tokenizer()

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import save_tiny_model
-from tests.corpus import write_corpus
+from tests.conftest import two_model_inputs
 from tests.raycluster import (
     ConcurrentReader, LocalCluster, RayEnv, assert_one_row_per_key, assert_readable, assert_same_tables, check_running,
     finish, markers, probe_args, start_probe, temporaries, wait_for,
@@ -40,9 +39,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    models = [save_tiny_model(root / "tiny-a", seed=1), save_tiny_model(root / "tiny-b", seed=2, n_layer=2, n_embd=48, n_inner=96)]
-    return {"root": root, "models": models, "data": write_corpus(root / "corpus.txt", n_rows=40)}
+    return two_model_inputs(tmp_path_factory.mktemp("faults"))
 
 
 def run_args(cluster, inputs, out, run_id, *extra):

@@ -11,8 +11,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from jobs.cli import main
-from tests.conftest import build_tokenizer, save_tiny_model
-from tests.corpus import write_corpus
+from tests.conftest import build_tokenizer, two_model_inputs
 
 CHUNK = 64
 
@@ -26,9 +25,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    models = [save_tiny_model(root / "tiny-a", seed=1), save_tiny_model(root / "tiny-b", seed=2, n_layer=2, n_embd=48, n_inner=96)]
-    return {"root": root, "models": models, "data": write_corpus(root / "corpus.txt", n_rows=40)}
+    return two_model_inputs(tmp_path_factory.mktemp("e2e"))
 
 
 @pytest.fixture(scope="module")
