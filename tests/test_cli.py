@@ -133,3 +133,9 @@ def test_help_documents_every_flag():
     for flag in ("--models", "--data", "--out", "--run-id", "--analyses", "--max-tokens", "--chunk-tokens", "--batch-size",
                  "--device", "--address", "--seed", "--config", "--final-hidden", "--resume", "--target", "--mi-method"):
         assert flag in p.stdout
+
+
+def test_unknown_yaml_key_exits_2(capsys, setup, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("chunk-tokens: 64\nmax_sample: 10\n")
+    assert "did you mean 'max-samples'" in run_bad(capsys, setup, "--config", str(cfg))
