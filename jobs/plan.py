@@ -8,7 +8,7 @@ from jobs.data import Corpus, read_rows, read_sentences, tokenize_rows
 from jobs.models import ModelSpec, load_tokenizer, resolve_model
 from jobs.store import Store
 from probe_core.neurons import balanced_sample
-from probe_core.tokens import chunk_stream, decode_table, proper_noun_labels
+from probe_core.tokens import chunk_stream, decode_table, proper_noun_labels_from_ids
 
 
 @dataclass
@@ -136,7 +136,7 @@ def make_plan(cfg: RunConfig) -> Plan:
     if len(chunks) == 0:
         raise UsageError(f"--data {cfg.data} has {len(corpus.token_ids)} tokens, fewer than one chunk of {cfg.chunk_tokens}: lower --chunk-tokens")
     decode = decode_table(tokenizer)
-    proper = proper_noun_labels([decode[t] for t in corpus.token_ids])[: chunks.size].reshape(chunks.shape)
+    proper = proper_noun_labels_from_ids(corpus.token_ids, decode)[: chunks.size].reshape(chunks.shape)
     target_id, sentences = None, None
     if "rotation" in cfg.analyses:
         target_id = single_token(tokenizer, cfg.target)

@@ -37,3 +37,17 @@ def proper_noun_labels(token_text: list[str]) -> np.ndarray:
 def decode_table(tokenizer) -> list[str]:
     """Decoded text of every vocabulary id (index = token id), built once per run."""
     return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+
+
+def proper_noun_labels_from_ids(token_ids: np.ndarray, decode: list[str]) -> np.ndarray:
+    """``proper_noun_labels`` for a stream of ids: (n,) -> (n,) bool, through per-vocabulary lookups.
+
+    The rule only looks at each token's own text and its predecessor's, so it is judged once per
+    vocabulary entry and indexed: no per-token Python strings for a whole corpus.
+    """
+    token_ids = np.asarray(token_ids)
+    looks_proper = np.array([len(t) > 2 and t.lstrip()[:1].isupper() for t in decode], dtype=bool)
+    ends_sentence = np.array([t.rstrip().endswith(SENTENCE_END) for t in decode], dtype=bool)
+    labels = looks_proper[token_ids]
+    labels[1:] &= ~ends_sentence[token_ids[:-1]]
+    return labels

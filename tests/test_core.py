@@ -120,3 +120,17 @@ def test_proper_noun_heuristic():
     got = proper_noun_labels(tokens)
     expected = [True, False, False, False, False, True, False, False, False, False, False, False, True]
     assert got.tolist() == expected
+
+
+def test_proper_noun_labels_from_ids_equal_the_string_rule(gpt2_tokenizer):
+    from probe_core.tokens import decode_table, proper_noun_labels_from_ids
+
+    decode = decode_table(gpt2_tokenizer)
+    text = "The Times said: Mary met her friend in London. Then Paris! UK and US officials. ok? Yes: Alice"
+    ids = np.asarray(gpt2_tokenizer(text)["input_ids"])
+    expected = proper_noun_labels([decode[i] for i in ids])
+    assert expected.any() and not expected.all()
+    assert proper_noun_labels_from_ids(ids, decode).tolist() == expected.tolist()
+    rng = np.random.default_rng(0)
+    random_ids = rng.integers(0, len(decode), 5000)
+    assert proper_noun_labels_from_ids(random_ids, decode).tolist() == proper_noun_labels([decode[i] for i in random_ids]).tolist()

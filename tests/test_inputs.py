@@ -68,3 +68,13 @@ def test_local_ray_dashboard_binds_loopback(monkeypatch):
     monkeypatch.setattr(job.ray, "init", lambda **kw: seen.update(kw))
     job.start_ray(RunConfig())
     assert seen["dashboard_host"] == "127.0.0.1" and "address" not in seen
+
+
+def test_blocked_tokenization_equals_one_pass(gpt2_tokenizer):
+    rows = [f" Row {i} : Mary met her friend in London .\n" if i % 3 else "\n" for i in range(50)]
+    whole = data.tokenize_rows(rows, gpt2_tokenizer, "x", block_rows=10_000)
+    blocked = data.tokenize_rows(rows, gpt2_tokenizer, "x", block_rows=7)
+    np.testing.assert_array_equal(whole.token_ids, blocked.token_ids)
+    np.testing.assert_array_equal(whole.rows, blocked.rows)
+    capped = data.tokenize_rows(rows, gpt2_tokenizer, "x", max_tokens=23, block_rows=2)
+    np.testing.assert_array_equal(capped.token_ids, whole.token_ids[:23])
