@@ -34,7 +34,7 @@ def run_parser(sub) -> None:
     a("--tokenizer", help="tokenizer hub id or folder; default: the first model's")
     a("--target", help="rotation target, one BPE token; default ' her'")
     a("--sentences", help="rotation: a file of extra sentences, one per line (run as a right-padded batch)")
-    a("--max-samples", type=_int, help="neurons: at most this many proper nouns (and as many other tokens); default 1000")
+    a("--max-samples", type=_int, help="neurons: at most this many proper nouns (and as many other tokens), drawn from every chunk but the last (held out for the token heatmap); default 1000")
     a("--mi-tokens", type=_int, help="mi: the first N tokens of the stream; default: the first chunk")
     a("--mi-method", help="mi: histogram (15 equal-width bins, bits) or ksg (sklearn mutual_info_regression); default histogram")
     a("--mi-bins", type=_int, help="mi: histogram bins per dimension; default 15")

@@ -64,7 +64,8 @@ class Plan:
             lines.append(f"  model {m.name}: {m.n_layer} layers, d={m.n_embd}, d_mlp={m.d_mlp}, ~{m.n_params / 1e6:.0f}M params, writes ~{gib(est[m.name])}")
         if "neurons" in self.cfg.analyses:
             acts = sum(len(self.sample_keys) * m.n_layer * m.d_mlp * 2 for m in self.models)
-            lines.append(f"  neurons: {len(self.sample_keys)} sampled tokens ({int(self.sample_labels.sum())} proper nouns); "
+            held = f", chunk {self.n_chunks - 1} held out" if self.n_chunks > 1 else ""
+            lines.append(f"  neurons: {len(self.sample_keys)} sampled tokens ({int(self.sample_labels.sum())} proper nouns{held}); "
                          f"activations (float16, every layer): {gib(acts)} in the object store and on disk")
         lines.append(f"  disk: ~{gib(sum(est.values()))} in all")
         return "\n".join(lines)
@@ -147,7 +148,9 @@ def make_plan(cfg: RunConfig) -> Plan:
             raise UsageError(f"--target {cfg.target!r} never occurs after another token in the corpus: choose another target")
     sample_keys, sample_labels = np.zeros((0, 2), np.int64), np.zeros(0, bool)
     if "neurons" in cfg.analyses:
-        flat = proper.ravel()
+        # With two or more chunks the last one stays out of the sample, so the token heatmap always has a
+        # held-out chunk (a sample of 2,000 tokens drawn over a whole corpus touches nearly every chunk).
+        flat = proper.ravel()[: (len(chunks) - 1) * cfg.chunk_tokens] if len(chunks) > 1 else proper.ravel()
         if flat.all() or not flat.any():
             raise UsageError("the corpus has no proper nouns (or only proper nouns): the neurons analysis needs both")
         idx = balanced_sample(flat, cfg.max_samples, cfg.seed)

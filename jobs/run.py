@@ -67,24 +67,46 @@ def batch_payload(plan: Plan, chunk_ids: np.ndarray) -> dict:
 
 
 class Progress:
-    """Chunks done of total, tokens/s and ETA per model, printed at most every ``every`` seconds."""
+    """Per model: chunks done of total, tokens/s and ETA, printed at most every ``every`` seconds.
 
-    def __init__(self, totals: dict[str, int], skipped: dict[str, int], every: float = 5.0):
-        self.totals, self.done = totals, dict(skipped)
-        self.tokens = {m: 0 for m in totals}
-        self.start = {m: time.perf_counter() for m in totals}
-        self.every, self.last = every, 0.0
+    A model's rate runs from its first finished batch (so loading weights does not dilute it) to its
+    latest one, and so stops when the model is done; until a second batch is in, it is the worker's
+    own compute rate. ``clock`` is injectable for tests.
+    """
 
-    def update(self, model: str, chunks: int, tokens: int) -> None:
+    def __init__(self, totals: dict[str, int], skipped: dict[str, int], chunk_tokens: int, every: float = 5.0,
+                 clock=time.perf_counter):
+        self.totals, self.done, self.chunk_tokens = totals, dict(skipped), chunk_tokens
+        self.clock, self.every, self.last = clock, every, float("-inf")
+        self.first, self.latest, self.tokens_since_first, self.compute_rate = {}, {}, {m: 0 for m in totals}, {}
+
+    def update(self, model: str, chunks: int, tokens: int, seconds: float) -> None:
+        now = self.clock()
+        if model in self.first:
+            self.tokens_since_first[model] += tokens
+        else:
+            self.first[model] = now
+        self.latest[model] = now
+        self.compute_rate[model] = tokens / max(seconds, 1e-9)
         self.done[model] += chunks
-        self.tokens[model] += tokens
-        now = time.perf_counter()
-        if now - self.last >= self.every or all(self.done[m] == self.totals[m] for m in self.totals):
+        if now - self.last >= self.every or all(self.done[m] >= self.totals[m] for m in self.totals):
             self.last = now
-            for m in self.totals:
-                rate = self.tokens[m] / max(now - self.start[m], 1e-9)
-                left = (self.totals[m] - self.done[m]) * (self.tokens[m] / max(self.done[m], 1)) / max(rate, 1e-9)
-                log(f"[capture] {m}: {self.done[m]}/{self.totals[m]} chunks, {rate:,.0f} tok/s, ETA {left:,.0f}s")
+            for line in self.lines():
+                log(line)
+
+    def rate(self, model: str) -> float | None:
+        if model in self.first and self.latest[model] > self.first[model]:
+            return self.tokens_since_first[model] / (self.latest[model] - self.first[model])
+        return self.compute_rate.get(model)
+
+    def lines(self) -> list[str]:
+        out = []
+        for m in self.totals:
+            rate, left = self.rate(m), (self.totals[m] - self.done[m]) * self.chunk_tokens
+            eta = "done" if left <= 0 else f"ETA {left / rate:,.0f}s" if rate else "ETA unknown (no batch finished yet)"
+            speed = f"{rate:,.0f} tok/s" if rate else "- tok/s"
+            out.append(f"[capture] {m}: {self.done[m]}/{self.totals[m]} chunks, {speed}, {eta}")
+        return out
 
 
 def run_capture(plan: Plan, store: Store, workers: dict, only: dict | None = None) -> dict:
@@ -105,7 +127,8 @@ def run_capture(plan: Plan, store: Store, workers: dict, only: dict | None = Non
     for m in todo:
         for b in todo[m]:
             needed[part_name(b)] = needed.get(part_name(b), 0) + 1
-    progress = Progress({m: plan.n_chunks for m in todo}, {m: plan.n_chunks - sum(len(b) for b in todo[m]) for m in todo})
+    progress = Progress({m: plan.n_chunks for m in todo}, {m: plan.n_chunks - sum(len(b) for b in todo[m]) for m in todo},
+                        plan.cfg.chunk_tokens)
     refs: dict[str, ray.ObjectRef] = {}
     in_flight: dict[ray.ObjectRef, tuple[str, str, int]] = {}
 
@@ -126,7 +149,7 @@ def run_capture(plan: Plan, store: Store, workers: dict, only: dict | None = Non
         needed[part] -= 1
         if needed[part] == 0:
             del refs[part]  # the batch object is freed once every model has it
-        progress.update(model, n, result["tokens"])
+        progress.update(model, n, result["tokens"], result["seconds"])
         if todo[model]:
             submit(model)
     ray.get([w.flush.remote() for w in workers.values()])
@@ -201,12 +224,13 @@ def start_workers(plan: Plan, store: Store) -> tuple[dict, ray.ObjectRef]:
     """
     cfg = plan.cfg
     options = actor_resources(cfg, len(plan.models))
+    share = options["num_gpus"]
     threads = max(1, int(ray.cluster_resources().get("CPU", 1) // len(plan.models)))
     actor = ray.remote(max_restarts=4, max_task_retries=4)(ModelWorker)
     decode_ref = ray.put(plan.decode)
     workers = {
         m.name: actor.options(**options, resources=cfg.actor_resources.get(m.name) or None).remote(
-            m, cfg, store.uri, decode_ref, plan.target_id, threads)
+            m, cfg, store.uri, decode_ref, plan.target_id, threads, share)
         for m in plan.models
     }
     return workers, decode_ref

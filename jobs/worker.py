@@ -27,6 +27,12 @@ def pick_device(requested: str) -> str:
     return requested
 
 
+def device_tensor(array, device: str) -> torch.Tensor:
+    """A long tensor copied from an array: arrays from Ray's object store are read-only, and torch.tensor
+    copies them without as_tensor's non-writable warning."""
+    return torch.tensor(np.asarray(array), dtype=torch.long, device=device)
+
+
 def sequence_seeds(seed: int, chunks: np.ndarray, salt: str = "corpus") -> np.ndarray:
     """One seed per sequence from (run seed, chunk, salt): random draws do not depend on batching."""
     return np.array([zlib.crc32(f"{seed}:{salt}:{int(c)}".encode()) for c in chunks], dtype=np.int64)
@@ -50,13 +56,19 @@ def part_name(chunks: np.ndarray) -> str:
 
 
 class ModelWorker:
-    def __init__(self, spec: ModelSpec, cfg, store_uri: str, decode: list[str], target_id: int | None, threads: int = 0):
+    def __init__(self, spec: ModelSpec, cfg, store_uri: str, decode: list[str], target_id: int | None, threads: int = 0,
+                 gpu_share: float = 0.0):
         if threads:
             torch.set_num_threads(threads)
         self.spec, self.cfg, self.decode = spec, cfg, np.asarray(decode, dtype=object)
         self.target_id = target_id
         self.store = Store(store_uri)
         self.device = pick_device(cfg.device)
+        if self.device == "cuda" and 0 < gpu_share < 1:
+            # Ray's fractional GPUs do not limit memory: cap this process at its share, so models sharing a
+            # GPU cannot starve each other; a batch over the cap raises OutOfMemoryError and is split.
+            torch.cuda.set_per_process_memory_fraction(gpu_share)
+        self.fit_chunks: int | None = None  # largest batch (in chunks) not known to run out of memory
         self.model = load_model(spec, self.device, cfg.dtype, cfg.allow_pickle)
         self.samples: dict[tuple[int, int], np.ndarray] = {}  # (chunk, pos) -> (L, d_mlp) float16
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
@@ -98,23 +110,30 @@ class ModelWorker:
         return 1
 
     def _compute_fitting(self, batch: dict):
-        """Compute a batch; on CUDA out-of-memory, halve it and merge the halves' results."""
-        try:
-            return self._compute(batch)
-        except torch.cuda.OutOfMemoryError:
-            if len(batch["chunk"]) == 1:
-                raise
-            torch.cuda.empty_cache()
-            first, second = split_batch(batch)
-            (t1, m1), (t2, m2) = self._compute_fitting(first), self._compute_fitting(second)
-            tables = {k: pa.concat_tables([t1[k], t2[k]]) for k in t1}
-            parts = [m for m in (m1, m2) if m is not None]
-            return tables, np.concatenate(parts, axis=1) if parts else None
+        """Compute a batch; on CUDA out-of-memory, halve it and merge the halves' results.
+
+        The worker remembers the size that ran out of memory, so later batches are split up front
+        instead of failing first: the batch adapts to the memory this actor really has.
+        """
+        n = len(batch["chunk"])
+        if self.fit_chunks is None or n <= self.fit_chunks:
+            try:
+                return self._compute(batch)
+            except torch.cuda.OutOfMemoryError:
+                if n == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.fit_chunks = n - 1
+        first, second = split_batch(batch)
+        (t1, m1), (t2, m2) = self._compute_fitting(first), self._compute_fitting(second)
+        tables = {k: pa.concat_tables([t1[k], t2[k]]) for k in t1}
+        parts = [m for m in (m1, m2) if m is not None]
+        return tables, np.concatenate(parts, axis=1) if parts else None
 
     def _compute(self, batch: dict):
         """(tables, mlp): the per-token tables of a batch and the sampled pre-activations (L, n, d_mlp) or None."""
         analyses = set(self.cfg.analyses)
-        ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long, device=self.device)
+        ids = device_tensor(batch["input_ids"], self.device)
         want_mlp = "neurons" in analyses and len(batch["sample_b"]) > 0
         with torch.inference_mode():
             out = forward_metrics(
@@ -227,7 +246,7 @@ class ModelWorker:
         input_ids: (B, T). Returns n_layer + 1 arrays (n_tokens, d) float32 (``num_returns=n_layer + 1``).
         """
         with torch.inference_mode():
-            ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+            ids = device_tensor(input_ids, self.device)
             hidden = forward_metrics(self.model, ids, final_hidden=self.cfg.final_hidden)["hidden"]
             flat = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])[:, :n_tokens].float().cpu().numpy()
         return tuple(flat)
@@ -240,7 +259,7 @@ class ModelWorker:
         from probe_core import capture as hooks
 
         with torch.inference_mode():
-            ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+            ids = device_tensor(input_ids, self.device)
             with hooks.capture(self.model, {hooks.mlp_pre(layer - 1): lambda a: a[..., neuron].float()}) as cache:
                 self.model.transformer(input_ids=ids)
             return cache[hooks.mlp_pre(layer - 1)].cpu().numpy()
@@ -248,8 +267,8 @@ class ModelWorker:
     def sentence_rotation(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> int:
         """Rotation angles of --sentences (right-padded with EOS, with their mask); returns rows written."""
         with torch.inference_mode():
-            ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
-            mask = torch.as_tensor(attention_mask, device=self.device)
+            ids = device_tensor(input_ids, self.device)
+            mask = device_tensor(attention_mask, self.device)
             hidden = forward_metrics(self.model, ids, final_hidden=self.cfg.final_hidden, attention_mask=mask)["hidden"]
             data = self._rotation(np.arange(len(input_ids)), input_ids, hidden, attention_mask, "sentences")
         if data.num_rows:

@@ -32,7 +32,7 @@ def forward_metrics(model, input_ids, *, final_hidden="hf", attn_norms=False, ml
         for layer in range(n_layer):
             reducers[hooks.attn_out(layer)] = lambda a: torch.log(torch.linalg.vector_norm(a.float(), dim=-1))
     if mlp_rows is not None:
-        b_idx, t_idx = (torch.as_tensor(i, device=input_ids.device) for i in mlp_rows)
+        b_idx, t_idx = (torch.tensor(i, dtype=torch.long, device=input_ids.device) for i in mlp_rows)
         for layer in range(n_layer):
             reducers[hooks.mlp_pre(layer)] = lambda a: a[b_idx, t_idx]
     with hooks.capture(model, reducers) as cache:

@@ -290,6 +290,9 @@ def test_ksg_mi_runs_per_layer(options_run, inputs):
 def test_neuron_heatmap_agrees_with_sampled_activations(run_dir):
     heat = table(run_dir, "neuron_heatmap").filter(pl.col("model") == "tiny-a")
     assert heat.height > 0 and heat["in_sample_chunk"].any()
+    held_out = heat.filter(~pl.col("in_sample_chunk"))
+    assert held_out.height == CHUNK and not held_out["sampled"].any()  # always one chunk without sampled tokens
+    assert 8 not in set(table(run_dir, "activations")["chunk"].to_list())  # the last chunk is kept out of the sample
     layer, neuron = int(heat["layer"][0]), int(heat["neuron"][0])
     fits = table(run_dir, "neuron_logit").filter((pl.col("model") == "tiny-a") & (pl.col("status") == "ok"))
     per_layer = fits.group_by("layer").agg(pl.col("significant").sum().alias("k"))

@@ -54,6 +54,29 @@ def test_out_of_memory_split_gives_identical_results(tmp_path, tiny_model_dir, g
             np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_out_of_memory_size_is_remembered(tmp_path, tiny_model_dir, gpt2_tokenizer, batch, monkeypatch):
+    worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "d")
+    real, attempts = worker._compute, []
+
+    def two_chunks_fit(b):
+        attempts.append(len(b["chunk"]))
+        if len(b["chunk"]) > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(b)
+
+    monkeypatch.setattr(worker, "_compute", two_chunks_fit)
+    worker._compute_fitting(batch)
+    assert attempts == [3, 1, 2] and worker.fit_chunks == 2
+    attempts.clear()
+    worker._compute_fitting(batch)  # split up front: no second out-of-memory attempt at 3 chunks
+    assert attempts == [1, 2]
+    worker.fit_chunks = None
+    one_chunk = split_batch(batch)[0]
+    monkeypatch.setattr(worker, "_compute", lambda b: two_chunks_fit({"chunk": [0, 1, 2]}))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a single chunk that does not fit is an error
+        worker._compute_fitting(one_chunk)
+
+
 def test_write_error_surfaces_on_the_next_call(tmp_path, tiny_model_dir, gpt2_tokenizer, batch, monkeypatch):
     worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "c")
 
