@@ -7,7 +7,8 @@ import numpy as np
 
 from jobs.config import UsageError
 
-HUB_DATASETS = {"wikitext-2-raw-v1": ("wikitext", "wikitext-2-raw-v1"), "wikitext-103-raw-v1": ("wikitext", "wikitext-103-raw-v1")}
+# The canonical hub id (the bare "wikitext" is a redirect to it).
+HUB_DATASETS = {"wikitext-2-raw-v1": ("Salesforce/wikitext", "wikitext-2-raw-v1"), "wikitext-103-raw-v1": ("Salesforce/wikitext", "wikitext-103-raw-v1")}
 TEXT_SUFFIXES = (".txt", ".raw", ".tokens")
 
 

@@ -21,7 +21,7 @@ def test_hub_dataset_is_read_through_datasets(monkeypatch, gpt2_tokenizer):
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     rows = data.read_rows("wikitext-2-raw-v1:validation")
-    assert calls == [("wikitext", "wikitext-2-raw-v1", "validation")]
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "validation")]
     corpus = data.tokenize_rows(rows, gpt2_tokenizer, "hub")
     # Blank rows are skipped but keep their index, so `row` points at the dataset's own rows.
     assert set(corpus.rows.tolist()) == {1, 2}
