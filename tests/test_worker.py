@@ -106,3 +106,18 @@ def test_call_writes_shards_then_marker(tmp_path, tiny_model_dir, gpt2_tokenizer
     again = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "b").neuron_blocks(np.array([[4, 3], [6, 9]]))
     for x, y in zip(blocks, again):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("device,share,capped", [("cuda", 0.2, [0.2]), ("cuda", 1.0, []), ("cpu", 0.2, [])])
+def test_gpu_slot_caps_process_memory(tmp_path, tiny_model_dir, gpt2_tokenizer, monkeypatch, device, share, capped):
+    """An actor on a slot of a GPU caps its CUDA memory at the slot (Ray's fractions do not); no GPU is
+    needed to check the call, so the device and the model load are stubbed."""
+    import jobs.worker as worker_module
+
+    calls = []
+    monkeypatch.setattr(worker_module, "pick_device", lambda requested: device)
+    monkeypatch.setattr(worker_module, "load_model", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, *a: calls.append(fraction))
+    cfg = RunConfig(models=(tiny_model_dir,), device="cpu", out=str(tmp_path))
+    ModelWorker(resolve_model(tiny_model_dir), cfg, str(tmp_path), decode_table(gpt2_tokenizer), 607, gpu_share=share)
+    assert calls == capped
