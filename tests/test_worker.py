@@ -70,11 +70,14 @@ def test_out_of_memory_size_is_remembered(tmp_path, tiny_model_dir, gpt2_tokeniz
     attempts.clear()
     worker._compute_fitting(batch)  # split up front: no second out-of-memory attempt at 3 chunks
     assert attempts == [1, 2]
+
+    def nothing_fits(b):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
     worker.fit_chunks = None
-    one_chunk = split_batch(batch)[0]
-    monkeypatch.setattr(worker, "_compute", lambda b: two_chunks_fit({"chunk": [0, 1, 2]}))
+    monkeypatch.setattr(worker, "_compute", nothing_fits)
     with pytest.raises(torch.cuda.OutOfMemoryError):  # a single chunk that does not fit is an error
-        worker._compute_fitting(one_chunk)
+        worker._compute_fitting(split_batch(batch)[0])
 
 
 def test_write_error_surfaces_on_the_next_call(tmp_path, tiny_model_dir, gpt2_tokenizer, batch, monkeypatch):
