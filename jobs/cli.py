@@ -40,6 +40,7 @@ def run_parser(sub) -> None:
     a("--mi-bins", type=_int, help="mi: histogram bins per dimension; default 15")
     a("--alpha", type=float, help="family-wise significance level before Bonferroni; default 0.05")
     a("--max-in-flight", type=_int, help="batches queued per model actor; default 2")
+    a("--placement-timeout", type=float, help="with --address: seconds to wait for the cluster to place the model actors before failing; default 180")
     a("--actor-resources", help='JSON: extra Ray resources per model actor, e.g. \'{"gpt2-xl": {"node_b": 1}}\' to place actors on nodes')
     a("--resume", action="store_true", default=None, help="finish an interrupted run (same --run-id/--out): only missing shards are computed")
     a("--allow-pickle", action="store_true", default=None, help="allow pickle (.bin) weights; default: safetensors only")
@@ -63,12 +64,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a cluster scheduler sends), raised like Ctrl-C so the run stops the same way."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def cmd_run(args) -> int:
+    import signal
+
     from jobs.run import run
 
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    run(build_config(cli, args.config))
+    cfg = build_config(cli, args.config)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        run(cfg)
+    except KeyboardInterrupt as e:
+        _shutdown_ray()
+        print(f"interrupted: resume with probe run --resume --run-id {cfg.run_id} --out {cfg.out}", file=sys.stderr, flush=True)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except BaseException:  # a second signal or a broken connection while stopping: exit anyway
+        pass
 
 
 def cmd_query(args) -> int:

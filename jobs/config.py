@@ -42,6 +42,7 @@ class RunConfig:
     resume: bool = False
     allow_pickle: bool = False
     max_in_flight: int = 2
+    placement_timeout: float = 180.0  # seconds a cluster (--address) may take to place the model actors
     # Extra Ray resources per model actor, by partition name: {"gpt2-xl": {"big_gpu": 1}} pins actors to nodes.
     actor_resources: dict = field(default_factory=dict)
 

@@ -35,7 +35,24 @@ def open_run(uri: str) -> Store:
     store = Store(uri)
     if not store.exists("manifest.json"):
         raise UsageError(f"{uri} holds no run (no manifest.json): give the --out folder of a probe run")
+    from jobs.manifest import read_manifest
+
+    read_manifest(store)
+    check_footers(store)
     return store
+
+
+def check_footers(store: Store) -> None:
+    """UsageError naming the first Parquet file whose footer cannot be read (a truncated shard)."""
+    import pyarrow.parquet as pq
+
+    for table in store.tables():
+        for path in store.list_files(table):
+            try:
+                pq.read_metadata(path, filesystem=store.fs)
+            except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a cut-short file
+                raise UsageError(f"{path} is damaged ({str(e).splitlines()[0]}): finish the run again with "
+                                 f"probe run --resume --run-id <id> --out {store.uri}") from None
 
 
 def run_query(uri: str, sql: str) -> pl.DataFrame:

@@ -9,7 +9,7 @@ from jobs import stats
 from jobs.config import RunConfig
 from jobs.manifest import Manifest
 from jobs.plan import Plan, auto_batch_size, make_plan
-from jobs.store import Store
+from jobs.store import Lease, Store
 from jobs.query import make_report
 from jobs.worker import ModelWorker, part_name
 
@@ -18,14 +18,39 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def start_ray(cfg: RunConfig) -> None:
-    if ray.is_initialized():
+CONNECT_TIMEOUT_S = 30.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """For a host:port address, a TCP connect to the GCS port with a timeout: Ray itself retries for minutes."""
+    import socket
+
+    from jobs.config import UsageError
+
+    if address == "auto" or "://" in address or ":" not in address:
         return
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True)
-    else:
-        # A local instance: its dashboard listens on loopback only.
-        ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--address {address}: no Ray cluster answers there ({e}); check the head node's address and port") from None
+
+
+def start_ray(cfg: RunConfig) -> str:
+    """Connect to --address (or RAY_ADDRESS), else start a private local instance; returns which, in words."""
+    import os
+
+    if ray.is_initialized():
+        return "the Ray instance already initialised in this process"
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+        ray.init(address=address, log_to_driver=True)
+        return f"the Ray cluster at {address}"
+    # A new local instance, never a cluster that `ray start` left on this machine; dashboard on loopback only.
+    ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True)
+    return "a new local Ray instance"
 
 
 def gpu_shares(cfg: RunConfig, n_models: int) -> tuple[float, float]:
@@ -255,11 +280,23 @@ def run(cfg: RunConfig) -> str:
     """Run the whole job; returns the run folder. Raises UsageError on bad input before heavy work."""
     log("[plan] checking inputs")
     plan = make_plan(cfg)
-    log(plan.describe())
     store = Store(cfg.out)
+    # Inputs are valid: take the run folder before writing anything (one writer per run folder).
+    lease = Lease(store)
+    lease.acquire()
+    try:
+        return _run_leased(cfg, plan, store)
+    finally:
+        lease.release()
+
+
+def _run_leased(cfg: RunConfig, plan: Plan, store: Store) -> str:
     manifest = Manifest(store, plan)
+    if manifest.previous.get("batch_size"):
+        plan.batch_size = manifest.previous["batch_size"]  # batches are fixed per run: the original size is used
+    log(plan.describe())
     manifest.stage("plan", "done")
-    start_ray(cfg)
+    log(f"[plan] cluster: {start_ray(cfg)}")
     # Batches are fixed per run (part names depend on them): a resumed run keeps the original size.
     plan.batch_size = manifest.previous.get("batch_size") or auto_batch_size(cfg, plan.models, gpu_shares(cfg, len(plan.models))[0] > 0)
     manifest.data["batch_size"] = plan.batch_size

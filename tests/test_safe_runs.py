@@ -1,0 +1,95 @@
+"""Run safety without a Ray cluster: resume settings, the run-folder lease, damaged manifests and shards,
+unreachable addresses."""
+import json
+import os
+import socket
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from jobs.config import RunConfig, UsageError
+from jobs.manifest import SPEED_SETTINGS, differing_settings, result_settings
+from jobs.store import LEASE, LEASE_STALE_S, Lease, Store
+
+
+def config(**kw) -> dict:
+    return json.loads(json.dumps(RunConfig(run_id="r", out="o", **kw).to_dict()))
+
+
+def test_result_settings_are_every_field_but_the_speed_set():
+    keys = set(result_settings(config()))
+    assert {"seed", "final_hidden", "chunk_tokens", "target", "mi_bins", "mi_method", "mi_tokens", "analyses"} <= keys
+    assert not keys & SPEED_SETTINGS
+
+
+def test_resume_names_each_differing_setting_and_both_values():
+    old = config()
+    assert differing_settings(old, config(batch_size=4, max_in_flight=5, device="cpu", placement_timeout=5.0)) == []
+    diff = differing_settings(old, config(seed=7, final_hidden="pre_ln_f", analyses=("path", "mi")))
+    assert len(diff) == 3
+    assert any(d.startswith("--seed 0 (run) vs 7 (now)") for d in diff)
+    assert any("--final-hidden 'hf'" in d and "'pre_ln_f'" in d for d in diff)
+    assert any(d.startswith("--analyses") for d in diff)
+
+
+def test_lease_excludes_a_second_writer_and_names_the_holder(tmp_path):
+    store = Store(str(tmp_path / "run"))
+    first = Lease(store)
+    first.acquire()
+    try:
+        with pytest.raises(UsageError, match=f"pid {os.getpid()}"):
+            Lease(store).acquire()
+    finally:
+        first.release()
+    assert not store.exists(LEASE)
+    with Lease(store):  # free again after release
+        assert store.exists(LEASE)
+
+
+def test_stale_lease_is_taken_over(tmp_path):
+    store = Store(str(tmp_path / "run"))
+    now = [1000.0]
+    dead = Lease(store, clock=lambda: now[0])
+    dead.acquire()
+    dead._stop.set()  # its holder died: no more refreshes
+    now[0] += LEASE_STALE_S + 1
+    taker = Lease(store, clock=lambda: now[0])
+    taker.acquire()
+    assert store.read_json(LEASE)["token"] == taker.token
+    taker.release()
+
+
+def write_run(tmp_path, manifest_text: str | None = None):
+    out = tmp_path / "run"
+    (out / "tokens" / "model=m").mkdir(parents=True)
+    pq.write_table(pa.table({"chunk": [0, 1]}), out / "tokens" / "model=m" / "part-000000-000000.parquet")
+    (out / "manifest.json").write_text(manifest_text if manifest_text is not None else json.dumps({"run_id": "r", "stages": {}}))
+    return out
+
+
+def test_query_on_a_truncated_shard_names_the_file(tmp_path, capsys):
+    out = write_run(tmp_path)
+    shard = out / "tokens" / "model=m" / "part-000000-000000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-20])
+    assert main(["query", str(out), "SELECT * FROM tokens"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "part-000000-000000.parquet" in err and "--resume" in err
+
+
+def test_cut_short_manifest_says_what_to_do(tmp_path, capsys):
+    out = write_run(tmp_path, manifest_text='{"run_id": "r", "sta')
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "manifest.json is damaged" in err
+
+
+def test_unreachable_address_fails_in_one_line():
+    from jobs.run import check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: refused
+        with pytest.raises(UsageError, match=f"--address 127.0.0.1:{port}: no Ray cluster answers"):
+            check_reachable(f"127.0.0.1:{port}", timeout=5)
