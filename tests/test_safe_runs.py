@@ -93,3 +93,35 @@ def test_unreachable_address_fails_in_one_line():
         port = s.getsockname()[1]  # bound, not listening: refused
         with pytest.raises(UsageError, match=f"--address 127.0.0.1:{port}: no Ray cluster answers"):
             check_reachable(f"127.0.0.1:{port}", timeout=5)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from tests.conftest import save_tiny_model
+    from tests.corpus import write_corpus
+
+    root = tmp_path_factory.mktemp("safe")
+    return {"root": root, "model": save_tiny_model(root / "tiny"), "data": write_corpus(root / "c.txt", n_rows=30)}
+
+
+def test_resume_with_other_settings_exits_2_before_writing(small, capsys):
+    """The first run's manifest is written as `probe run` writes it (plan stage), then `--resume` with other
+    result-changing settings and other speed settings."""
+    from jobs.config import build_config
+    from jobs.manifest import Manifest
+    from jobs.plan import make_plan
+
+    out = str(small["root"] / "run")
+    base = {"models": small["model"], "data": small["data"], "out": out, "run_id": "r", "chunk_tokens": 64, "analyses": "path"}
+    plan = make_plan(build_config(base))
+    Manifest(Store(out), plan).stage("plan", "done")
+    before = open(os.path.join(out, "manifest.json")).read()
+    args = ["run", "--models", small["model"], "--data", small["data"], "--out", out, "--run-id", "r", "--resume",
+            "--analyses", "path", "--chunk-tokens", "64", "--seed", "5", "--final-hidden", "pre_ln_f", "--batch-size", "3"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--seed 0 (run) vs 5 (now)" in err and "--final-hidden 'hf' (run) vs 'pre_ln_f' (now)" in err
+    assert "batch-size 1" not in err and "--batch-size None" not in err
+    assert open(os.path.join(out, "manifest.json")).read() == before
+    assert not os.path.exists(os.path.join(out, LEASE))  # released on failure
