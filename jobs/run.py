@@ -276,6 +276,22 @@ def mi_tasks(plan: Plan, store: Store, m, hidden: list, gpu: dict) -> list:
     return refs
 
 
+def plain_error(e: BaseException) -> str:
+    """'Type: first line' of the innermost cause: a Ray task error wraps the worker's own exception
+    (``.cause``) behind an ANSI-coloured actor repr, which the manifest should not store."""
+    import re
+
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:500]
+
+
 def run(cfg: RunConfig) -> str:
     """Run the whole job; returns the run folder. Raises UsageError on bad input before heavy work."""
     log("[plan] checking inputs")
@@ -324,7 +340,7 @@ def _run_leased(cfg: RunConfig, plan: Plan, store: Store) -> str:
         manifest.stage("report", "done", time.perf_counter() - t2)
     except BaseException as e:
         # Finished shards stay; the manifest says where the run stopped so --resume can finish it.
-        manifest.stage(stage, "failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
+        manifest.stage(stage, "failed", error=plain_error(e))
         raise
     log(f"done: {cfg.out} (probe query {cfg.out} \"SELECT ...\"; report at {cfg.out}/report.html)")
     return cfg.out

@@ -125,3 +125,15 @@ def test_resume_with_other_settings_exits_2_before_writing(small, capsys):
     assert "batch-size 1" not in err and "--batch-size None" not in err
     assert open(os.path.join(out, "manifest.json")).read() == before
     assert not os.path.exists(os.path.join(out, LEASE))  # released on failure
+
+
+def test_stage_error_is_the_plain_innermost_cause():
+    import errno
+
+    from ray.exceptions import RayTaskError
+
+    from jobs.run import plain_error
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    wrapped = RayTaskError("\x1b[36mModelWorker.__call__()\x1b[39m", "traceback text", full)
+    assert plain_error(wrapped) == "OSError: [Errno 28] No space left on device"
