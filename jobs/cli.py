@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--output", help="write the result to a .csv or .parquet file instead of printing it")
     r = sub.add_parser("report", help="(re)write OUT/report.html and OUT/figures/")
     r.add_argument("out", help="the run folder or URI")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag already reported in one line
+        return e.code if isinstance(e.code, int) else 2
     try:
         return COMMANDS[args.command](args)
     except UsageError as e:
