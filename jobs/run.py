@@ -143,7 +143,8 @@ def run_capture(plan: Plan, store: Store, workers: dict, only: dict | None = Non
         if only is not None:
             todo[m.name], skipped[m.name] = list(only.get(m.name, [])), 0
             continue
-        done = store.list_parts(f"_progress/model={m.name}", ".json") if plan.cfg.resume else set()
+        # On --resume every shard a marker claims is verified: a damaged or missing shard's batch is recomputed.
+        done = store.verified_parts(f"_progress/model={m.name}") if plan.cfg.resume else set()
         todo[m.name] = [b for b in batches if part_name(b) not in done]
         skipped[m.name] = len(batches) - len(todo[m.name])
         if skipped[m.name]:

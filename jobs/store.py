@@ -110,6 +110,19 @@ class Store:
         names = (posixpath.basename(i.path) for i in self.fs.get_file_info(selector))
         return {n[: -len(suffix)] for n in names if n.endswith(suffix) and not n.startswith(".")}
 
+    def verified_parts(self, folder_rel: str) -> set[str]:
+        """The markers in ``folder_rel`` whose listed shards all exist with a readable footer and the
+        recorded row count; a marker without a shard list (older runs) counts as verified."""
+        good = set()
+        for part in self.list_parts(folder_rel, ".json"):
+            try:
+                shards = self.read_json(f"{folder_rel}/{part}.json").get("shards", {})
+                if all(pq.read_metadata(self.path(rel), filesystem=self.fs).num_rows == rows for rel, rows in shards.items()):
+                    good.add(part)
+            except Exception:  # a missing or truncated shard or marker: the batch is recomputed
+                continue
+        return good
+
     def remove_temporaries(self) -> int:
         """Delete the hidden temporaries of writers that died mid-write; call only while no writer runs."""
         if not self.is_local:

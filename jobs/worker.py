@@ -96,10 +96,13 @@ class ModelWorker:
         return {"part": part, "tokens": tokens, "seconds": seconds}
 
     def _write(self, part: str, writes: list, marker: dict) -> None:
+        shards = {}
         for name, data, extra in writes:
-            self.store.write_table(name, part, data, model=self.spec.name, **extra)
+            path = self.store.write_table(name, part, data, model=self.spec.name, **extra)
+            shards[path[len(self.store.root):].lstrip("/")] = data.num_rows
         # The marker goes last: a batch counts as done (for --resume) only once all its shards exist.
-        self.store.write_json(f"_progress/model={self.spec.name}/{part}.json", marker)
+        # It lists each shard and its rows, so --resume can verify them (and recompute a damaged batch).
+        self.store.write_json(f"_progress/model={self.spec.name}/{part}.json", {**marker, "shards": shards})
 
     def flush(self) -> int:
         """Wait for the outstanding write (re-raising its error); returns how many were waited for."""

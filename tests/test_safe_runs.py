@@ -137,3 +137,20 @@ def test_stage_error_is_the_plain_innermost_cause():
     full = OSError(errno.ENOSPC, "No space left on device")
     wrapped = RayTaskError("\x1b[36mModelWorker.__call__()\x1b[39m", "traceback text", full)
     assert plain_error(wrapped) == "OSError: [Errno 28] No space left on device"
+
+
+def test_resume_verifies_the_shards_a_marker_claims(tmp_path):
+    store = Store(str(tmp_path / "run"))
+    table = pa.table({"chunk": pa.array([0, 0], pa.int32())})
+    for part in ("part-000000-000000", "part-000001-000001", "part-000002-000002"):
+        path = store.path("t", "model=m", f"{part}.parquet")
+        store.fs.create_dir(os.path.dirname(path), recursive=True)
+        pq.write_table(table, path)
+        store.write_json(f"_progress/model=m/{part}.json", {"shards": {f"t/model=m/{part}.parquet": 2}})
+    damaged = store.path("t", "model=m", "part-000001-000001.parquet")
+    with open(damaged, "rb") as f:
+        head = f.read()[:-12]
+    with open(damaged, "wb") as f:
+        f.write(head)
+    os.remove(store.path("t", "model=m", "part-000002-000002.parquet"))
+    assert store.verified_parts("_progress/model=m") == {"part-000000-000000"}
