@@ -216,13 +216,25 @@ class Lease:
             held = self._read()
             if held is None:
                 continue  # released between our attempt and the read
-            if self.clock() - float(held.get("refreshed", 0)) < LEASE_STALE_S:
+            if self.clock() - float(held.get("refreshed", 0)) < LEASE_STALE_S and not self._holder_dead(held):
                 raise UsageError(
                     f"{self.store.uri} is in use by another probe run (host {held.get('host')}, pid {held.get('pid')}, "
                     f"started {_utc(held.get('started'))}); wait for it, or remove {LEASE} if that run is gone "
                     f"(a lease is stale {LEASE_STALE_S:.0f} s after its last refresh)")
             self._delete()  # stale: its holder stopped refreshing
         raise UsageError(f"could not take the lease {self.store.path(LEASE)}: another run keeps taking it")
+
+    def _holder_dead(self, held: dict) -> bool:
+        """A holder on this host whose process is gone (a killed run) leaves a lease that is stale at once."""
+        if held.get("host") != self.holder["host"] or not isinstance(held.get("pid"), int):
+            return False
+        try:
+            os.kill(held["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
 
     def _create(self) -> bool:
         path = self.store.path(LEASE)

@@ -154,3 +154,18 @@ def test_resume_verifies_the_shards_a_marker_claims(tmp_path):
         f.write(head)
     os.remove(store.path("t", "model=m", "part-000002-000002.parquet"))
     assert store.verified_parts("_progress/model=m") == {"part-000000-000000"}
+
+
+def test_lease_of_a_killed_process_on_this_host_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    store = Store(str(tmp_path / "run"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = Lease(store)
+    gone.holder["pid"] = int(dead.stdout)
+    assert gone._create()  # written as by a run that was then SIGKILLed: fresh, but its process is gone
+    taker = Lease(store)
+    taker.acquire()
+    assert store.read_json(LEASE)["token"] == taker.token
+    taker.release()
