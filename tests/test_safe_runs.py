@@ -164,6 +164,7 @@ def test_lease_of_a_killed_process_on_this_host_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     gone = Lease(store)
     gone.holder["pid"] = int(dead.stdout)
+    store.fs.create_dir(store.root, recursive=True)
     assert gone._create()  # written as by a run that was then SIGKILLed: fresh, but its process is gone
     taker = Lease(store)
     taker.acquire()
