@@ -26,9 +26,10 @@ def fit_neurons(store_uri: str, model: str, layer: int, block: np.ndarray, label
 
 
 def layer_mi(store_uri: str, model: str, layer: int, hidden: np.ndarray, bins: int, use_gpu=False) -> dict:
-    """All-pairs histogram MI of one hidden_states layer over the MI token set: hidden (n_tokens, d)."""
-    h = np.asarray(hidden)
-    codes = mutual_info.bin_codes(h, mutual_info.bin_edges(h.min(0), h.max(0), bins))
+    """All-pairs histogram MI (plug-in and Miller-Madow) and its permutation null of one hidden_states
+    layer over the MI token set: hidden (n_tokens, d) float values or uint8 bin codes."""
+    h = np.asarray(hidden)  # uint8 bin codes from the worker (hidden_for with bins), or float values
+    codes = h if h.dtype == np.uint8 else mutual_info.bin_codes(h, mutual_info.bin_edges(h.min(0), h.max(0), bins))
     plug, mm = mutual_info.histogram_mi_codes(codes, bins=bins, device=_device(use_gpu))
     null = _histogram_null(codes, bins, seed=layer)
     dim_i, dim_j, values = mutual_info.upper_pairs(plug)
