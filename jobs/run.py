@@ -242,7 +242,7 @@ def mi_tasks(plan: Plan, store: Store, m, hidden: list, gpu: dict) -> list:
     cfg = plan.cfg
     if cfg.mi_method == "histogram":
         task = ray.remote(stats.layer_mi).options(**gpu)
-        return [task.remote(store.uri, m.name, layer, h, cfg.mi_bins, bool(gpu)) for layer, h in enumerate(hidden)]
+        return [task.remote(store.uri, m.name, layer, h, cfg.mi_bins, bool(gpu), cfg.seed) for layer, h in enumerate(hidden)]
     d, refs = m.n_embd, []
     block = min(stats.KSG_COLUMNS_PER_TASK, math.ceil((d - 1) / 8))  # at least 8 tasks a layer
     columns, write = ray.remote(stats.ksg_columns), ray.remote(stats.write_ksg)

@@ -39,6 +39,7 @@ TABLES: dict[str, pa.Schema] = {
     ]),
     "mi": pa.schema([("layer", pa.int16()), ("dim_i", pa.int32()), ("dim_j", pa.int32()), ("mi_bits", pa.float64()),
                      ("mi_bits_mm", pa.float64()), ("above_null", pa.bool_())]),
+    "mi_null": pa.schema([("layer", pa.int16()), ("dim_i", pa.int32()), ("dim_j", pa.int32()), ("mi_bits", pa.float64())]),
     "mi_summary": pa.schema([
         ("layer", pa.int16()), ("n_tokens", pa.int32()), ("mean_bits", pa.float64()), ("median_bits", pa.float64()),
         ("p05_bits", pa.float64()), ("p95_bits", pa.float64()), ("mean_bits_mm", pa.float64()),

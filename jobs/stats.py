@@ -25,13 +25,15 @@ def fit_neurons(store_uri: str, model: str, layer: int, block: np.ndarray, label
     return {"model": model, "layer": layer, "significant": int(table["significant"].sum())}
 
 
-def layer_mi(store_uri: str, model: str, layer: int, hidden: np.ndarray, bins: int, use_gpu=False) -> dict:
+def layer_mi(store_uri: str, model: str, layer: int, hidden: np.ndarray, bins: int, use_gpu=False, seed: int = 0) -> dict:
     """All-pairs histogram MI (plug-in and Miller-Madow) and its permutation null of one hidden_states
     layer over the MI token set: hidden (n_tokens, d) float values or uint8 bin codes."""
     h = np.asarray(hidden)  # uint8 bin codes from the worker (hidden_for with bins), or float values
     codes = h if h.dtype == np.uint8 else mutual_info.bin_codes(h, mutual_info.bin_edges(h.min(0), h.max(0), bins))
     plug, mm = mutual_info.histogram_mi_codes(codes, bins=bins, device=_device(use_gpu))
-    null = _histogram_null(codes, bins, seed=layer)
+    ni, nj, null = _histogram_null(codes, bins, seed=int(np.random.SeedSequence([seed, layer]).generate_state(1)[0]))
+    Store(store_uri).write_table("mi_null", f"layer-{layer:03d}", pa.table(
+        {"layer": np.full(len(null), layer, np.int16), "dim_i": ni.astype(np.int32), "dim_j": nj.astype(np.int32), "mi_bits": null}), model=model)
     dim_i, dim_j, values = mutual_info.upper_pairs(plug)
     return write_mi(store_uri, model, layer, h.shape[0], dim_i, dim_j, values, mutual_info.upper_pairs(mm)[2], null)
 
@@ -39,10 +41,11 @@ def layer_mi(store_uri: str, model: str, layer: int, hidden: np.ndarray, bins: i
 NULL_PAIRS = 20_000  # seeded sample of pairs for the null (all pairs when a layer has fewer)
 
 
-def _histogram_null(codes: np.ndarray, bins: int, seed: int) -> np.ndarray:
-    """Plug-in MI of NULL_PAIRS seeded pairs after permuting each dimension's tokens independently (seed)."""
+def _histogram_null(codes: np.ndarray, bins: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dim_i, dim_j, plug-in MI) of NULL_PAIRS seeded pairs after permuting each dimension's tokens
+    independently (seed)."""
     i, j = mutual_info.null_pairs(codes.shape[1], NULL_PAIRS, seed=seed)
-    return mutual_info.pair_mi_codes(mutual_info.null_codes(codes, seed=seed), i, j, bins=bins)
+    return i, j, mutual_info.pair_mi_codes(mutual_info.null_codes(codes, seed=seed), i, j, bins=bins)
 
 
 KSG_COLUMNS_PER_TASK = 32
