@@ -44,7 +44,7 @@ def run_parser(sub) -> None:
     a("--target", help="rotation target, one BPE token; default ' her'")
     a("--sentences", help="rotation: a file of extra sentences, one per line (run as a right-padded batch)")
     a("--max-samples", type=_int, help="neurons: at most this many proper nouns (and as many other tokens), drawn from every chunk but the last (held out for the token heatmap); default 1000")
-    a("--mi-tokens", type=_int, help="mi: the first N tokens of the stream; default: the first chunk")
+    a("--mi-tokens", type=_int, help="mi: the first N tokens of the stream; default: 16 chunks for histogram (fewer where the corpus has fewer), the first chunk for ksg")
     a("--mi-method", help="mi: histogram (15 equal-width bins, bits) or ksg (sklearn mutual_info_regression); default histogram")
     a("--mi-bins", type=_int, help="mi: histogram bins per dimension; default 15")
     a("--alpha", type=float, help="family-wise significance level before Bonferroni; default 0.05")

@@ -42,7 +42,7 @@ class RunConfig:
     target: str = " her"
     sentences: str | None = None
     max_samples: int = 1000
-    mi_tokens: int | None = None  # default: the first chunk
+    mi_tokens: int | None = None  # default: 16 chunks (histogram) or the first chunk (ksg)
     mi_method: str = "histogram"
     mi_bins: int = 15
     alpha: float = 0.05

@@ -243,10 +243,30 @@ def fig_mi_layer(mi: pl.LazyFrame, layer: int | None = None) -> Figure:
     return fig
 
 
-def fig_mi_density(mi: pl.LazyFrame) -> Figure:
-    """Per model: MI density per layer overlaid, coloured by hidden_states index."""
-    return density_panels(mi, "mi_bits", 0.0, 0.999, "mutual information (bits)",
-                           "density (per bit)", "layer (hidden_states index, 0 = embeddings)", TITLES["mi_density"])
+def fig_mi_density(mi: pl.LazyFrame, mi_null: pl.LazyFrame | None = None) -> Figure:
+    """Per model: MI density per layer overlaid, coloured by hidden_states index; with ``mi_null`` each
+    layer's permutation null (same estimator, tokens shuffled per dimension) is drawn dashed in its colour."""
+    fig = density_panels(mi, "mi_bits", 0.0, 0.999, "mutual information (bits)",
+                         "density (per bit)", "layer (hidden_states index, 0 = embeddings)", TITLES["mi_density"])
+    if mi_null is None:
+        return fig
+    null = collect(mi_null.select("model", "layer", "mi_bits"), "mi null")
+    for ax in fig.axes:
+        lines = [c for c in ax.collections if c.get_array() is not None]
+        m = ax.get_title().split(" (values")[0]
+        d = null.filter(pl.col("model") == m)
+        if not lines or d.height == 0:
+            continue  # a colorbar's axes, or a model without a null (KSG)
+        lo, hi = ax.get_xlim()
+        for layer in np.sort(d["layer"].unique().to_numpy()):
+            v = d.filter(pl.col("layer") == layer)["mi_bits"].to_numpy()
+            counts, edges = np.histogram(v, bins=N_BINS, range=(lo, hi))
+            # the same normalisation as the real densities: out-of-range values count in the denominator
+            ax.plot((edges[:-1] + edges[1:]) / 2, counts / len(v) / np.diff(edges), ls="--", lw=0.8,
+                    color=lines[0].cmap(lines[0].norm(float(layer))))
+        ax.plot([], [], ls="--", color="grey", label="permutation null, per layer")
+        ax.legend(loc="upper right", fontsize="small")
+    return fig
 
 
 # ---------------------------------------------------------------- attention AR
@@ -319,7 +339,7 @@ def _specs(t: dict, chunk: int, neuron_layer, mi_layer):
         *[(heatmap_name(flag), "neurons", ["neuron_heatmap", "tokens"], lambda flag=flag: fig_token_heatmap(
             t["neuron_heatmap"], t["tokens"], get("neuron_logit"), in_sample=flag)) for flag in (True, False)],
         ("mi_layer", "mi", ["mi"], lambda: fig_mi_layer(t["mi"], mi_layer)),
-        ("mi_density", "mi", ["mi"], lambda: fig_mi_density(t["mi"])),
+        ("mi_density", "mi", ["mi"], lambda: fig_mi_density(t["mi"], get("mi_null"))),
         ("attn_strip", "attn_ar", ["attn_norms"], lambda: fig_attn_strip(t["attn_norms"])),
         ("attn_hist", "attn_ar", ["attn_norms"], lambda: fig_attn_hist(t["attn_norms"])),
         ("attn_ar_coefs", "attn_ar", ["attn_ar"], lambda: fig_attn_ar_coefs(t["attn_ar"])),

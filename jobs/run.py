@@ -223,7 +223,8 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
             fits[m.name] = [task.remote(store.uri, m.name, layer, block, plan.sample_labels, cfg.alpha, use_gpu)
                             for layer, block in enumerate(blocks, start=1)]
         if "mi" in analyses:
-            hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(plan.chunks[: plan.mi_chunks], plan.mi_tokens)
+            hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(
+                plan.chunks[: plan.mi_chunks], plan.mi_tokens, cfg.mi_bins if cfg.mi_method == "histogram" and cfg.mi_bins <= 256 else None)
             pending += mi_tasks(plan, store, m, hidden, gpu)
         if "rotation" in analyses:
             # Sentences first: the t-tests read every occurrence, corpus and sentences.
@@ -267,7 +268,7 @@ def mi_tasks(plan: Plan, store: Store, m, hidden: list, gpu: dict) -> list:
     cfg = plan.cfg
     if cfg.mi_method == "histogram":
         task = ray.remote(stats.layer_mi).options(**gpu)
-        return [task.remote(store.uri, m.name, layer, h, cfg.mi_bins, bool(gpu)) for layer, h in enumerate(hidden)]
+        return [task.remote(store.uri, m.name, layer, h, cfg.mi_bins, bool(gpu), cfg.seed) for layer, h in enumerate(hidden)]
     d, refs = m.n_embd, []
     block = min(stats.KSG_COLUMNS_PER_TASK, math.ceil((d - 1) / 8))  # at least 8 tasks a layer
     columns, write = ray.remote(stats.ksg_columns), ray.remote(stats.write_ksg)
