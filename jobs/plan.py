@@ -1,4 +1,5 @@
 """Everything the driver checks and decides before any model loads: models, tokens, chunks, samples, disk."""
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,8 +72,24 @@ class Plan:
         return "\n".join(lines)
 
 
+def check_local_out(out: str) -> None:
+    """A local --out must be creatable: its nearest existing ancestor is a writable folder, not a file."""
+    path = os.path.abspath(out)
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent != path and not os.path.isdir(parent):
+        raise UsageError(f"--out {out} is below {parent}, which is a file: give a folder path")
+    if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {parent} is not writable")
+
+
 def check_output(cfg: RunConfig) -> Store:
-    store = Store(cfg.out)
+    from jobs.query import open_store
+
+    store = open_store(cfg.out, "--out")
+    if store.is_local:
+        check_local_out(store.root)
     info = store.info()
     if info.type.name == "File":
         raise UsageError(f"--out {cfg.out} is a file: give a folder for the run")

@@ -31,8 +31,17 @@ def scan_tables(store: Store) -> dict[str, pl.LazyFrame]:
     return tables
 
 
+def open_store(uri: str, what: str) -> Store:
+    """Store(uri), with a URI pyarrow cannot open (unknown scheme, bad bucket) as one line."""
+    try:
+        return Store(uri)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for URIs it cannot open
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{what} {uri} cannot be opened ({first[:200]})") from None
+
+
 def open_run(uri: str) -> Store:
-    store = Store(uri)
+    store = open_store(uri, "the run folder")
     if not store.exists("manifest.json"):
         raise UsageError(f"{uri} holds no run (no manifest.json): give the --out folder of a probe run")
     return store

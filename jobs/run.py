@@ -197,7 +197,8 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
             fits[m.name] = [task.remote(store.uri, m.name, layer, block, plan.sample_labels, cfg.alpha, use_gpu)
                             for layer, block in enumerate(blocks, start=1)]
         if "mi" in analyses:
-            hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(plan.chunks[: plan.mi_chunks], plan.mi_tokens)
+            hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(
+                plan.chunks[: plan.mi_chunks], plan.mi_tokens, cfg.mi_bins if cfg.mi_method == "histogram" and cfg.mi_bins <= 256 else None)
             pending += mi_tasks(plan, store, m, hidden, gpu)
         if "rotation" in analyses:
             # Sentences first: the t-tests read every occurrence, corpus and sentences.

@@ -240,16 +240,23 @@ class ModelWorker:
                 raise RuntimeError(f"sampled token {key} of {self.spec.name} was never captured: rerun with --resume")
             self.samples[key] = np.stack([values[index[key]] for index, values in per_layer])
 
-    def hidden_for(self, input_ids: np.ndarray, n_tokens: int) -> tuple:
+    def hidden_for(self, input_ids: np.ndarray, n_tokens: int, bins: int | None = None) -> tuple:
         """Hidden states of the first ``n_tokens`` tokens of these chunks, per hidden_states index.
 
-        input_ids: (B, T). Returns n_layer + 1 arrays (n_tokens, d) float32 (``num_returns=n_layer + 1``).
+        input_ids: (B, T). Returns n_layer + 1 arrays (``num_returns=n_layer + 1``): (n_tokens, d) float32,
+        or with ``bins`` (histogram MI) uint8 bin codes (n_tokens, d) from each dimension's min/max over
+        all n_tokens. Why codes: they are all the histogram estimator needs, bit-exact with binning the
+        floats, and 4x smaller in the object store (gpt2-xl at 16 chunks: 1.3 GB instead of 5 GB).
         """
+        from probe_core.mutual_info import bin_codes, bin_edges
+
         with torch.inference_mode():
             ids = device_tensor(input_ids, self.device)
             hidden = forward_metrics(self.model, ids, final_hidden=self.cfg.final_hidden)["hidden"]
             flat = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])[:, :n_tokens].float().cpu().numpy()
-        return tuple(flat)
+        if bins is None:
+            return tuple(flat)
+        return tuple(bin_codes(h, bin_edges(h.min(0), h.max(0), bins)) for h in flat)
 
     def neuron_trace(self, input_ids: np.ndarray, layer: int, neuron: int) -> np.ndarray:
         """One neuron's c_fc pre-activation at every position of these chunks: (B, T) -> (B, T) float32.

@@ -88,10 +88,13 @@ def _mi_tables(model, n_layer, n_embd, rng):
     mi = pl.DataFrame(dict(model=model, layer=pl.Series(np.repeat(np.arange(reps), len(iu)), dtype=I16),
                            dim_i=pl.Series(np.tile(iu, reps), dtype=I32), dim_j=pl.Series(np.tile(ju, reps), dtype=I32),
                            mi_bits=rng.gamma(1.0, 0.05, len(iu) * reps)))
+    mi = mi.with_columns(mi_bits_mm=pl.col("mi_bits") - 0.02, above_null=pl.col("mi_bits") > 0.1)
     v = pl.col("mi_bits")
     mis = mi.group_by("model", "layer").agg(
         pl.lit(N_CHUNK * N_POS, I32).alias("n_tokens"), v.mean().alias("mean_bits"), v.median().alias("median_bits"),
-        v.quantile(0.05).alias("p05_bits"), v.quantile(0.95).alias("p95_bits"))
+        v.quantile(0.05).alias("p05_bits"), v.quantile(0.95).alias("p95_bits"), pl.col("mi_bits_mm").mean().alias("mean_bits_mm"),
+        pl.lit(0.02).alias("null_mean_bits"), pl.lit(0.05).alias("null_p95_bits"), pl.lit(0.1).alias("null_p99_bits"),
+        (v.mean() - 0.02).alias("excess_mean_bits"))
     return dict(mi=mi, mi_summary=mis)
 
 
