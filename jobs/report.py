@@ -169,8 +169,9 @@ def _header(run_dir: str, manifest: dict) -> str:
 
 def _section(key: str, heading: str, blurb: str, figs: list[dict], tables: list, run_dir: str) -> str:
     parts = [f'<section id="{key}"><h2>{html.escape(heading)}</h2><p>{html.escape(blurb)}</p>']
-    parts += [_figure(f, run_dir) for f in figs]
-    parts += [_table(df.columns, df.rows(), cap) for cap, df in tables]
+    figs_html = [_figure(f, run_dir) for f in figs]
+    tables_html = [_table(df.columns, df.rows(), cap) for cap, df in tables]
+    parts += tables_html + figs_html if key == "across" else figs_html + tables_html  # overview: table first
     if not figs and not tables:
         parts.append('<p class="empty">Not run: its tables are absent or empty.</p>')
     return "".join(parts) + "</section>"
