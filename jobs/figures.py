@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from jobs.plotting import (N_BINS, NoData, add_lines, collect, density_panels, int_x, models_of, panels, pick,
                            resolve_chunk, safe, thin, wide)
 from jobs.plotting import model_sort_key  # noqa: F401  (re-exported: jobs.report imports it from here)
+from jobs import across_sizes
 from jobs.token_heatmap import HEATMAP_TITLES, fig_token_heatmap, heatmap_name
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ TITLES = {
     "attn_strip": "Log attention-output norms per layer",
     "attn_hist": "Log attention-output norms: histogram per layer",
     "attn_ar_coefs": "AR(2) on log attention-output norms: pooled coefficients",
+    **across_sizes.TITLES,
 }
 KIND_COLORS = {"target": "tab:red", "previous": "tab:blue", "shuffled": "tab:gray"}
 ALPHA = 0.05
@@ -325,10 +327,11 @@ def _present(tables: dict[str, pl.LazyFrame]) -> dict[str, pl.LazyFrame]:
     return {k: v for k, v in tables.items() if v is not None and v.head(1).collect().height > 0}
 
 
-def _specs(t: dict, chunk: int, neuron_layer, mi_layer):
+def _specs(t: dict, chunk: int, neuron_layer, mi_layer, n_layers=None):
     """(name, section, needed tables, builder) for every figure, in report order."""
     get = t.get
     return [
+        *across_sizes.specs(t, n_layers),
         ("path_cumulative", "path", ["layer_metrics"], lambda: fig_path_cumulative(t["layer_metrics"], chunk)),
         ("path_logit_vs_step", "path", ["tokens", "layer_metrics"],
          lambda: fig_logit_vs_step(t["tokens"], t["layer_metrics"], get("path_summary"))),
@@ -347,16 +350,17 @@ def _specs(t: dict, chunk: int, neuron_layer, mi_layer):
 
 
 def render_all(tables: dict[str, pl.LazyFrame], fig_dir: str, *, chunk: int = 0, neuron_layer: int | None = None,
-               mi_layer: int | None = None) -> list[dict]:
+               mi_layer: int | None = None, n_layers: dict[str, int] | None = None) -> list[dict]:
     """Write every figure whose tables are present and non-empty as ``<name>.png`` and ``<name>.svg``.
 
     Returns entries {"name", "title", "section", "png", "svg"} in report order; figures with nothing to
-    draw (``NoData``) are skipped and logged.
+    draw (``NoData``) are skipped and logged. ``n_layers`` (model -> n_layer, e.g. from the manifest) sets the
+    relative depth of the "across" figures; without it a model's largest layer in the tables is used.
     """
     present = _present(tables)
     os.makedirs(fig_dir, exist_ok=True)
     out = []
-    for name, section, needs, build in _specs(present, chunk, neuron_layer, mi_layer):
+    for name, section, needs, build in _specs(present, chunk, neuron_layer, mi_layer, n_layers):
         if not all(n in present for n in needs):
             continue
         try:

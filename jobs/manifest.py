@@ -50,7 +50,7 @@ class Manifest:
             "config": plan.cfg.to_dict(),
             "versions": versions(),
             "git_commit": git_commit(),
-            "models": {m.name: {"source": m.source, "n_layer": m.n_layer, "n_embd": m.n_embd, "config": m.config} for m in plan.models},
+            "models": {m.name: {"source": m.source, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_params": m.n_params, "config": m.config} for m in plan.models},
             "data": {"source": plan.corpus.source, "fingerprint": plan.corpus.fingerprint(), "rows": plan.corpus.n_rows,
                      "tokens": int(plan.chunks.size), "chunks": plan.n_chunks, "chunk_tokens": plan.cfg.chunk_tokens},
             "batch_size": plan.batch_size,

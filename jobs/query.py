@@ -76,6 +76,7 @@ def run_query(uri: str, sql: str) -> pl.DataFrame:
 
 def make_report(store: Store, manifest: dict | None = None) -> str:
     """Render every figure under OUT/figures and write OUT/report.html; returns the report's path."""
+    from jobs.across_sizes import model_info
     from jobs.figures import render_all
     from jobs.report import write_report
 
@@ -83,7 +84,9 @@ def make_report(store: Store, manifest: dict | None = None) -> str:
     tables = scan_tables(store)
     with tempfile.TemporaryDirectory() as tmp:
         local = store.root if store.is_local else tmp
-        figures = render_all(tables, os.path.join(local, "figures"))
+        info = model_info(manifest, tables)
+        n_layers = {m: n for m, n in zip(info["model"], info["n_layer"]) if n is not None}
+        figures = render_all(tables, os.path.join(local, "figures"), n_layers=n_layers)
         path = write_report(local, manifest, tables, figures)
         if not store.is_local:
             for root, _, files in os.walk(local):

@@ -9,10 +9,13 @@ import os
 
 import polars as pl
 
+from jobs.across_sizes import summary_table
 from jobs.figures import model_sort_key
 
 HEAD_ROWS = 50
 SECTIONS = [  # (key, heading, what it shows)
+    ("across", "Across model sizes", "Each model's headline statistics side by side; per-layer figures on relative "
+                                     "depth (layer / n_layer), one line per model."),
     ("path", "Path length", "Hidden-state path length across layers and its relation to the next-token logit."),
     ("rotation", "Rotation", "Residual-stream rotation angles of target tokens vs previous and shuffled tokens."),
     ("neurons", "Proper-noun neurons", "Per-neuron logistic regression of the proper-noun label on pre-GELU MLP "
@@ -71,9 +74,14 @@ def _by_model(caption: str, df: pl.DataFrame, *cols: str) -> tuple[str, pl.DataF
     return caption, head
 
 
-def _summaries(key: str, t: dict[str, pl.LazyFrame]) -> list[tuple[str, pl.DataFrame]]:
+def _summaries(key: str, t: dict[str, pl.LazyFrame], manifest: dict | None = None) -> list[tuple[str, pl.DataFrame]]:
     """(caption, small frame) summary tables of one section; large tables are reduced lazily before collecting."""
     out = []
+    if key == "across":
+        df = summary_table(t, manifest)
+        if df.width > 3 or any(v is not None for v in df["params"]):
+            out.append(("One row per model (params: GPT-2 weights, tied LM head once; n_neurons: neurons x layers "
+                        "fitted; mi_excess_bits and mean_ar_b1: means over layers)", df))
     if key == "path" and "path_summary" in t:
         out.append(_by_model("Path length vs next-token logit", t["path_summary"].collect()))
     if key == "rotation" and "rotation" in t:
@@ -161,8 +169,9 @@ def _header(run_dir: str, manifest: dict) -> str:
 
 def _section(key: str, heading: str, blurb: str, figs: list[dict], tables: list, run_dir: str) -> str:
     parts = [f'<section id="{key}"><h2>{html.escape(heading)}</h2><p>{html.escape(blurb)}</p>']
-    parts += [_figure(f, run_dir) for f in figs]
-    parts += [_table(df.columns, df.rows(), cap) for cap, df in tables]
+    figs_html = [_figure(f, run_dir) for f in figs]
+    tables_html = [_table(df.columns, df.rows(), cap) for cap, df in tables]
+    parts += tables_html + figs_html if key == "across" else figs_html + tables_html  # overview: table first
     if not figs and not tables:
         parts.append('<p class="empty">Not run: its tables are absent or empty.</p>')
     return "".join(parts) + "</section>"
@@ -178,7 +187,7 @@ def write_report(run_dir_local: str, manifest: dict, tables: dict[str, pl.LazyFr
     body = [_header(run_dir_local, manifest)]
     for key, heading, blurb in SECTIONS:
         figs = [f for f in figures if f.get("section") == key]
-        body.append(_section(key, heading, blurb, figs, _summaries(key, present), run_dir_local))
+        body.append(_section(key, heading, blurb, figs, _summaries(key, present, manifest), run_dir_local))
     title = html.escape(f"gpt2-probe report: {manifest.get('run_id', '')}")
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>'
