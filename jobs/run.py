@@ -1,12 +1,13 @@
 """The driver of ``probe run``: plan, capture (one Ray actor per model), statistics (Ray tasks), report."""
 import math
+import os
 import time
 
 import numpy as np
 import ray
 
 from jobs import stats
-from jobs.config import RunConfig
+from jobs.config import RunConfig, UsageError
 from jobs.manifest import Manifest
 from jobs.plan import Plan, auto_batch_size, make_plan
 from jobs.store import Lease, Store
@@ -25,8 +26,6 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """For a host:port address, a TCP connect to the GCS port with a timeout: Ray itself retries for minutes."""
     import socket
 
-    from jobs.config import UsageError
-
     if address == "auto" or "://" in address or ":" not in address:
         return
     host, _, port = address.rpartition(":")
@@ -39,18 +38,60 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 def start_ray(cfg: RunConfig) -> str:
     """Connect to --address (or RAY_ADDRESS), else start a private local instance; returns which, in words."""
-    import os
-
     if ray.is_initialized():
         return "the Ray instance already initialised in this process"
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as e:  # e.g. --address auto with no cluster on this machine
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UsageError(f"cannot connect to the Ray cluster at {address} ({first}): start it, or drop --address for a local instance") from None
         return f"the Ray cluster at {address}"
     # A new local instance, never a cluster that `ray start` left on this machine; dashboard on loopback only.
     ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True)
     return "a new local Ray instance"
+
+
+def wanted_resources(cfg: RunConfig) -> dict[str, float]:
+    """Resources some model actor needs that a cluster may lack: a GPU for --device cuda, and the largest
+    amount of each --actor-resources name."""
+    wanted = {"GPU": 1.0} if cfg.device == "cuda" else {}
+    for extra in cfg.actor_resources.values():
+        for name, amount in extra.items():
+            wanted[name] = max(wanted.get(name, 0.0), float(amount))
+    return wanted
+
+
+def wait_for_resources(cfg: RunConfig, local: bool, poll_s: float = 5.0, clock=time.monotonic, sleep=time.sleep) -> None:
+    """Fail with a UsageError instead of waiting forever for resources no node offers.
+
+    Ray queues an actor whose resources no node has until the autoscaler adds such a node, so a
+    local instance (which never grows) fails at once; a cluster gets --placement-timeout seconds to
+    show them, and the pending resources are printed while it waits.
+    """
+    def missing() -> dict[str, float]:
+        have = ray.cluster_resources()
+        return {k: v for k, v in wanted_resources(cfg).items() if have.get(k, 0.0) < v}
+
+    lack = missing()
+    if not lack:
+        return
+    what = ", ".join(f"{k}: {v:g}" for k, v in sorted(lack.items()))
+    if local:
+        raise UsageError(f"the local Ray instance offers no {what} (--device cuda / --actor-resources): "
+                         "change them, or pass --address of a cluster that has such nodes")
+    deadline, last_log = clock() + cfg.placement_timeout, float("-inf")
+    while lack and clock() < deadline:
+        if clock() - last_log >= 30:
+            log(f"[plan] waiting up to {deadline - clock():.0f}s more for the cluster to offer {what}")
+            last_log = clock()
+        sleep(poll_s)
+        lack = missing()
+    if lack:
+        raise UsageError(f"the cluster offered no {what} within --placement-timeout {cfg.placement_timeout:g}s: "
+                         "add such nodes (cluster.yaml), change --device/--actor-resources, or raise --placement-timeout")
 
 
 def gpu_shares(cfg: RunConfig, n_models: int) -> tuple[float, float]:
@@ -313,8 +354,10 @@ def _run_leased(cfg: RunConfig, plan: Plan, store: Store) -> str:
     if manifest.previous.get("batch_size"):
         plan.batch_size = manifest.previous["batch_size"]  # batches are fixed per run: the original size is used
     log(plan.describe())
-    manifest.stage("plan", "done")
+    local = not (cfg.address or os.environ.get("RAY_ADDRESS"))  # a local instance never grows
     log(f"[plan] cluster: {start_ray(cfg)}")
+    wait_for_resources(cfg, local)
+    manifest.stage("plan", "done")  # the first write: a failure above leaves --out as it was
     # Batches are fixed per run (part names depend on them): a resumed run keeps the original size.
     plan.batch_size = manifest.previous.get("batch_size") or auto_batch_size(cfg, plan.models, gpu_shares(cfg, len(plan.models))[0] > 0)
     manifest.data["batch_size"] = plan.batch_size

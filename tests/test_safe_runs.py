@@ -170,3 +170,62 @@ def test_lease_of_a_killed_process_on_this_host_is_taken_over(tmp_path):
     taker.acquire()
     assert store.read_json(LEASE)["token"] == taker.token
     taker.release()
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def test_resources_no_node_offers_fail_at_once_locally_and_after_the_timeout_on_a_cluster(monkeypatch):
+    import ray
+
+    from jobs import run as job
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    cfg = RunConfig(run_id="r", out="o", device="cuda", actor_resources={"tiny": {"big_node": 1}})
+    assert job.wanted_resources(cfg) == {"GPU": 1.0, "big_node": 1.0}
+    clock = FakeClock()
+    with pytest.raises(UsageError, match="local Ray instance offers no GPU: 1, big_node: 1"):
+        job.wait_for_resources(cfg, local=True, clock=clock, sleep=clock.sleep)
+    assert clock.now == 0.0  # no waiting on an instance that cannot grow
+    cfg = RunConfig(run_id="r", out="o", device="cuda", placement_timeout=60.0)
+    with pytest.raises(UsageError, match="within --placement-timeout 60s"):
+        job.wait_for_resources(cfg, local=False, clock=clock, sleep=clock.sleep)
+    assert 60.0 <= clock.now <= 70.0
+    job.wait_for_resources(RunConfig(run_id="r", out="o", device="cpu"), local=True)  # nothing wanted: returns
+
+
+def test_resources_that_appear_while_waiting_are_accepted(monkeypatch):
+    import ray
+
+    from jobs import run as job
+
+    clock = FakeClock()
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, **({"GPU": 1.0} if clock.now >= 20 else {})})
+    job.wait_for_resources(RunConfig(run_id="r", out="o", device="cuda"), local=False, clock=clock, sleep=clock.sleep)
+    assert 20.0 <= clock.now < 30.0
+
+
+def test_device_cuda_without_a_gpu_exits_2_and_writes_nothing(small):
+    """A real local Ray instance in a child process: no GPU there, so --device cuda fails before any write."""
+    import subprocess
+    import sys
+
+    out = small["root"] / "cuda-run"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "--models", small["model"], "--data", small["data"],
+                        "--out", str(out), "--chunk-tokens", "64", "--analyses", "path", "--device", "cuda"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("probe: error:")]
+    assert len(errors) == 1 and "offers no GPU" in errors[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert not out.exists() or not any(out.iterdir())
