@@ -319,11 +319,8 @@ def mi_tasks(plan: Plan, store: Store, m, hidden: list, gpu: dict) -> list:
     return refs
 
 
-def plain_error(e: BaseException) -> str:
-    """'Type: first line' of the innermost cause: a Ray task error wraps the worker's own exception
-    (``.cause``) behind an ANSI-coloured actor repr, which the manifest should not store."""
-    import re
-
+def innermost_cause(e: BaseException) -> BaseException:
+    """The exception at the bottom of a chain: a Ray task error wraps the worker's own one (``.cause``)."""
     seen = set()
     while id(e) not in seen:
         seen.add(id(e))
@@ -331,6 +328,28 @@ def plain_error(e: BaseException) -> str:
         if not isinstance(inner, BaseException):
             break
         e = inner
+    return e
+
+
+def disk_full_message(e: BaseException, plan: Plan) -> str | None:
+    """One line for a run stopped by a full disk (ENOSPC anywhere in the chain), else None."""
+    import errno
+
+    cause = innermost_cause(e)
+    if not (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) and "No space left on device" not in str(cause):
+        return None
+    need = sum(plan.disk_estimate().values()) / 2**30
+    cfg = plan.cfg
+    return (f"no space left on the device of {cfg.out} (the plan estimated ~{need:.2f} GiB for the whole run): "
+            f"free space, then resume with probe run --resume --run-id {cfg.run_id} --out {cfg.out}")
+
+
+def plain_error(e: BaseException) -> str:
+    """'Type: first line' of the innermost cause: a Ray task error wraps the worker's own exception
+    (``.cause``) behind an ANSI-coloured actor repr, which the manifest should not store."""
+    import re
+
+    e = innermost_cause(e)
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:500]
 
@@ -385,7 +404,14 @@ def _run_leased(cfg: RunConfig, plan: Plan, store: Store) -> str:
         manifest.stage("report", "done", time.perf_counter() - t2)
     except BaseException as e:
         # Finished shards stay; the manifest says where the run stopped so --resume can finish it.
-        manifest.stage(stage, "failed", error=plain_error(e))
+        full = disk_full_message(e, plan)
+        try:
+            manifest.stage(stage, "failed", error=plain_error(e))
+        except OSError:
+            if full is None:  # on a full disk the manifest may not be writable either: the line below says why
+                raise
+        if full is not None:
+            raise UsageError(full) from None
         raise
     log(f"done: {cfg.out} (probe query {cfg.out} \"SELECT ...\"; report at {cfg.out}/report.html)")
     return cfg.out

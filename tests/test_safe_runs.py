@@ -229,3 +229,30 @@ def test_device_cuda_without_a_gpu_exits_2_and_writes_nothing(small):
     assert len(errors) == 1 and "offers no GPU" in errors[0], p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_disk_full_is_one_line_with_the_estimate_and_the_run_stays_resumable(small, capsys, monkeypatch):
+    """ENOSPC from an actor's writer (wrapped as Ray wraps it) during capture; Ray and the actors are stubbed."""
+    import errno
+
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from jobs import run as job
+
+    def full_disk(*a, **k):
+        raise RayTaskError("\x1b[36mModelWorker.__call__()\x1b[39m", "traceback text", OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(job, "start_ray", lambda cfg: "a stub")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(job, "start_workers", lambda plan, store: ({}, None))
+    monkeypatch.setattr(job, "capture_until_complete", full_disk)
+    out = str(small["root"] / "full")
+    assert main(["run", "--models", small["model"], "--data", small["data"], "--out", out, "--run-id", "full",
+                 "--chunk-tokens", "64", "--analyses", "path"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left" in err[0] and "GiB for the whole run" in err[0], err
+    assert f"probe run --resume --run-id full --out {out}" in err[0]
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["stages"]["capture"] == {"status": "failed", "error": "OSError: [Errno 28] No space left on device"}
+    assert not os.path.exists(os.path.join(out, LEASE))
