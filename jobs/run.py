@@ -1,6 +1,8 @@
 """The driver of ``probe run``: plan, capture (one Ray actor per model), statistics (Ray tasks), report."""
 import math
 import os
+import signal
+import threading
 import time
 
 import numpy as np
@@ -40,6 +42,17 @@ def start_ray(cfg: RunConfig) -> str:
     """Connect to --address (or RAY_ADDRESS), else start a private local instance; returns which, in words."""
     if ray.is_initialized():
         return "the Ray instance already initialised in this process"
+    # ray.init installs a C++ failure handler for SIGTERM that dumps a stack and aborts; the caller's
+    # Python handler (probe run: stop cleanly, exit 143) is put back once Ray has started.
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        return _init_ray(cfg)
+    finally:
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init_ray(cfg: RunConfig) -> str:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)

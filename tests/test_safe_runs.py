@@ -256,3 +256,38 @@ def test_disk_full_is_one_line_with_the_estimate_and_the_run_stays_resumable(sma
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert manifest["stages"]["capture"] == {"status": "failed", "error": "OSError: [Errno 28] No space left on device"}
     assert not os.path.exists(os.path.join(out, LEASE))
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_stops_the_run_in_one_line(tmp_path, sig, code):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM during capture: one line, the resume command, exit 130/143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import save_tiny_model
+    from tests.corpus import write_corpus
+
+    model, data = save_tiny_model(tmp_path / "tiny"), write_corpus(tmp_path / "c.txt", n_rows=3000)
+    out, log_path = tmp_path / "run", tmp_path / "log.txt"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    with open(log_path, "w") as log:
+        p = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", "--models", model, "--data", data, "--out", str(out),
+                              "--run-id", "sig", "--chunk-tokens", "32", "--batch-size", "1", "--analyses", "path"],
+                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "[capture]" not in log_path.read_text() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert p.poll() is None, log_path.read_text()[-2000:]
+        p.send_signal(getattr(signal, sig))
+        assert p.wait(timeout=60) == code, log_path.read_text()[-2000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert f"interrupted: resume with probe run --resume --run-id sig --out {out}" in text
+    assert "Traceback" not in text and "Fatal Python error" not in text, text[-3000:]
