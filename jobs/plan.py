@@ -7,7 +7,7 @@ import numpy as np
 from jobs.config import RunConfig, UsageError
 from jobs.data import Corpus, read_rows, read_sentences, tokenize_rows
 from jobs.models import ModelSpec, load_tokenizer, resolve_model
-from jobs.store import Store
+from jobs.store import LEASE, Lease, Store
 from probe_core.neurons import balanced_sample
 from probe_core.tokens import chunk_stream, decode_table, proper_noun_labels_from_ids
 
@@ -97,12 +97,13 @@ def check_output(cfg: RunConfig) -> Store:
     info = store.info()
     if info.type.name == "File":
         raise UsageError(f"--out {cfg.out} is a file: give a folder for the run")
+    Lease(store).check_free()  # a run in progress is named before any other complaint about the folder
     if cfg.resume:
         if not store.exists("manifest.json"):
             raise UsageError(f"--resume: {cfg.out} holds no run (no manifest.json); drop --resume to start one")
     elif store.exists("manifest.json"):
         raise UsageError(f"--out {cfg.out} is an existing run: pass --resume --run-id {cfg.run_id} to finish it, or choose another --out")
-    elif not store.is_empty_or_missing():
+    elif not store.is_empty_or_missing(ignore=(LEASE,)):  # a stale lease alone is no run
         raise UsageError(f"--out {cfg.out} is a folder that is not empty: choose a new folder")
     return store
 

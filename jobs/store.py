@@ -45,13 +45,15 @@ class Store:
     def exists(self, rel: str) -> bool:
         return self.info(rel).type != pafs.FileType.NotFound
 
-    def is_empty_or_missing(self) -> bool:
+    def is_empty_or_missing(self, ignore: tuple[str, ...] = ()) -> bool:
+        """The folder is missing or holds nothing but the names in ``ignore``."""
         info = self.info()
         if info.type == pafs.FileType.NotFound:
             return True
         if info.type != pafs.FileType.Directory:
             return False
-        return not self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
+        entries = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
+        return all(os.path.basename(e.path) in ignore for e in entries)
 
     def _atomic_write(self, final: str, write):
         """Write through a hidden temporary name, then rename: a reader never sees a partial file.
@@ -216,13 +218,20 @@ class Lease:
             held = self._read()
             if held is None:
                 continue  # released between our attempt and the read
-            if self.clock() - float(held.get("refreshed", 0)) < LEASE_STALE_S and not self._holder_dead(held):
-                raise UsageError(
-                    f"{self.store.uri} is in use by another probe run (host {held.get('host')}, pid {held.get('pid')}, "
-                    f"started {_utc(held.get('started'))}); wait for it, or remove {LEASE} if that run is gone "
-                    f"(a lease is stale {LEASE_STALE_S:.0f} s after its last refresh)")
+            self.check_free(held)
             self._delete()  # stale: its holder stopped refreshing
         raise UsageError(f"could not take the lease {self.store.path(LEASE)}: another run keeps taking it")
+
+    def check_free(self, held: dict | None = None) -> None:
+        """Raise a UsageError naming the holder if another run holds a live lease on the folder."""
+        from jobs.config import UsageError
+
+        held = self._read() if held is None else held
+        if held is not None and self.clock() - float(held.get("refreshed", 0)) < LEASE_STALE_S and not self._holder_dead(held):
+            raise UsageError(
+                f"{self.store.uri} is in use by another probe run (host {held.get('host')}, pid {held.get('pid')}, "
+                f"started {_utc(held.get('started'))}); wait for it, or remove {LEASE} if that run is gone "
+                f"(a lease is stale {LEASE_STALE_S:.0f} s after its last refresh)")
 
     def _holder_dead(self, held: dict) -> bool:
         """A holder on this host whose process is gone (a killed run) leaves a lease that is stale at once."""

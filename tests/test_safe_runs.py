@@ -291,3 +291,22 @@ def test_a_signal_stops_the_run_in_one_line(tmp_path, sig, code):
     text = log_path.read_text()
     assert f"interrupted: resume with probe run --resume --run-id sig --out {out}" in text
     assert "Traceback" not in text and "Fatal Python error" not in text, text[-3000:]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_holder(small, capsys):
+    from jobs.config import build_config
+    from jobs.plan import check_output
+
+    out = str(small["root"] / "busy")
+    first = Lease(Store(out))
+    first.acquire()  # the first run, as it holds the folder while it runs (this live process)
+    try:
+        assert main(["run", "--models", small["model"], "--data", small["data"], "--out", out, "--chunk-tokens", "64",
+                     "--analyses", "path"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by another probe run" in err[0] and f"pid {os.getpid()}" in err[0], err
+    finally:
+        first.release()
+    stale = {"host": "elsewhere", "pid": 1, "started": 0, "refreshed": 0}
+    Store(out).write_json(LEASE, stale)  # a lease left by a run that died long ago, nothing else
+    check_output(build_config({"models": small["model"], "data": small["data"], "out": out}))
