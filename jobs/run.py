@@ -204,7 +204,7 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
             first = [worker.sentence_rotation.remote(*plan.sentences)] if plan.sentences is not None else []
             pending.append(ray.remote(stats.model_rotation).remote(store.uri, m.name, cfg.alpha, *first))
         if "attn_ar" in analyses:
-            pending.append(ray.remote(stats.model_attn_ar).remote(store.uri, m.name))
+            pending.append(ray.remote(stats.model_attn_ar).remote(store.uri, m.name, cfg.alpha))
         pending.append(ray.remote(stats.model_path_summary).remote(store.uri, m.name, m.n_layer))
     picked = stats.heatmap_chunks(plan.sample_keys, plan.n_chunks)
     for name, refs in fits.items():
