@@ -188,10 +188,15 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
     use_gpu = task_gpu > 0
     gpu = {"num_gpus": task_gpu} if use_gpu else {}
     pending, fits = [], {}
+    if "neurons" in analyses:
+        # The sampled chunks, for an actor that must recompute samples it lost (resume, restart): shared by all models.
+        sample_chunks = np.unique(plan.sample_keys[:, 0])
+        sample_ids = ray.put(plan.chunks[sample_chunks])
     for m in plan.models:
         worker = workers[m.name]
         if "neurons" in analyses:
-            blocks = worker.neuron_blocks.options(num_returns=m.n_layer).remote(plan.sample_keys)
+            blocks = worker.neuron_blocks.options(num_returns=m.n_layer).remote(plan.sample_keys, sample_chunks, sample_ids,
+                                                                               plan.batch_size)
             blocks = blocks if isinstance(blocks, list) else [blocks]
             task = ray.remote(stats.fit_neurons).options(**gpu)
             fits[m.name] = [task.remote(store.uri, m.name, layer, block, plan.sample_labels, cfg.alpha, use_gpu)

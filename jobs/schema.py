@@ -62,9 +62,14 @@ def partition_keys(table: str) -> tuple[str, ...]:
     return PARTITIONS.get(table, DEFAULT_PARTITIONS)
 
 
-def file_schema(table: str, d_mlp: int | None = None) -> pa.Schema:
-    """Schema of the files of a table (``activations`` values become a fixed-size list of d_mlp)."""
+VALUE_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def file_schema(table: str, d_mlp: int | None = None, values_dtype: str = "float16") -> pa.Schema:
+    """Schema of the files of a table (``activations`` values become a fixed-size list of d_mlp of
+    ``values_dtype``, the run's --activations-dtype)."""
     schema = TABLES[table]
     if table == "activations" and d_mlp is not None:
-        schema = schema.set(schema.get_field_index("values"), pa.field("values", pa.list_(pa.float16(), d_mlp)))
+        field = pa.field("values", pa.list_(VALUE_TYPES[values_dtype], d_mlp))
+        schema = schema.set(schema.get_field_index("values"), field)
     return schema
