@@ -272,3 +272,18 @@ def test_synthetic_tables_match_the_parquet_schema(frames):
         got = frames[name].filter(pl.col("model") == "gpt2").select(list(expected)).schema
         assert {c: str(t) for c, t in got.items()} == {c: str(t) for c, t in expected.items()}, name
         assert frames[name].schema["model"] == pl.String
+
+
+def test_attn_ar_markers_follow_the_significant_columns(frames):
+    """Filled markers are the table's significant flags (the run's --alpha), not a fixed alpha."""
+    pooled = frames["attn_ar"].filter(pl.col("chunk").is_null())
+
+    def filled(df):
+        fig = figures.fig_attn_ar_coefs(df.lazy())
+        return [sum(len(c.get_offsets()) for c in ax.collections) for ax in fig.axes[:2]]
+
+    none = pooled.with_columns(significant1=False, significant2=False)
+    every = pooled.with_columns(significant1=True, significant2=True)
+    assert filled(none) == [0, 0] and filled(every) == [pooled.height, pooled.height]
+    legacy = pooled.drop("significant1", "significant2").with_columns(p1=pl.lit(0.0), p2=pl.lit(1.0))
+    assert filled(legacy) == [pooled.height, 0]  # old tables: p < alpha / layers
