@@ -13,6 +13,15 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (``probe: error: ...``, exit 2) like every other bad input."""
+
+    def error(self, message):
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        hint = f" (see probe {command + ' ' if command else ''}--help)"
+        self.exit(2, f"probe: error: {message}{hint}\n")
+
+
 def run_parser(sub) -> None:
     p = sub.add_parser("run", help="run the analyses and write a run folder",
                        description="Run the analyses over a corpus for every model; every flag is also a key of --config YAML (the CLI wins).")
@@ -35,19 +44,20 @@ def run_parser(sub) -> None:
     a("--target", help="rotation target, one BPE token; default ' her'")
     a("--sentences", help="rotation: a file of extra sentences, one per line (run as a right-padded batch)")
     a("--max-samples", type=_int, help="neurons: at most this many proper nouns (and as many other tokens), drawn from every chunk but the last (held out for the token heatmap); default 1000")
-    a("--mi-tokens", type=_int, help="mi: the first N tokens of the stream; default: the first chunk")
+    a("--mi-tokens", type=_int, help="mi: the first N tokens of the stream; default: 16 chunks for histogram (fewer where the corpus has fewer), the first chunk for ksg")
     a("--mi-method", help="mi: histogram (15 equal-width bins, bits) or ksg (sklearn mutual_info_regression); default histogram")
     a("--mi-bins", type=_int, help="mi: histogram bins per dimension; default 15")
     a("--alpha", type=float, help="family-wise significance level before Bonferroni; default 0.05")
     a("--activations-dtype", help="neurons: float16|float32 storage of the activations table (the fits always use the model's float32 values); default float16")
     a("--max-in-flight", type=_int, help="batches queued per model actor; default 2")
+    a("--placement-timeout", type=float, help="with --address: seconds to wait for the cluster to place the model actors before failing; default 180")
     a("--actor-resources", help='JSON: extra Ray resources per model actor, e.g. \'{"gpt2-xl": {"node_b": 1}}\' to place actors on nodes')
     a("--resume", action="store_true", default=None, help="finish an interrupted run (same --run-id/--out): only missing shards are computed")
     a("--allow-pickle", action="store_true", default=None, help="allow pickle (.bin) weights; default: safetensors only")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="probe", description="Observational interpretability of GPT-2 at corpus scale, on Ray.")
+    parser = Parser(prog="probe", description="Observational interpretability of GPT-2 at corpus scale, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser(sub)
     q = sub.add_parser("query", help="SQL over a run's tables (polars)", description="Every table of the run is registered under its name.")
@@ -56,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--output", help="write the result to a .csv or .parquet file instead of printing it")
     r = sub.add_parser("report", help="(re)write OUT/report.html and OUT/figures/")
     r.add_argument("out", help="the run folder or URI")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag already reported in one line
+        return e.code if isinstance(e.code, int) else 2
     try:
         return COMMANDS[args.command](args)
     except UsageError as e:
@@ -64,12 +77,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a cluster scheduler sends), raised like Ctrl-C so the run stops the same way."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def cmd_run(args) -> int:
+    import signal
+
     from jobs.run import run
 
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    run(build_config(cli, args.config))
+    cfg = build_config(cli, args.config)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        run(cfg)
+    except KeyboardInterrupt as e:
+        _shutdown_ray()
+        print(f"interrupted: resume with probe run --resume --run-id {cfg.run_id} --out {cfg.out}", file=sys.stderr, flush=True)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except BaseException:  # a second signal or a broken connection while stopping: exit anyway
+        pass
 
 
 def cmd_query(args) -> int:
@@ -77,16 +119,42 @@ def cmd_query(args) -> int:
 
     from jobs.query import run_query
 
-    if args.output and not args.output.endswith((".csv", ".parquet")):
-        raise UsageError(f"--output {args.output} must end in .csv or .parquet")
+    if args.output:
+        check_output_file(args.output)
     result = run_query(args.out, args.sql)
     if args.output:
-        (result.write_csv if args.output.endswith(".csv") else result.write_parquet)(args.output)
+        write_result(result, args.output)
         print(f"{result.height} rows -> {args.output}")
     else:
         with pl.Config(tbl_rows=int(os.environ.get("PROBE_ROWS", "50")), tbl_cols=-1, fmt_str_lengths=60):
             print(result)
     return 0
+
+
+def check_output_file(path: str) -> None:
+    """Refuse a --output that cannot be written, before the query runs."""
+    if not path.endswith((".csv", ".parquet")):
+        raise UsageError(f"--output {path} must end in .csv or .parquet")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--output {path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"--output {path} is a folder: give a file name")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--output {path}: folder {folder} is not writable")
+
+
+def write_result(result, path: str) -> None:
+    import polars as pl
+
+    if path.endswith(".csv"):
+        nested = [n for n, t in result.schema.items() if isinstance(t, (pl.List, pl.Array, pl.Struct))]
+        if nested:
+            raise UsageError(f"--output {path}: CSV cannot hold nested columns ({', '.join(nested)}): write .parquet, "
+                             f"or select scalar columns (e.g. values[1] for one element of a list)")
+        result.write_csv(path)
+    else:
+        result.write_parquet(path)
 
 
 def cmd_report(args) -> int:

@@ -4,12 +4,19 @@ import difflib
 import json
 import re
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 
 ANALYSES = ("path", "rotation", "neurons", "mi", "attn_ar")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Ray addresses: auto, local, host:port, ray://host:port, or a dashboard URL (http(s)://host[:port][/...]).
+ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9._\[\]:-]+:\d{1,5}|https?://[A-Za-z0-9._\[\]:-]+(:\d{1,5})?(/\S*)?)$")
+# pyarrow filesystems --out may name (pyarrow.fs.FileSystem.from_uri).
+OUT_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+MAX_SEED = 2**32 - 1  # sklearn's random_state (KSG jitter) takes at most this
 
 
 class UsageError(Exception):
@@ -35,7 +42,7 @@ class RunConfig:
     target: str = " her"
     sentences: str | None = None
     max_samples: int = 1000
-    mi_tokens: int | None = None  # default: the first chunk
+    mi_tokens: int | None = None  # default: 16 chunks (histogram) or the first chunk (ksg)
     mi_method: str = "histogram"
     mi_bins: int = 15
     alpha: float = 0.05
@@ -43,10 +50,12 @@ class RunConfig:
     resume: bool = False
     allow_pickle: bool = False
     max_in_flight: int = 2
+    placement_timeout: float = 180.0  # seconds a cluster (--address) may take to place the model actors
     # Extra Ray resources per model actor, by partition name: {"gpt2-xl": {"big_gpu": 1}} pins actors to nodes.
     actor_resources: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        check_types(self)
         check = _Checker()
         check.choice("analyses", self.analyses, ANALYSES, many=True)
         check.choice("device", self.device, DEVICES)
@@ -61,6 +70,20 @@ class RunConfig:
         check.positive("mi_tokens", self.mi_tokens, minimum=2)
         check.positive("mi_bins", self.mi_bins, minimum=2)
         check.positive("max_in_flight", self.max_in_flight)
+        if self.seed > MAX_SEED:
+            raise UsageError(f"--seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
+        if self.seed < 0:
+            raise UsageError(f"--seed must be an integer >= 0, got {self.seed}")
+        if self.max_tokens is not None and self.max_tokens < self.chunk_tokens:
+            raise UsageError(f"--max-tokens {self.max_tokens} is below one chunk of --chunk-tokens {self.chunk_tokens}: "
+                             f"raise --max-tokens or lower --chunk-tokens")
+        if self.address is not None and not ADDRESS.match(self.address):
+            raise UsageError(f"--address {self.address!r} is not a Ray address: use auto, host:port, ray://host:port or http://host:8265")
+        if "://" in self.out and self.out.split("://", 1)[0].lower() not in OUT_SCHEMES:
+            raise UsageError(f"--out {self.out}: unknown URI scheme {self.out.split('://', 1)[0]!r} (use a local path or one of "
+                             f"{', '.join(s + '://' for s in OUT_SCHEMES)})")
+        if self.sentences is not None and "rotation" not in self.analyses:
+            raise UsageError("--sentences feeds the rotation analysis, which is not in --analyses: add rotation or drop --sentences")
         if not self.models:
             raise UsageError("--models is empty: give a comma list of hub ids or local model folders")
         if len(set(self.models)) != len(self.models):
@@ -70,7 +93,7 @@ class RunConfig:
         if self.run_id and not RUN_ID.match(self.run_id):
             raise UsageError(f"--run-id {self.run_id!r} must be letters, digits, '.', '_' or '-' (no path separators)")
         if not isinstance(self.actor_resources, dict) or not all(
-            isinstance(v, dict) and all(isinstance(n, (int, float)) and n >= 0 for n in v.values()) for v in self.actor_resources.values()
+            isinstance(v, dict) and all(isinstance(n, (int, float)) and not isinstance(n, bool) and n >= 0 for n in v.values()) for v in self.actor_resources.values()
         ):
             raise UsageError('--actor-resources must map model names to {"resource": amount}, e.g. {"gpt2-xl": {"node_b": 1}}')
         if self.resume and not self.run_id and not self.out:
@@ -84,6 +107,51 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _expected(hint) -> tuple[object, bool]:
+    """(the type a field holds, whether None is allowed) from its annotation."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return (args[0] if len(args) == 1 else hint), len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _type_ok(hint, value) -> bool:
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # a bool is an int to Python, never to a user
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_type_ok(item, v) for v in value)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    raise TypeError(f"no type check for {hint!r}")  # a new kind of field: teach _type_ok about it
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+
+
+def check_types(cfg) -> None:
+    """Refuse every field whose value does not have its annotated type, driven by the dataclass fields,
+    so a new field is checked too. float fields take ints (stored as float)."""
+    for f in dataclasses.fields(cfg):
+        hint, optional = _expected(_HINTS[f.name])
+        value = getattr(cfg, f.name)
+        if value is None and optional:
+            continue
+        if not _type_ok(hint, value):
+            word = _TYPE_WORDS.get(hint) or ("a list of strings" if typing.get_origin(hint) is tuple else str(hint))
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise UsageError(f"--{f.name.replace('_', '-')} must be {word}, got {type(value).__name__} {shown}")
+        if hint is float:
+            object.__setattr__(cfg, f.name, float(value))
 
 
 class _Checker:
@@ -101,6 +169,7 @@ class _Checker:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_HINTS = typing.get_type_hints(RunConfig)
 LIST_FIELDS = ("models", "analyses")
 
 
@@ -114,8 +183,8 @@ def _coerce(name: str, value):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise UsageError(f"config key {name!r} must be a list or a comma-separated string, got {value!r}")
-        return tuple(str(v) for v in value)
+            raise UsageError(f"--{name} must be a list or a comma-separated string, got {type(value).__name__} {value!r}")
+        return tuple(value)
     return value
 
 

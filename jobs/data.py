@@ -1,5 +1,6 @@
 """Corpus input: rows of text from the hub dataset, a local text file or a Parquet file; one token stream."""
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -27,23 +28,55 @@ class Corpus:
         return digest.hexdigest()[:32]
 
 
-def read_text_file(path: str) -> list[str]:
-    """Rows of a UTF-8 text file, one per line, each keeping its ``\\n`` as the hub's WikiText rows do."""
+BOM = b"\xef\xbb\xbf"
+
+
+def read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 file without their line ends; a leading BOM is dropped and CRLF read as LF."""
     with open(path, "rb") as f:
         raw = f.read()
+    if raw.startswith(BOM):
+        raw = raw[len(BOM):]
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
-    rows = []
+    out = []
     for number, line in enumerate(lines, start=1):
         try:
-            rows.append(line.decode("utf-8") + "\n")
+            out.append(line.removesuffix(b"\r").decode("utf-8"))
         except UnicodeDecodeError as e:
             raise UsageError(f"{path}: line {number} is not valid UTF-8 (byte {e.start}): re-encode the file as UTF-8") from None
+    return out
+
+
+def read_text_file(path: str) -> list[str]:
+    """Rows of a UTF-8 text file, one per line, each keeping its ``\\n`` as the hub's WikiText rows do."""
+    return [line + "\n" for line in read_lines(path)]
+
+
+def read_jsonl_rows(path: str) -> list[str]:
+    """Rows of a JSON-lines file: the string ``text`` of each line's object (a blank line is a blank row)."""
+    rows = []
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            rows.append("")
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}: line {number} is not JSON ({e.msg}): a .jsonl file holds one JSON object per line") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise UsageError(f"{path}: line {number} is not a JSON object with a string 'text' field")
+        rows.append(normalise_newlines(obj["text"]))
     return rows
 
 
+def normalise_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n") if "\r\n" in text else text
+
+
 def read_parquet_rows(path: str) -> list[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -52,7 +85,17 @@ def read_parquet_rows(path: str) -> list[str]:
         raise UsageError(f"{path} is not a readable Parquet file: {e}") from None
     if "text" not in schema.names:
         raise UsageError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
-    return [t or "" for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
+    kind = schema.field("text").type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise UsageError(f"{path}: column 'text' holds {kind}, not strings")
+    try:
+        column = pq.read_table(path, columns=["text"]).column("text")
+    except Exception as e:  # corrupt pages or footers: pyarrow raises OSError, ArrowInvalid, ...
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{path}: the 'text' column cannot be read ({first[:200]}): the file is damaged") from None
+    return [normalise_newlines(t) if t else "" for t in column.to_pylist()]
 
 
 def read_hub_rows(spec: str) -> list[str]:
@@ -83,6 +126,12 @@ def read_rows(spec: str) -> list[str]:
         raise UsageError(f"--data {spec} is empty")
     if spec.endswith(".parquet"):
         return read_parquet_rows(spec)
+    if spec.endswith(".jsonl"):
+        return read_jsonl_rows(spec)
+    if not spec.endswith(TEXT_SUFFIXES):
+        # A .csv, .json or compressed file read as lines would be tokenized as if it were prose.
+        raise UsageError(f"--data {spec}: unknown file type: give {'/'.join(TEXT_SUFFIXES)} (one row per line), "
+                         f".jsonl (a 'text' field per line) or .parquet (a 'text' column)")
     return read_text_file(spec)
 
 

@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from jobs.plotting import (N_BINS, NoData, add_lines, collect, density_panels, int_x, models_of, panels, pick,
                            resolve_chunk, safe, thin, wide)
 from jobs.plotting import model_sort_key  # noqa: F401  (re-exported: jobs.report imports it from here)
+from jobs import across_sizes
 from jobs.token_heatmap import HEATMAP_TITLES, fig_token_heatmap, heatmap_name
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ TITLES = {
     "attn_strip": "Log attention-output norms per layer",
     "attn_hist": "Log attention-output norms: histogram per layer",
     "attn_ar_coefs": "AR(2) on log attention-output norms: pooled coefficients",
+    **across_sizes.TITLES,
 }
 KIND_COLORS = {"target": "tab:red", "previous": "tab:blue", "shuffled": "tab:gray"}
 ALPHA = 0.05
@@ -243,10 +245,30 @@ def fig_mi_layer(mi: pl.LazyFrame, layer: int | None = None) -> Figure:
     return fig
 
 
-def fig_mi_density(mi: pl.LazyFrame) -> Figure:
-    """Per model: MI density per layer overlaid, coloured by hidden_states index."""
-    return density_panels(mi, "mi_bits", 0.0, 0.999, "mutual information (bits)",
-                           "density (per bit)", "layer (hidden_states index, 0 = embeddings)", TITLES["mi_density"])
+def fig_mi_density(mi: pl.LazyFrame, mi_null: pl.LazyFrame | None = None) -> Figure:
+    """Per model: MI density per layer overlaid, coloured by hidden_states index; with ``mi_null`` each
+    layer's permutation null (same estimator, tokens shuffled per dimension) is drawn dashed in its colour."""
+    fig = density_panels(mi, "mi_bits", 0.0, 0.999, "mutual information (bits)",
+                         "density (per bit)", "layer (hidden_states index, 0 = embeddings)", TITLES["mi_density"])
+    if mi_null is None:
+        return fig
+    null = collect(mi_null.select("model", "layer", "mi_bits"), "mi null")
+    for ax in fig.axes:
+        lines = [c for c in ax.collections if c.get_array() is not None]
+        m = ax.get_title().split(" (values")[0]
+        d = null.filter(pl.col("model") == m)
+        if not lines or d.height == 0:
+            continue  # a colorbar's axes, or a model without a null (KSG)
+        lo, hi = ax.get_xlim()
+        for layer in np.sort(d["layer"].unique().to_numpy()):
+            v = d.filter(pl.col("layer") == layer)["mi_bits"].to_numpy()
+            counts, edges = np.histogram(v, bins=N_BINS, range=(lo, hi))
+            # the same normalisation as the real densities: out-of-range values count in the denominator
+            ax.plot((edges[:-1] + edges[1:]) / 2, counts / len(v) / np.diff(edges), ls="--", lw=0.8,
+                    color=lines[0].cmap(lines[0].norm(float(layer))))
+        ax.plot([], [], ls="--", color="grey", label="permutation null, per layer")
+        ax.legend(loc="upper right", fontsize="small")
+    return fig
 
 
 # ---------------------------------------------------------------- attention AR
@@ -313,10 +335,11 @@ def _present(tables: dict[str, pl.LazyFrame]) -> dict[str, pl.LazyFrame]:
     return {k: v for k, v in tables.items() if v is not None and v.head(1).collect().height > 0}
 
 
-def _specs(t: dict, chunk: int, neuron_layer, mi_layer):
+def _specs(t: dict, chunk: int, neuron_layer, mi_layer, n_layers=None):
     """(name, section, needed tables, builder) for every figure, in report order."""
     get = t.get
     return [
+        *across_sizes.specs(t, n_layers),
         ("path_cumulative", "path", ["layer_metrics"], lambda: fig_path_cumulative(t["layer_metrics"], chunk)),
         ("path_logit_vs_step", "path", ["tokens", "layer_metrics"],
          lambda: fig_logit_vs_step(t["tokens"], t["layer_metrics"], get("path_summary"))),
@@ -327,7 +350,7 @@ def _specs(t: dict, chunk: int, neuron_layer, mi_layer):
         *[(heatmap_name(flag), "neurons", ["neuron_heatmap", "tokens"], lambda flag=flag: fig_token_heatmap(
             t["neuron_heatmap"], t["tokens"], get("neuron_logit"), in_sample=flag)) for flag in (True, False)],
         ("mi_layer", "mi", ["mi"], lambda: fig_mi_layer(t["mi"], mi_layer)),
-        ("mi_density", "mi", ["mi"], lambda: fig_mi_density(t["mi"])),
+        ("mi_density", "mi", ["mi"], lambda: fig_mi_density(t["mi"], get("mi_null"))),
         ("attn_strip", "attn_ar", ["attn_norms"], lambda: fig_attn_strip(t["attn_norms"])),
         ("attn_hist", "attn_ar", ["attn_norms"], lambda: fig_attn_hist(t["attn_norms"])),
         ("attn_ar_coefs", "attn_ar", ["attn_ar"], lambda: fig_attn_ar_coefs(t["attn_ar"])),
@@ -335,16 +358,17 @@ def _specs(t: dict, chunk: int, neuron_layer, mi_layer):
 
 
 def render_all(tables: dict[str, pl.LazyFrame], fig_dir: str, *, chunk: int = 0, neuron_layer: int | None = None,
-               mi_layer: int | None = None) -> list[dict]:
+               mi_layer: int | None = None, n_layers: dict[str, int] | None = None) -> list[dict]:
     """Write every figure whose tables are present and non-empty as ``<name>.png`` and ``<name>.svg``.
 
     Returns entries {"name", "title", "section", "png", "svg"} in report order; figures with nothing to
-    draw (``NoData``) are skipped and logged.
+    draw (``NoData``) are skipped and logged. ``n_layers`` (model -> n_layer, e.g. from the manifest) sets the
+    relative depth of the "across" figures; without it a model's largest layer in the tables is used.
     """
     present = _present(tables)
     os.makedirs(fig_dir, exist_ok=True)
     out = []
-    for name, section, needs, build in _specs(present, chunk, neuron_layer, mi_layer):
+    for name, section, needs, build in _specs(present, chunk, neuron_layer, mi_layer, n_layers):
         if not all(n in present for n in needs):
             continue
         try:

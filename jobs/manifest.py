@@ -3,8 +3,39 @@ import os
 import platform
 import subprocess
 
-from jobs.config import UsageError
+from jobs.config import FIELDS, UsageError
 from jobs.store import Store
+
+# Settings that change only speed or location, never a result; every other RunConfig field (also any
+# field added later) changes results, so a --resume must repeat it. ``models`` is compared separately
+# (adding a model on resume is allowed).
+SPEED_SETTINGS = frozenset({"batch_size", "max_in_flight", "device", "address", "placement_timeout", "actor_resources",
+                            "models", "out", "run_id", "resume", "allow_pickle"})
+
+
+def result_settings(config: dict) -> dict:
+    """The RunConfig values (as in manifest.json's ``config``) that change results."""
+    return {k: config.get(k) for k in sorted(FIELDS) if k not in SPEED_SETTINGS}
+
+
+def differing_settings(old: dict, new: dict) -> list[str]:
+    """'--name OLD (run) vs NEW (now)' for each result-changing setting that differs; JSON-normalised."""
+    a, b = result_settings(old), result_settings(new)
+    norm = lambda v: list(v) if isinstance(v, tuple) else v
+    return [f"--{k.replace('_', '-')} {norm(a[k])!r} (run) vs {norm(b[k])!r} (now)"
+            for k in a if k in old and norm(a[k]) != norm(b[k])]
+
+
+def read_manifest(store: Store) -> dict:
+    """OUT/manifest.json, or UsageError saying what to do when it is cut short or not JSON."""
+    try:
+        data = store.read_json("manifest.json")
+    except ValueError as e:
+        raise UsageError(f"{store.path('manifest.json')} is damaged ({str(e).splitlines()[0]}): "
+                         "the run cannot be resumed or read; start it again with a new --out") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{store.path('manifest.json')} is damaged (not a JSON object): start the run again with a new --out")
+    return data
 
 
 class Manifest:
@@ -12,14 +43,14 @@ class Manifest:
 
     def __init__(self, store: Store, plan):
         self.store = store
-        previous = store.read_json("manifest.json") if plan.cfg.resume else {}
+        previous = read_manifest(store) if plan.cfg.resume else {}
         self.previous = previous
         self.data = {
             "run_id": plan.cfg.run_id,
             "config": plan.cfg.to_dict(),
             "versions": versions(),
             "git_commit": git_commit(),
-            "models": {m.name: {"source": m.source, "n_layer": m.n_layer, "n_embd": m.n_embd, "config": m.config} for m in plan.models},
+            "models": {m.name: {"source": m.source, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_params": m.n_params, "config": m.config} for m in plan.models},
             "data": {"source": plan.corpus.source, "fingerprint": plan.corpus.fingerprint(), "rows": plan.corpus.n_rows,
                      "tokens": int(plan.chunks.size), "chunks": plan.n_chunks, "chunk_tokens": plan.cfg.chunk_tokens},
             "batch_size": plan.batch_size,
@@ -27,6 +58,13 @@ class Manifest:
         }
         if previous and previous.get("data", {}).get("fingerprint") != self.data["data"]["fingerprint"]:
             raise UsageError("--resume: the data or --max-tokens differ from the run being resumed; use the same inputs")
+        if previous:
+            # The run's own settings: old manifests lack some keys, which then are not compared.
+            changed = differing_settings(previous.get("config", {}), self.data["config"])
+            if changed:
+                raise UsageError("--resume with settings that change results: " + "; ".join(changed)
+                                 + "; repeat the run's settings (only --batch-size, --max-in-flight, --device, --address, "
+                                 "--placement-timeout may differ, and --models may add models)")
 
     def stage(self, name: str, status: str, seconds: float | None = None, **extra) -> None:
         entry = {"status": status, **extra}

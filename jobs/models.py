@@ -1,4 +1,5 @@
 """Resolving model ids and folders to GPT-2 configs, and loading weights safely."""
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ def resolve_model(source: str, allow_pickle: bool = False) -> ModelSpec:
         ) from None
     if getattr(config, "model_type", None) != "gpt2":
         raise UsageError(f"model {source!r} is a {getattr(config, 'model_type', 'unknown')!r} model, not GPT-2")
+    if os.path.isdir(source) and files.intersection(WEIGHT_FILES_SAFE):
+        check_safetensors(source, expected_shapes(config))
     return ModelSpec(
         source=source,
         name=partition_name(source),
@@ -66,6 +69,63 @@ def resolve_model(source: str, allow_pickle: bool = False) -> ModelSpec:
         vocab_size=config.vocab_size,
         config=config.to_diff_dict(),
     )
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Shape of every GPT-2 weight tensor from config.json (Conv1D weights are (in, out)); keys without
+    the ``transformer.`` prefix. lm_head is tied to wte and not saved."""
+    d, d_mlp = config.n_embd, config.n_inner or 4 * config.n_embd
+    shapes = {"wte.weight": (config.vocab_size, d), "wpe.weight": (config.n_positions, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    for i in range(config.n_layer):
+        block = {"ln_1.weight": (d,), "ln_1.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
+                 "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
+                 "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,),
+                 "mlp.c_fc.weight": (d, d_mlp), "mlp.c_fc.bias": (d_mlp,),
+                 "mlp.c_proj.weight": (d_mlp, d), "mlp.c_proj.bias": (d,)}
+        shapes.update({f"h.{i}.{k}": v for k, v in block.items()})
+    return shapes
+
+
+def safetensors_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header; the library checks the header and that the tensors'
+    data offsets cover the file exactly (a truncated or padded file fails). Reads no tensor data."""
+    from safetensors import SafetensorError, safe_open
+
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{path} is empty: save the model again with save_pretrained()")
+    try:
+        with safe_open(path, "np") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{path} is not a complete safetensors file ({first[:160]}): copy or save it again") from None
+
+
+def check_safetensors(folder: str, expected: dict[str, tuple[int, ...]]) -> None:
+    """Every GPT-2 tensor present with the shape config.json implies, before any actor loads the weights."""
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        paths = [single]
+    else:
+        index = os.path.join(folder, "model.safetensors.index.json")
+        try:
+            with open(index, encoding="utf-8") as f:
+                paths = sorted({os.path.join(folder, shard) for shard in json.load(f)["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"{index} is not a valid safetensors index ({type(e).__name__}: {str(e)[:120]})") from None
+        for p in paths:
+            if not os.path.isfile(p):
+                raise UsageError(f"{index} lists {os.path.basename(p)}, which is missing from {folder}")
+    found = {}
+    for p in paths:
+        for key, shape in safetensors_shapes(p).items():
+            found[key.removeprefix("transformer.")] = (shape, p)
+    for key, shape in expected.items():
+        if key not in found:
+            raise UsageError(f"model folder {folder}: the weights have no tensor {key!r}: not a complete GPT-2 checkpoint")
+        if found[key][0] != shape:
+            raise UsageError(f"model folder {folder}: tensor {key!r} in {os.path.basename(found[key][1])} has shape "
+                             f"{list(found[key][0])}, but config.json implies {list(shape)}: the weights do not match the config")
 
 
 def load_model(spec: ModelSpec, device: str, dtype: str, allow_pickle: bool = False):
@@ -82,6 +142,11 @@ def load_model(spec: ModelSpec, device: str, dtype: str, allow_pickle: bool = Fa
 def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
+    if os.path.isdir(source):
+        files = set(os.listdir(source))
+        if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
+            raise UsageError(f"{source} has no tokenizer (no tokenizer.json, nor vocab.json with merges.txt): "
+                             f"save the tokenizer there with save_pretrained() or pass --tokenizer FOLDER")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as e:
@@ -89,4 +154,6 @@ def load_tokenizer(source: str):
         raise UsageError(f"cannot load a tokenizer from {source!r} ({first[:200]}); pass --tokenizer FOLDER") from None
     if tokenizer.eos_token_id is None:
         raise UsageError(f"tokenizer {source!r} has no end-of-text token: not a GPT-2 tokenizer")
+    if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        raise UsageError(f"tokenizer {source!r} turns text into no tokens: its vocabulary is missing; pass --tokenizer FOLDER")
     return tokenizer

@@ -32,11 +32,37 @@ def scan_tables(store: Store) -> dict[str, pl.LazyFrame]:
     return tables
 
 
+def open_store(uri: str, what: str) -> Store:
+    """Store(uri), with a URI pyarrow cannot open (unknown scheme, bad bucket) as one line."""
+    try:
+        return Store(uri)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for URIs it cannot open
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{what} {uri} cannot be opened ({first[:200]})") from None
+
+
 def open_run(uri: str) -> Store:
-    store = Store(uri)
+    store = open_store(uri, "the run folder")
     if not store.exists("manifest.json"):
         raise UsageError(f"{uri} holds no run (no manifest.json): give the --out folder of a probe run")
+    from jobs.manifest import read_manifest
+
+    read_manifest(store)
+    check_footers(store)
     return store
+
+
+def check_footers(store: Store) -> None:
+    """UsageError naming the first Parquet file whose footer cannot be read (a truncated shard)."""
+    import pyarrow.parquet as pq
+
+    for table in store.tables():
+        for path in store.list_files(table):
+            try:
+                pq.read_metadata(path, filesystem=store.fs)
+            except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a cut-short file
+                raise UsageError(f"{path} is damaged ({str(e).splitlines()[0]}): finish the run again with "
+                                 f"probe run --resume --run-id <id> --out {store.uri}") from None
 
 
 def run_query(uri: str, sql: str) -> pl.DataFrame:
@@ -51,6 +77,7 @@ def run_query(uri: str, sql: str) -> pl.DataFrame:
 
 def make_report(store: Store, manifest: dict | None = None) -> str:
     """Render every figure under OUT/figures and write OUT/report.html; returns the report's path."""
+    from jobs.across_sizes import model_info
     from jobs.figures import render_all
     from jobs.report import write_report
 
@@ -58,7 +85,9 @@ def make_report(store: Store, manifest: dict | None = None) -> str:
     tables = scan_tables(store)
     with tempfile.TemporaryDirectory() as tmp:
         local = store.root if store.is_local else tmp
-        figures = render_all(tables, os.path.join(local, "figures"))
+        info = model_info(manifest, tables)
+        n_layers = {m: n for m, n in zip(info["model"], info["n_layer"]) if n is not None}
+        figures = render_all(tables, os.path.join(local, "figures"), n_layers=n_layers)
         path = write_report(local, manifest, tables, figures)
         if not store.is_local:
             for root, _, files in os.walk(local):

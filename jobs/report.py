@@ -9,10 +9,13 @@ import os
 
 import polars as pl
 
+from jobs.across_sizes import summary_table
 from jobs.figures import model_sort_key
 
 HEAD_ROWS = 50
 SECTIONS = [  # (key, heading, what it shows)
+    ("across", "Across model sizes", "Each model's headline statistics side by side; per-layer figures on relative "
+                                     "depth (layer / n_layer), one line per model."),
     ("path", "Path length", "Hidden-state path length across layers and its relation to the next-token logit."),
     ("rotation", "Rotation", "Residual-stream rotation angles of target tokens vs previous and shuffled tokens."),
     ("neurons", "Proper-noun neurons", "Per-neuron logistic regression of the proper-noun label on pre-GELU MLP "
@@ -71,9 +74,14 @@ def _by_model(caption: str, df: pl.DataFrame, *cols: str) -> tuple[str, pl.DataF
     return caption, head
 
 
-def _summaries(key: str, t: dict[str, pl.LazyFrame]) -> list[tuple[str, pl.DataFrame]]:
+def _summaries(key: str, t: dict[str, pl.LazyFrame], manifest: dict | None = None) -> list[tuple[str, pl.DataFrame]]:
     """(caption, small frame) summary tables of one section; large tables are reduced lazily before collecting."""
     out = []
+    if key == "across":
+        df = summary_table(t, manifest)
+        if df.width > 3 or any(v is not None for v in df["params"]):
+            out.append(("One row per model (params: GPT-2 weights, tied LM head once; n_neurons: neurons x layers "
+                        "fitted; mi_excess_bits and mean_ar_b1: means over layers)", df))
     if key == "path" and "path_summary" in t:
         out.append(_by_model("Path length vs next-token logit", t["path_summary"].collect()))
     if key == "rotation" and "rotation" in t:
@@ -86,11 +94,24 @@ def _summaries(key: str, t: dict[str, pl.LazyFrame]) -> list[tuple[str, pl.DataF
                .select("model", "layer", "neuron", "n", "beta", "se", "z", "p", "q_bh", "status").collect())
         out.append(_by_model("Top 3 significant neurons per model and layer (smallest p)", top, "layer", "p"))
     if key == "mi" and "mi_summary" in t:
-        out.append(_by_model("MI per layer (bits; layer = hidden_states index)", t["mi_summary"].collect(), "layer"))
+        ms = t["mi_summary"].collect()
+        out.append(_by_model(_mi_bias_sentence(ms), ms, "layer"))
     if key == "attn_ar" and "attn_ar" in t:
         pooled = t["attn_ar"].filter(pl.col("chunk").is_null()).drop("chunk").collect()
         out.append(_by_model("AR(2) pooled over chunks", pooled, "layer"))
     return [(c, df) for c, df in out if df.height]
+
+
+def _mi_bias_sentence(ms: pl.DataFrame) -> str:
+    """The plug-in bias at the run's N in one sentence: theory (B-1)^2/(2N ln 2) at 15 bins and the measured null."""
+    from probe_core.mutual_info import plugin_bias_bits
+
+    n = int(ms["n_tokens"].max()) if ms.height else 0
+    null = ms["null_mean_bits"].drop_nans().mean() if "null_mean_bits" in ms.columns else None
+    measured = f"; the measured null (dimensions permuted independently) averages {null:.4f} bits" if null is not None else ""
+    return (f"MI per layer (bits; layer = hidden_states index). At N = {n} tokens the plug-in estimator's bias for "
+            f"independent dimensions is (B−1)²/(2N ln 2) = {plugin_bias_bits(max(n, 1)):.4f} bits at 15 bins{measured}; "
+            "mi_bits_mm and excess_mean_bits correct for it.")
 
 
 def _figure(fig: dict, run_dir: str) -> str:
@@ -148,8 +169,9 @@ def _header(run_dir: str, manifest: dict) -> str:
 
 def _section(key: str, heading: str, blurb: str, figs: list[dict], tables: list, run_dir: str) -> str:
     parts = [f'<section id="{key}"><h2>{html.escape(heading)}</h2><p>{html.escape(blurb)}</p>']
-    parts += [_figure(f, run_dir) for f in figs]
-    parts += [_table(df.columns, df.rows(), cap) for cap, df in tables]
+    figs_html = [_figure(f, run_dir) for f in figs]
+    tables_html = [_table(df.columns, df.rows(), cap) for cap, df in tables]
+    parts += tables_html + figs_html if key == "across" else figs_html + tables_html  # overview: table first
     if not figs and not tables:
         parts.append('<p class="empty">Not run: its tables are absent or empty.</p>')
     return "".join(parts) + "</section>"
@@ -165,7 +187,7 @@ def write_report(run_dir_local: str, manifest: dict, tables: dict[str, pl.LazyFr
     body = [_header(run_dir_local, manifest)]
     for key, heading, blurb in SECTIONS:
         figs = [f for f in figures if f.get("section") == key]
-        body.append(_section(key, heading, blurb, figs, _summaries(key, present), run_dir_local))
+        body.append(_section(key, heading, blurb, figs, _summaries(key, present, manifest), run_dir_local))
     title = html.escape(f"gpt2-probe report: {manifest.get('run_id', '')}")
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>'

@@ -1,15 +1,18 @@
 """The driver of ``probe run``: plan, capture (one Ray actor per model), statistics (Ray tasks), report."""
 import math
+import os
+import signal
+import threading
 import time
 
 import numpy as np
 import ray
 
 from jobs import stats
-from jobs.config import RunConfig
+from jobs.config import RunConfig, UsageError
 from jobs.manifest import Manifest
 from jobs.plan import Plan, auto_batch_size, make_plan
-from jobs.store import Store
+from jobs.store import Lease, Store
 from jobs.query import make_report
 from jobs.worker import ModelWorker, part_name
 
@@ -18,14 +21,90 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def start_ray(cfg: RunConfig) -> None:
-    if ray.is_initialized():
+CONNECT_TIMEOUT_S = 30.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """For a host:port address, a TCP connect to the GCS port with a timeout: Ray itself retries for minutes."""
+    import socket
+
+    if address == "auto" or "://" in address or ":" not in address:
         return
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True)
-    else:
-        # A local instance: its dashboard listens on loopback only.
-        ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--address {address}: no Ray cluster answers there ({e}); check the head node's address and port") from None
+
+
+def start_ray(cfg: RunConfig) -> str:
+    """Connect to --address (or RAY_ADDRESS), else start a private local instance; returns which, in words."""
+    if ray.is_initialized():
+        return "the Ray instance already initialised in this process"
+    # ray.init installs a C++ failure handler for SIGTERM that dumps a stack and aborts; the caller's
+    # Python handler (probe run: stop cleanly, exit 143) is put back once Ray has started.
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        return _init_ray(cfg)
+    finally:
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init_ray(cfg: RunConfig) -> str:
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as e:  # e.g. --address auto with no cluster on this machine
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UsageError(f"cannot connect to the Ray cluster at {address} ({first}): start it, or drop --address for a local instance") from None
+        return f"the Ray cluster at {address}"
+    # A new local instance, never a cluster that `ray start` left on this machine; dashboard on loopback only.
+    ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True)
+    return "a new local Ray instance"
+
+
+def wanted_resources(cfg: RunConfig) -> dict[str, float]:
+    """Resources some model actor needs that a cluster may lack: a GPU for --device cuda, and the largest
+    amount of each --actor-resources name."""
+    wanted = {"GPU": 1.0} if cfg.device == "cuda" else {}
+    for extra in cfg.actor_resources.values():
+        for name, amount in extra.items():
+            wanted[name] = max(wanted.get(name, 0.0), float(amount))
+    return wanted
+
+
+def wait_for_resources(cfg: RunConfig, local: bool, poll_s: float = 5.0, clock=time.monotonic, sleep=time.sleep) -> None:
+    """Fail with a UsageError instead of waiting forever for resources no node offers.
+
+    Ray queues an actor whose resources no node has until the autoscaler adds such a node, so a
+    local instance (which never grows) fails at once; a cluster gets --placement-timeout seconds to
+    show them, and the pending resources are printed while it waits.
+    """
+    def missing() -> dict[str, float]:
+        have = ray.cluster_resources()
+        return {k: v for k, v in wanted_resources(cfg).items() if have.get(k, 0.0) < v}
+
+    lack = missing()
+    if not lack:
+        return
+    what = ", ".join(f"{k}: {v:g}" for k, v in sorted(lack.items()))
+    if local:
+        raise UsageError(f"the local Ray instance offers no {what} (--device cuda / --actor-resources): "
+                         "change them, or pass --address of a cluster that has such nodes")
+    deadline, last_log = clock() + cfg.placement_timeout, float("-inf")
+    while lack and clock() < deadline:
+        if clock() - last_log >= 30:
+            log(f"[plan] waiting up to {deadline - clock():.0f}s more for the cluster to offer {what}")
+            last_log = clock()
+        sleep(poll_s)
+        lack = missing()
+    if lack:
+        raise UsageError(f"the cluster offered no {what} within --placement-timeout {cfg.placement_timeout:g}s: "
+                         "add such nodes (cluster.yaml), change --device/--actor-resources, or raise --placement-timeout")
 
 
 def gpu_shares(cfg: RunConfig, n_models: int) -> tuple[float, float]:
@@ -118,7 +197,8 @@ def run_capture(plan: Plan, store: Store, workers: dict, only: dict | None = Non
         if only is not None:
             todo[m.name], skipped[m.name] = list(only.get(m.name, [])), 0
             continue
-        done = store.list_parts(f"_progress/model={m.name}", ".json") if plan.cfg.resume else set()
+        # On --resume every shard a marker claims is verified: a damaged or missing shard's batch is recomputed.
+        done = store.verified_parts(f"_progress/model={m.name}") if plan.cfg.resume else set()
         todo[m.name] = [b for b in batches if part_name(b) not in done]
         skipped[m.name] = len(batches) - len(todo[m.name])
         if skipped[m.name]:
@@ -202,7 +282,8 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
             fits[m.name] = [task.remote(store.uri, m.name, layer, block, plan.sample_labels, cfg.alpha, use_gpu)
                             for layer, block in enumerate(blocks, start=1)]
         if "mi" in analyses:
-            hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(plan.chunks[: plan.mi_chunks], plan.mi_tokens)
+            hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(
+                plan.chunks[: plan.mi_chunks], plan.mi_tokens, cfg.mi_bins if cfg.mi_method == "histogram" and cfg.mi_bins <= 256 else None)
             pending += mi_tasks(plan, store, m, hidden, gpu)
         if "rotation" in analyses:
             # Sentences first: the t-tests read every occurrence, corpus and sentences.
@@ -246,7 +327,7 @@ def mi_tasks(plan: Plan, store: Store, m, hidden: list, gpu: dict) -> list:
     cfg = plan.cfg
     if cfg.mi_method == "histogram":
         task = ray.remote(stats.layer_mi).options(**gpu)
-        return [task.remote(store.uri, m.name, layer, h, cfg.mi_bins, bool(gpu)) for layer, h in enumerate(hidden)]
+        return [task.remote(store.uri, m.name, layer, h, cfg.mi_bins, bool(gpu), cfg.seed) for layer, h in enumerate(hidden)]
     d, refs = m.n_embd, []
     block = min(stats.KSG_COLUMNS_PER_TASK, math.ceil((d - 1) / 8))  # at least 8 tasks a layer
     columns, write = ray.remote(stats.ksg_columns), ray.remote(stats.write_ksg)
@@ -256,15 +337,64 @@ def mi_tasks(plan: Plan, store: Store, m, hidden: list, gpu: dict) -> list:
     return refs
 
 
+def innermost_cause(e: BaseException) -> BaseException:
+    """The exception at the bottom of a chain: a Ray task error wraps the worker's own one (``.cause``)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    return e
+
+
+def disk_full_message(e: BaseException, plan: Plan) -> str | None:
+    """One line for a run stopped by a full disk (ENOSPC anywhere in the chain), else None."""
+    import errno
+
+    cause = innermost_cause(e)
+    if not (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) and "No space left on device" not in str(cause):
+        return None
+    need = sum(plan.disk_estimate().values()) / 2**30
+    cfg = plan.cfg
+    return (f"no space left on the device of {cfg.out} (the plan estimated ~{need:.2f} GiB for the whole run): "
+            f"free space, then resume with probe run --resume --run-id {cfg.run_id} --out {cfg.out}")
+
+
+def plain_error(e: BaseException) -> str:
+    """'Type: first line' of the innermost cause: a Ray task error wraps the worker's own exception
+    (``.cause``) behind an ANSI-coloured actor repr, which the manifest should not store."""
+    import re
+
+    e = innermost_cause(e)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:500]
+
+
 def run(cfg: RunConfig) -> str:
     """Run the whole job; returns the run folder. Raises UsageError on bad input before heavy work."""
     log("[plan] checking inputs")
     plan = make_plan(cfg)
-    log(plan.describe())
     store = Store(cfg.out)
+    # Inputs are valid: take the run folder before writing anything (one writer per run folder).
+    lease = Lease(store)
+    lease.acquire()
+    try:
+        return _run_leased(cfg, plan, store)
+    finally:
+        lease.release()
+
+
+def _run_leased(cfg: RunConfig, plan: Plan, store: Store) -> str:
     manifest = Manifest(store, plan)
-    manifest.stage("plan", "done")
-    start_ray(cfg)
+    if manifest.previous.get("batch_size"):
+        plan.batch_size = manifest.previous["batch_size"]  # batches are fixed per run: the original size is used
+    log(plan.describe())
+    local = not (cfg.address or os.environ.get("RAY_ADDRESS"))  # a local instance never grows
+    log(f"[plan] cluster: {start_ray(cfg)}")
+    wait_for_resources(cfg, local)
+    manifest.stage("plan", "done")  # the first write: a failure above leaves --out as it was
     # Batches are fixed per run (part names depend on them): a resumed run keeps the original size.
     plan.batch_size = manifest.previous.get("batch_size") or auto_batch_size(cfg, plan.models, gpu_shares(cfg, len(plan.models))[0] > 0)
     manifest.data["batch_size"] = plan.batch_size
@@ -292,7 +422,14 @@ def run(cfg: RunConfig) -> str:
         manifest.stage("report", "done", time.perf_counter() - t2)
     except BaseException as e:
         # Finished shards stay; the manifest says where the run stopped so --resume can finish it.
-        manifest.stage(stage, "failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
+        full = disk_full_message(e, plan)
+        try:
+            manifest.stage(stage, "failed", error=plain_error(e))
+        except OSError:
+            if full is None:  # on a full disk the manifest may not be writable either: the line below says why
+                raise
+        if full is not None:
+            raise UsageError(full) from None
         raise
     log(f"done: {cfg.out} (probe query {cfg.out} \"SELECT ...\"; report at {cfg.out}/report.html)")
     return cfg.out

@@ -44,10 +44,14 @@ TABLES: dict[str, pa.Schema] = {
         ("layer", pa.int16()), ("neuron", pa.int32()), ("chunk", pa.int32()), ("pos", pa.int32()),
         ("activation", pa.float32()), ("sampled", pa.bool_()), ("in_sample_chunk", pa.bool_()),
     ]),
-    "mi": pa.schema([("layer", pa.int16()), ("dim_i", pa.int32()), ("dim_j", pa.int32()), ("mi_bits", pa.float64())]),
+    "mi": pa.schema([("layer", pa.int16()), ("dim_i", pa.int32()), ("dim_j", pa.int32()), ("mi_bits", pa.float64()),
+                     ("mi_bits_mm", pa.float64()), ("above_null", pa.bool_())]),
+    "mi_null": pa.schema([("layer", pa.int16()), ("dim_i", pa.int32()), ("dim_j", pa.int32()), ("mi_bits", pa.float64())]),
     "mi_summary": pa.schema([
         ("layer", pa.int16()), ("n_tokens", pa.int32()), ("mean_bits", pa.float64()), ("median_bits", pa.float64()),
-        ("p05_bits", pa.float64()), ("p95_bits", pa.float64()),
+        ("p05_bits", pa.float64()), ("p95_bits", pa.float64()), ("mean_bits_mm", pa.float64()),
+        ("null_mean_bits", pa.float64()), ("null_p95_bits", pa.float64()), ("null_p99_bits", pa.float64()),
+        ("excess_mean_bits", pa.float64()),
     ]),
     "attn_norms": pa.schema([("chunk", pa.int32()), ("pos", pa.int32()), ("layer", pa.int16()), ("log_norm", pa.float32())]),
     "attn_ar": pa.schema([

@@ -25,10 +25,27 @@ def fit_neurons(store_uri: str, model: str, layer: int, block: np.ndarray, label
     return {"model": model, "layer": layer, "significant": int(table["significant"].sum())}
 
 
-def layer_mi(store_uri: str, model: str, layer: int, hidden: np.ndarray, bins: int, use_gpu=False) -> dict:
-    """All-pairs histogram MI of one hidden_states layer over the MI token set: hidden (n_tokens, d)."""
-    matrix = mutual_info.histogram_mi_matrix(hidden, bins=bins, device=_device(use_gpu))
-    return write_mi(store_uri, model, layer, hidden.shape[0], *mutual_info.upper_pairs(matrix))
+def layer_mi(store_uri: str, model: str, layer: int, hidden: np.ndarray, bins: int, use_gpu=False, seed: int = 0) -> dict:
+    """All-pairs histogram MI (plug-in and Miller-Madow) and its permutation null of one hidden_states
+    layer over the MI token set: hidden (n_tokens, d) float values or uint8 bin codes."""
+    h = np.asarray(hidden)  # uint8 bin codes from the worker (hidden_for with bins), or float values
+    codes = h if h.dtype == np.uint8 else mutual_info.bin_codes(h, mutual_info.bin_edges(h.min(0), h.max(0), bins))
+    plug, mm = mutual_info.histogram_mi_codes(codes, bins=bins, device=_device(use_gpu))
+    ni, nj, null = _histogram_null(codes, bins, seed=int(np.random.SeedSequence([seed, layer]).generate_state(1)[0]))
+    Store(store_uri).write_table("mi_null", f"layer-{layer:03d}", pa.table(
+        {"layer": np.full(len(null), layer, np.int16), "dim_i": ni.astype(np.int32), "dim_j": nj.astype(np.int32), "mi_bits": null}), model=model)
+    dim_i, dim_j, values = mutual_info.upper_pairs(plug)
+    return write_mi(store_uri, model, layer, h.shape[0], dim_i, dim_j, values, mutual_info.upper_pairs(mm)[2], null)
+
+
+NULL_PAIRS = 20_000  # seeded sample of pairs for the null (all pairs when a layer has fewer)
+
+
+def _histogram_null(codes: np.ndarray, bins: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dim_i, dim_j, plug-in MI) of NULL_PAIRS seeded pairs after permuting each dimension's tokens
+    independently (seed)."""
+    i, j = mutual_info.null_pairs(codes.shape[1], NULL_PAIRS, seed=seed)
+    return i, j, mutual_info.pair_mi_codes(mutual_info.null_codes(codes, seed=seed), i, j, bins=bins)
 
 
 KSG_COLUMNS_PER_TASK = 32
@@ -47,11 +64,20 @@ def write_ksg(store_uri: str, model: str, layer: int, n_tokens: int, d: int, *bl
     return write_mi(store_uri, model, layer, n_tokens, dim_i, dim_j, np.concatenate(rows[: d - 1]))
 
 
-def write_mi(store_uri: str, model: str, layer: int, n_tokens: int, dim_i, dim_j, values) -> dict:
+def write_mi(store_uri: str, model: str, layer: int, n_tokens: int, dim_i, dim_j, values, values_mm=None, null=None) -> dict:
+    """mi rows (mi_bits, mi_bits_mm NaN for KSG, above_null: mi_bits > the layer's null p99) and mi_summary."""
     store, part = Store(store_uri), f"layer-{layer:03d}"
-    store.write_table("mi", part, pa.table({"layer": np.full(len(values), layer, np.int16), "dim_i": dim_i, "dim_j": dim_j, "mi_bits": values}), model=model)
+    values = np.asarray(values, np.float64)
+    values_mm = np.full(len(values), np.nan) if values_mm is None else np.asarray(values_mm, np.float64)
+    ns = mutual_info.null_summary(np.zeros(0) if null is None else null)
+    above = values > ns["p99"]  # False everywhere when there is no null (NaN p99)
+    store.write_table("mi", part, pa.table({"layer": np.full(len(values), layer, np.int16), "dim_i": dim_i, "dim_j": dim_j,
+                                            "mi_bits": values, "mi_bits_mm": values_mm, "above_null": above}), model=model)
     s = mutual_info.mi_summary(values)
-    summary = {"layer": [layer], "n_tokens": [n_tokens], **{f"{k}_bits": [v] for k, v in s.items()}}
+    summary = {"layer": [layer], "n_tokens": [n_tokens], **{f"{k}_bits": [v] for k, v in s.items()},
+               "mean_bits_mm": [mutual_info.mi_summary(values_mm)["mean"]],
+               "null_mean_bits": [ns["mean"]], "null_p95_bits": [ns["p95"]], "null_p99_bits": [ns["p99"]],
+               "excess_mean_bits": [s["mean"] - ns["mean"]]}
     store.write_table("mi_summary", part, pa.table(summary), model=model)
     return {"model": model, "layer": layer, "mean_bits": s["mean"]}
 

@@ -112,6 +112,19 @@ class Store:
         names = (posixpath.basename(i.path) for i in self.fs.get_file_info(selector))
         return {n[: -len(suffix)] for n in names if n.endswith(suffix) and not n.startswith(".")}
 
+    def verified_parts(self, folder_rel: str) -> set[str]:
+        """The markers in ``folder_rel`` whose listed shards all exist with a readable footer and the
+        recorded row count; a marker without a shard list (older runs) counts as verified."""
+        good = set()
+        for part in self.list_parts(folder_rel, ".json"):
+            try:
+                shards = self.read_json(f"{folder_rel}/{part}.json").get("shards", {})
+                if all(pq.read_metadata(self.path(rel), filesystem=self.fs).num_rows == rows for rel, rows in shards.items()):
+                    good.add(part)
+            except Exception:  # a missing or truncated shard or marker: the batch is recomputed
+                continue
+        return good
+
     def remove_temporaries(self) -> int:
         """Delete the hidden temporaries of writers that died mid-write; call only while no writer runs."""
         if not self.is_local:
@@ -159,3 +172,128 @@ class Store:
             i.path for i in self.fs.get_file_info(selector)
             if i.path.endswith(".parquet") and not posixpath.basename(i.path).startswith(".")
         )
+
+
+LEASE = "_lease.json"
+LEASE_STALE_S = 120.0  # a lease not refreshed for this long belongs to a dead run and may be taken over
+LEASE_REFRESH_S = 20.0
+
+
+class Lease:
+    """One writer per run folder: OUT/_lease.json, created atomically, refreshed by a daemon thread.
+
+    Local folders: ``os.open(O_CREAT | O_EXCL)``. Object stores: pyarrow has no conditional PUT, so this is
+    a best-effort check-then-write followed by a read-back (two runs starting within the same second may
+    both pass). A lease whose ``refreshed`` time is older than ``LEASE_STALE_S`` is taken over.
+    """
+
+    def __init__(self, store: Store, clock=None):
+        import socket
+        import time
+
+        self.store, self.clock = store, clock or time.time
+        self.token = uuid.uuid4().hex
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": self.clock(), "token": self.token}
+        self._stop = None
+
+    def _payload(self) -> bytes:
+        return json.dumps({**self.holder, "refreshed": self.clock()}).encode()
+
+    def _read(self) -> dict | None:
+        try:
+            return self.store.read_json(LEASE)
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return {}  # being written or cut short: treat as stale (no refresh time)
+
+    def acquire(self) -> None:
+        from jobs.config import UsageError
+
+        self.store.fs.create_dir(self.store.root, recursive=True)
+        for _ in range(3):
+            if self._create():
+                self._start_refresh()
+                return
+            held = self._read()
+            if held is None:
+                continue  # released between our attempt and the read
+            if self.clock() - float(held.get("refreshed", 0)) < LEASE_STALE_S and not self._holder_dead(held):
+                raise UsageError(
+                    f"{self.store.uri} is in use by another probe run (host {held.get('host')}, pid {held.get('pid')}, "
+                    f"started {_utc(held.get('started'))}); wait for it, or remove {LEASE} if that run is gone "
+                    f"(a lease is stale {LEASE_STALE_S:.0f} s after its last refresh)")
+            self._delete()  # stale: its holder stopped refreshing
+        raise UsageError(f"could not take the lease {self.store.path(LEASE)}: another run keeps taking it")
+
+    def _holder_dead(self, held: dict) -> bool:
+        """A holder on this host whose process is gone (a killed run) leaves a lease that is stale at once."""
+        if held.get("host") != self.holder["host"] or not isinstance(held.get("pid"), int):
+            return False
+        try:
+            os.kill(held["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def _create(self) -> bool:
+        path = self.store.path(LEASE)
+        if self.store.is_local:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._payload())
+            return True
+        if self.store.exists(LEASE):
+            return False
+        self.store.write_bytes(LEASE, self._payload())
+        back = self._read() or {}
+        return back.get("token") == self.token
+
+    def _delete(self) -> None:
+        try:
+            self.store.fs.delete_file(self.store.path(LEASE))
+        except (FileNotFoundError, OSError):
+            pass
+
+    def _start_refresh(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+
+        def refresh():
+            while not self._stop.wait(LEASE_REFRESH_S):
+                try:
+                    self.store.write_bytes(LEASE, self._payload())
+                except OSError:
+                    pass  # a missed refresh is retried; the lease stays valid for LEASE_STALE_S
+
+        threading.Thread(target=refresh, daemon=True, name="lease-refresh").start()
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            held = self._read() or {}
+            if held.get("token") == self.token:
+                self._delete()
+            self._stop = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _utc(t) -> str:
+    import time
+
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
+    except (TypeError, ValueError):
+        return "unknown"

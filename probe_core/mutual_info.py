@@ -71,9 +71,10 @@ def _block_dims(block_dims: int | None, bins: int, device: torch.device) -> int:
     return int(block_dims)
 
 
-def _joint_block_sums(codes: torch.Tensor, bins: int, block_dims: int):
+def _joint_block_sums(codes: torch.Tensor, bins: int, block_dims: int, occupied: bool = False):
     """Yield (i0, j0, S) over upper-triangle dimension blocks; S (bi, bj) float64 holds, for dims
     (i0 + a, j0 + b), sum_cells C ln C of their joint count table. codes: (d, n) bin indices.
+    ``occupied``: yield (i0, j0, S, K) with K (bi, bj) float64 the number of nonzero cells.
 
     All joint tables of a block come from one one-hot product. The one-hot of all dims is built once
     when it fits ``_ONEHOT_BYTES``; otherwise per block and token chunk, summing the chunks' counts.
@@ -95,7 +96,11 @@ def _joint_block_sums(codes: torch.Tensor, bins: int, block_dims: int):
                     _count_product(_onehot(codes[i0:i0 + bi, t0:t0 + chunk], bins, dtype),
                                    _onehot(codes[j0:j0 + bj, t0:t0 + chunk], bins, dtype))
                     for t0 in range(0, n, chunk))
-            yield i0, j0, _sum_xlogx(counts.view(bi, bins, bj, bins))
+            view = counts.view(bi, bins, bj, bins)
+            if occupied:
+                yield i0, j0, _sum_xlogx(view), (view > 0).sum(dim=(1, 3)).to(torch.float64)
+            else:
+                yield i0, j0, _sum_xlogx(view)
 
 
 def _onehot_dtype(device: torch.device, n: int) -> torch.dtype:
@@ -272,3 +277,120 @@ def mi_summary(values) -> dict:
         return {"mean": math.nan, "median": math.nan, "p05": math.nan, "p95": math.nan}
     p05, p50, p95 = np.percentile(v, [5, 50, 95])
     return {"mean": float(v.mean()), "median": float(p50), "p05": float(p05), "p95": float(p95)}
+
+
+# ---------------------------------------------------------------- bias correction, null, bin codes
+def bin_edges(lo, hi, bins: int = 15) -> np.ndarray:
+    """Per-dimension equal-width edges as np.histogram2d builds them: lo, hi (d,) -> (d, bins + 1)."""
+    return _numpy_edges(np.asarray(lo), np.asarray(hi), _check_bins(bins))
+
+
+def bin_codes(x, edges: np.ndarray) -> np.ndarray:
+    """(n, d) values, (d, bins + 1) edges from ``bin_edges`` -> (n, d) uint8 bin indices (numpy's rule).
+
+    Applied block by block of tokens with edges from the min/max over all tokens, the codes equal
+    those of one call on all tokens, so MI from them equals the notebook's function exactly."""
+    xt = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    e = torch.from_numpy(np.ascontiguousarray(edges)).to(xt.device)
+    if e.shape[1] - 1 > 256:
+        raise ValueError("uint8 codes hold at most 256 bins")
+    cols = xt.T.to(e.dtype).contiguous()
+    idx = torch.searchsorted(e, cols, right=True)
+    idx -= (cols == e[:, -1:]).long()
+    return (idx - 1).T.to(torch.uint8).cpu().numpy()
+
+
+def histogram_mi_codes(codes, bins: int = 15, block_dims: int | None = None, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """All-pairs MI in bits from (n, d) bin codes: (plug-in, Miller-Madow), each (d, d) float64.
+
+    The plug-in matrix equals ``histogram_mi_matrix`` on the values the codes came from. Miller-Madow
+    corrects each entropy by (K - 1) / (2N) nats, K its occupied bins, so
+    MI_mm = MI - (K_xy - K_x - K_y + 1) / (2N ln 2): the plug-in estimate is biased upwards by about
+    (B - 1)^2 / (2N ln 2) for independent dimensions, and the correction subtracts it (the issue's
+    '+' has the sign of the entropy correction, not of the MI one). Joint counts are accumulated over
+    blocks of tokens when the one-hot would exceed ``_ONEHOT_BYTES``, so memory stays bounded in N.
+    """
+    bins = _check_bins(bins)
+    c = torch.as_tensor(np.ascontiguousarray(codes)) if not isinstance(codes, torch.Tensor) else codes
+    if device is not None:
+        c = c.to(device)
+    _check_shape(tuple(c.shape))
+    n, d = c.shape
+    ct = c.T.long().contiguous()  # (d, n)
+    if int(ct.min()) < 0 or int(ct.max()) >= bins:
+        raise ValueError(f"codes must lie in [0, {bins})")
+    log_n = math.log(n)
+    marg = torch.zeros(d, bins, dtype=torch.int64, device=ct.device).scatter_add_(1, ct, torch.ones_like(ct))
+    h_marg = (log_n - _sum_xlogx(marg.view(d, 1, 1, bins))[:, 0] / n) / _LN2
+    k_marg = (marg > 0).sum(1).double()
+    out = torch.zeros(d, d, dtype=torch.float64, device=ct.device)
+    occ = torch.zeros(d, d, dtype=torch.float64, device=ct.device)
+    for i0, j0, s_joint, k_joint in _joint_block_sums(ct, bins, _block_dims(block_dims, bins, ct.device), occupied=True):
+        i1, j1 = i0 + s_joint.shape[0], j0 + s_joint.shape[1]
+        out[i0:i1, j0:j1] = h_marg[i0:i1, None] + h_marg[None, j0:j1] - (log_n - s_joint / n) / _LN2
+        occ[i0:i1, j0:j1] = k_joint
+    res = out.cpu().numpy()
+    res = np.triu(res) + np.triu(res, 1).T
+    k = occ.cpu().numpy()
+    k = np.triu(k) + np.triu(k, 1).T
+    km = k_marg.cpu().numpy()
+    mm = res - (k - km[:, None] - km[None, :] + 1) / (2 * n * _LN2)
+    return res, mm
+
+
+def plugin_bias_bits(n: int, bins: int = 15) -> float:
+    """The plug-in MI's leading bias for two independent dimensions, (B - 1)^2 / (2 N ln 2) bits."""
+    return (bins - 1) ** 2 / (2 * n * _LN2)
+
+
+def null_pairs(d: int, n_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded sample of ``n_pairs`` distinct pairs i < j of d dims (all pairs when fewer), sorted row-major."""
+    total = d * (d - 1) // 2
+    if n_pairs >= total:
+        i, j = np.triu_indices(d, 1)
+        return i.astype(np.int64), j.astype(np.int64)
+    flat = np.sort(np.random.default_rng(seed).choice(total, size=n_pairs, replace=False))
+    i, j = np.triu_indices(d, 1)
+    return i[flat].astype(np.int64), j[flat].astype(np.int64)
+
+
+def null_codes(codes, seed: int = 0) -> np.ndarray:
+    """Each dimension's tokens permuted independently (seeded): (n, d) -> (n, d), marginals kept, dependence gone."""
+    return np.random.default_rng(seed).permuted(np.asarray(codes), axis=0)
+
+
+def pair_mi_codes(codes, dim_i, dim_j, bins: int = 15, pair_block: int = 256) -> np.ndarray:
+    """Plug-in MI in bits of the listed pairs from (n, d) codes via np.bincount: (p,), (p,) -> (p,).
+
+    One bincount over combined codes code_i * B + code_j + pair * B^2 per block of pairs: N ops a pair,
+    used for the null's sample of pairs (the one-hot product suits all pairs)."""
+    bins = _check_bins(bins)
+    c = np.asarray(codes)
+    n = c.shape[0]
+    dim_i, dim_j = np.asarray(dim_i, np.int64), np.asarray(dim_j, np.int64)
+    ct = np.ascontiguousarray(c.T).astype(np.int64)  # (d, n)
+    d = ct.shape[0]
+    marg = np.bincount((ct + (np.arange(d) * bins)[:, None]).ravel(), minlength=d * bins).reshape(d, bins)
+    h = (math.log(n) - _xlogx_np(marg).sum(1) / n) / _LN2
+    out = np.empty(len(dim_i), np.float64)
+    for p0 in range(0, len(dim_i), pair_block):
+        a, b = dim_i[p0:p0 + pair_block], dim_j[p0:p0 + pair_block]
+        comb = ct[a] * bins + ct[b] + (np.arange(len(a)) * bins * bins)[:, None]
+        joint = np.bincount(comb.ravel(), minlength=len(a) * bins * bins).reshape(len(a), bins * bins)
+        out[p0:p0 + len(a)] = h[a] + h[b] - (math.log(n) - _xlogx_np(joint).sum(1) / n) / _LN2
+    return out
+
+
+def _xlogx_np(c: np.ndarray) -> np.ndarray:
+    f = np.maximum(c, 1).astype(np.float64)
+    return np.log(f) * c
+
+
+def null_summary(values) -> dict:
+    """mean, p95, p99 (numpy percentile, linear) of a layer's null MI values; NaN when empty."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return {"mean": math.nan, "p95": math.nan, "p99": math.nan}
+    p95, p99 = np.percentile(v, [95, 99])
+    return {"mean": float(v.mean()), "p95": float(p95), "p99": float(p99)}

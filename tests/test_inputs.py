@@ -78,3 +78,12 @@ def test_blocked_tokenization_equals_one_pass(gpt2_tokenizer):
     np.testing.assert_array_equal(whole.rows, blocked.rows)
     capped = data.tokenize_rows(rows, gpt2_tokenizer, "x", max_tokens=23, block_rows=2)
     np.testing.assert_array_equal(capped.token_ids, whole.token_ids[:23])
+
+
+def test_bom_crlf_and_jsonl_are_normalised(tmp_path):
+    (tmp_path / "unix.txt").write_bytes(b" = Title = \n\n Mary met her friend . \n")
+    (tmp_path / "dos.txt").write_bytes(b"\xef\xbb\xbf = Title = \r\n\r\n Mary met her friend . \r\n")
+    assert data.read_rows(str(tmp_path / "dos.txt")) == data.read_rows(str(tmp_path / "unix.txt"))
+    lines = ['{"text": " = Title = \\r\\n"}', "", '{"text": " Mary met her friend . \\n", "id": 3}']
+    (tmp_path / "c.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    assert data.read_rows(str(tmp_path / "c.jsonl")) == [" = Title = \n", "", " Mary met her friend . \n"]

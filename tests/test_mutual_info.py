@@ -222,3 +222,83 @@ def test_mi_summary_nan_safe():
     assert s["p95"] == pytest.approx(np.percentile(v, 95), rel=1e-12)
     empty = mi_summary([np.nan])
     assert set(empty) == {"mean", "median", "p05", "p95"} and all(np.isnan(x) for x in empty.values())
+
+
+# ---------------------------------------------------------------- Miller-Madow, blocked counts, null
+def _mm_numpy(x, y, bins=15):
+    """Independent Miller-Madow MI in bits on np.histogram2d counts: each entropy + (K - 1) / (2N) nats."""
+    c, _, _ = np.histogram2d(x, y, bins=bins)
+    n = c.sum()
+
+    def h(counts):
+        counts = counts[counts > 0]
+        q = counts / n
+        return -(q * np.log(q)).sum() + (counts.size - 1) / (2 * n)
+
+    return (h(c.sum(1)) + h(c.sum(0)) - h(c.ravel())) / np.log(2)
+
+
+def _dependent(n=400, d=10, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x[:, 3] = x[:, 2] + 0.2 * x[:, 3]
+    x[:, 5] = rng.standard_t(2, size=n)
+    return x
+
+
+def test_mi_bits_mm_matches_numpy_miller_madow_and_plugin_matches_notebook():
+    from probe_core.mutual_info import bin_codes, bin_edges, histogram_mi_codes
+
+    x = _dependent()
+    plug, mm = histogram_mi_codes(bin_codes(x, bin_edges(x.min(0), x.max(0), 15)), 15)
+    np.testing.assert_array_equal(plug, histogram_mi_matrix(x))
+    for a, b in zip(*np.triu_indices(x.shape[1], 1)):
+        assert mm[a, b] == pytest.approx(_mm_numpy(x[:, a], x[:, b]), abs=1e-12)
+        assert plug[a, b] == pytest.approx(notebook_pair_mi(x[:, a], x[:, b]), abs=1e-12)
+
+
+def test_blocked_accumulation_equals_one_shot(monkeypatch):
+    from probe_core import mutual_info as mi
+
+    x = _dependent(n=301)
+    codes = np.concatenate([mi.bin_codes(x[a:a + 50], mi.bin_edges(x.min(0), x.max(0), 15)) for a in range(0, 301, 50)])
+    one_plug, one_mm = mi.histogram_mi_codes(codes, 15)
+    monkeypatch.setattr(mi, "_ONEHOT_BYTES", 15 * 3 * 40)  # forces token chunks of a few tens of tokens
+    blk_plug, blk_mm = mi.histogram_mi_codes(codes, 15, block_dims=3)
+    np.testing.assert_array_equal(blk_plug, one_plug)
+    np.testing.assert_array_equal(blk_mm, one_mm)
+
+
+def test_pair_bincount_equals_matrix():
+    from probe_core.mutual_info import bin_codes, bin_edges, histogram_mi_codes, pair_mi_codes
+
+    x = _dependent()
+    codes = bin_codes(x, bin_edges(x.min(0), x.max(0), 15))
+    i, j = np.triu_indices(x.shape[1], 1)
+    np.testing.assert_allclose(pair_mi_codes(codes, i, j, 15, pair_block=7), histogram_mi_codes(codes, 15)[0][i, j], atol=1e-12)
+
+
+def test_null_is_seeded_and_keeps_marginals():
+    from probe_core.mutual_info import null_codes, null_pairs
+
+    codes = np.random.default_rng(0).integers(0, 15, (200, 8)).astype(np.uint8)
+    a, b, c = null_codes(codes, 1), null_codes(codes, 1), null_codes(codes, 2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    np.testing.assert_array_equal(np.sort(a, 0), np.sort(codes, 0))
+    i, j = null_pairs(100, 50, seed=3)
+    i2, j2 = null_pairs(100, 50, seed=3)
+    np.testing.assert_array_equal(i, i2) and np.testing.assert_array_equal(j, j2)
+    assert (i < j).all() and len(set(zip(i, j))) == 50
+    assert len(null_pairs(5, 50)[0]) == 10
+
+
+def test_null_mean_tracks_theoretical_bias():
+    from probe_core.mutual_info import bin_codes, bin_edges, null_codes, null_pairs, pair_mi_codes, plugin_bias_bits
+
+    x = _dependent(n=2048, d=12)
+    codes = bin_codes(x, bin_edges(x.min(0), x.max(0), 15))
+    i, j = null_pairs(12, 66)
+    null = pair_mi_codes(null_codes(codes, 0), i, j, 15)
+    # Gaussian tails leave outer bins sparse, so the bias is below (B-1)^2/(2N ln 2) but of its order
+    assert 0.2 * plugin_bias_bits(2048) < null.mean() < 1.5 * plugin_bias_bits(2048)

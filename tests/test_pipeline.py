@@ -334,3 +334,14 @@ def test_neuron_heatmap_agrees_with_sampled_activations(run_dir):
     assert joined.height == heat["sampled"].sum() > 0
     stored = np.array([v[neuron] for v in joined["values"].to_list()], dtype=np.float64)
     np.testing.assert_allclose(joined["activation"].to_numpy(), stored, rtol=2e-3, atol=2e-3)  # float16 storage
+
+
+def test_mi_null_columns_consistent(run_dir):
+    mi = table(run_dir, "mi")
+    summary = table(run_dir, "mi_summary")
+    joined = mi.join(summary.select("model", "layer", "null_p99_bits", "null_mean_bits", "excess_mean_bits", "mean_bits"),
+                     on=["model", "layer"])
+    assert (joined["above_null"] == (joined["mi_bits"] > joined["null_p99_bits"])).all()
+    assert summary["null_mean_bits"].is_not_nan().all()
+    np.testing.assert_allclose(summary["excess_mean_bits"], summary["mean_bits"] - summary["null_mean_bits"])
+    assert mi["mi_bits_mm"].is_not_nan().all()

@@ -146,3 +146,24 @@ def test_gpu_slot_caps_process_memory(tmp_path, tiny_model_dir, gpt2_tokenizer, 
     cfg = RunConfig(models=(tiny_model_dir,), device="cpu", out=str(tmp_path))
     ModelWorker(resolve_model(tiny_model_dir), cfg, str(tmp_path), decode_table(gpt2_tokenizer), 607, gpu_share=share)
     assert calls == capped
+
+
+@pytest.mark.parametrize("bins", [None, 15])
+def test_hidden_for_in_blocks_equals_one_pass(tmp_path, tiny_model_dir, gpt2_tokenizer, batch, monkeypatch, bins):
+    """MI inputs built a chunk at a time (two passes for bin codes) equal one forward of all chunks,
+    including a token count that ends inside a chunk."""
+    from probe_core.mutual_info import bin_codes, bin_edges
+
+    worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path)
+    ids, n_tokens = batch["input_ids"], 25
+    with torch.inference_mode():
+        hidden = worker.model(torch.tensor(ids, dtype=torch.long), output_hidden_states=True).hidden_states
+    whole = [h.reshape(-1, h.shape[-1])[:n_tokens].float().numpy() for h in hidden]
+    if bins:
+        whole = [bin_codes(h, bin_edges(h.min(0), h.max(0), bins)) for h in whole]
+    monkeypatch.setattr(worker, "mi_block_chunks", lambda chunk_tokens: 1)
+    blocked = worker.hidden_for(ids, n_tokens, bins)
+    assert len(blocked) == len(whole)
+    for a, b in zip(blocked, whole):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 if bins is None else 0)

@@ -1,0 +1,101 @@
+"""The "Across model sizes" section on synthetic tables (2 models, 3 and 4 layers) that carry the new
+columns (CIs, MI null, AR significance), checked against numbers computed independently with numpy."""
+import numpy as np
+import polars as pl
+import pytest
+
+from jobs import across_sizes, figures
+from jobs.report import write_report
+from tests.test_figures import MODELS, make_tables
+
+PARAMS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168}
+
+
+def with_new_columns(frames: dict, seed: int = 1) -> dict:
+    """``frames`` plus the columns and the path_layer_r table that newer runs write."""
+    rng = np.random.default_rng(seed)
+    f = dict(frames)
+    ps = f["path_summary"]
+    f["path_summary"] = ps.with_columns(r_ci_low=pl.col("r_path_logit") - 0.1, r_ci_high=pl.col("r_path_logit") + 0.1)
+    rows = [(m, lay) for m, c in MODELS.items() for lay in range(1, c["n_layer"] + 1)]
+    r = rng.uniform(-0.5, 0.5, len(rows))
+    f["path_layer_r"] = pl.DataFrame(dict(model=[m for m, _ in rows], layer=pl.Series([x for _, x in rows], dtype=pl.Int16),
+                                          n_tokens=[69] * len(rows), r=r, r_ci_low=r - 0.1, r_ci_high=r + 0.1))
+    mis = f["mi_summary"]
+    null = rng.uniform(0, 0.02, mis.height)
+    f["mi_summary"] = mis.with_columns(null_mean_bits=null, null_p95_bits=null * 2,
+                                       excess_mean_bits=pl.col("mean_bits") - null, mean_bits_mm=pl.col("mean_bits"))
+    f["attn_ar"] = f["attn_ar"].with_columns(significant1=pl.col("p1") < 0.01, significant2=pl.col("p2") < 0.01)
+    return f
+
+
+@pytest.fixture(scope="module")
+def new_frames():
+    return with_new_columns(make_tables())
+
+
+def _manifest():
+    return {"run_id": "r", "models": {m: {"n_layer": c["n_layer"], "n_params": PARAMS[m]} for m, c in MODELS.items()}}
+
+
+def test_summary_table_matches_the_per_model_tables(new_frames):
+    got = across_sizes.summary_table({k: v.lazy() for k, v in new_frames.items()}, _manifest())
+    assert got["model"].to_list() == ["gpt2", "gpt2-medium"]  # by params
+    for m, c in MODELS.items():
+        row = got.filter(pl.col("model") == m).row(0, named=True)
+        assert row["params"] == PARAMS[m] and row["n_layer"] == c["n_layer"]
+        ps = new_frames["path_summary"].filter(pl.col("model") == m)
+        for col in ("r_path_logit", "r_ci_low", "r_ci_high"):
+            assert row[col] == pytest.approx(ps[col][0])
+        sig = new_frames["neuron_logit"].filter(pl.col("model") == m)["significant"].to_numpy()
+        assert (row["n_significant_neurons"], row["n_neurons"]) == (sig.sum(), c["n_layer"] * c["d_mlp"])
+        assert row["frac_significant_neurons"] == pytest.approx(sig.mean())
+        mis = new_frames["mi_summary"].filter(pl.col("model") == m)
+        assert row["mi_excess_bits"] == pytest.approx(np.mean(mis["mean_bits"].to_numpy() - mis["null_mean_bits"].to_numpy()))
+        ar = new_frames["attn_ar"].filter((pl.col("model") == m) & pl.col("chunk").is_null())
+        assert len(ar) == c["n_layer"] and row["mean_ar_b1"] == pytest.approx(np.mean(ar["b1"].to_numpy()))
+
+
+def test_old_runs_leave_cells_out(new_frames):
+    new = ("r_ci_low", "r_ci_high", "null_mean_bits", "null_p95_bits", "excess_mean_bits", "mean_bits_mm")
+    old = {k: v.drop(new, strict=False) for k, v in make_tables().items()}  # an older run: cells vanish, no crash
+    t = {k: v.lazy() for k, v in old.items() if k != "attn_ar"}
+    got = across_sizes.summary_table(t, {})
+    assert "r_ci_low" not in got.columns and "mi_excess_bits" not in got.columns and "mean_ar_b1" not in got.columns
+    assert dict(zip(got["model"], got["n_layer"])) == {m: c["n_layer"] for m, c in MODELS.items()}  # from the tables
+    assert got["params"].null_count() == 2
+    with pytest.raises(figures.NoData, match="excess"):
+        across_sizes.fig_mi_excess(old["mi_summary"].lazy())
+    assert across_sizes.summary_table({}, {}).height == 0
+
+
+def test_figures_use_relative_depth(new_frames, tmp_path):
+    t = {k: v.lazy() for k, v in new_frames.items()}
+    n_layers = {m: c["n_layer"] for m, c in MODELS.items()}
+    entries = figures.render_all(t, str(tmp_path), n_layers=n_layers)
+    names = [e["name"] for e in entries if e["section"] == "across"]
+    assert names == list(across_sizes.TITLES)
+    for e in entries[:5]:
+        assert open(e["png"], "rb").read(8).startswith(b"\x89PNG") and open(e["svg"], "rb").read(2000).find(b"<svg") >= 0
+    fig = across_sizes.fig_neurons_frac(t["neuron_logit"], n_layers)
+    (ax,) = fig.axes
+    lines = [ln for ln in ax.get_lines() if ln.get_label().startswith("gpt2")]
+    for ln, (m, c) in zip(lines, MODELS.items()):
+        np.testing.assert_allclose(ln.get_xdata(), np.arange(1, c["n_layer"] + 1) / c["n_layer"])
+        d = new_frames["neuron_logit"].filter(pl.col("model") == m)
+        want = [d.filter(pl.col("layer") == lay)["significant"].mean() for lay in range(1, c["n_layer"] + 1)]
+        np.testing.assert_allclose(ln.get_ydata(), want)
+
+
+def test_report_section_shows_the_table_first(new_frames, tmp_path):
+    t = {k: v.lazy() for k, v in new_frames.items()}
+    entries = figures.render_all(t, str(tmp_path / "figures"))
+    html = open(write_report(str(tmp_path), _manifest(), t, entries), encoding="utf-8").read()
+    assert html.index('<section id="across">') < html.index('<section id="path">')
+    assert html.index("<table", html.index('<section id="across">')) < html.index("<figure", html.index('<section id="across">'))
+    sec = html[html.index('<section id="across">'):].split("</section>")[0]
+    assert sec.count("<figure") == 5 and "124439808" in sec and "mean_ar_b1" in sec
+    from jobs.report import _fmt
+    table = across_sizes.summary_table(t, _manifest())
+    for v in table.filter(pl.col("model") == "gpt2-medium").row(0):
+        assert f">{_fmt(v)}<" in sec
