@@ -48,6 +48,7 @@ def run_parser(sub) -> None:
     a("--mi-method", help="mi: histogram (15 equal-width bins, bits) or ksg (sklearn mutual_info_regression); default histogram")
     a("--mi-bins", type=_int, help="mi: histogram bins per dimension; default 15")
     a("--alpha", type=float, help="family-wise significance level before Bonferroni; default 0.05")
+    a("--activations-dtype", help="neurons: float16|float32 storage of the activations table (the fits always use the model's float32 values); default float16")
     a("--max-in-flight", type=_int, help="batches queued per model actor; default 2")
     a("--placement-timeout", type=float, help="with --address: seconds to wait for the cluster to place the model actors before failing; default 180")
     a("--actor-resources", help='JSON: extra Ray resources per model actor, e.g. \'{"gpt2-xl": {"node_b": 1}}\' to place actors on nodes')

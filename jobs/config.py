@@ -46,6 +46,7 @@ class RunConfig:
     mi_method: str = "histogram"
     mi_bins: int = 15
     alpha: float = 0.05
+    activations_dtype: str = "float16"  # storage of the activations table; fits always see the float32 values
     resume: bool = False
     allow_pickle: bool = False
     max_in_flight: int = 2
@@ -59,6 +60,7 @@ class RunConfig:
         check.choice("analyses", self.analyses, ANALYSES, many=True)
         check.choice("device", self.device, DEVICES)
         check.choice("dtype", self.dtype, DTYPES)
+        check.choice("activations_dtype", self.activations_dtype, ("float16", "float32"))
         check.choice("final_hidden", self.final_hidden, ("hf", "pre_ln_f"))
         check.choice("mi_method", self.mi_method, ("histogram", "ksg"))
         check.positive("chunk_tokens", self.chunk_tokens, minimum=2)

@@ -299,21 +299,29 @@ def fig_attn_hist(attn_norms: pl.LazyFrame) -> Figure:
 
 
 def fig_attn_ar_coefs(attn_ar: pl.LazyFrame, alpha: float = ALPHA) -> Figure:
-    """b1 and b2 per layer from the pooled rows (chunk null), filled markers where p < alpha / n_layers."""
-    df = collect(attn_ar.filter(pl.col("chunk").is_null() & pl.col("b1").is_finite())
-                  .select("model", "layer", "b1", "b2", "p1", "p2").sort("layer"), "pooled AR rows")
+    """b1 and b2 per layer from the pooled rows (chunk null), filled markers where significant.
+
+    Significance is the table's significant1/significant2 (the run's --alpha, Bonferroni over layers);
+    tables written before those columns existed fall back to p < alpha / n_layers.
+    """
+    lazy = attn_ar.filter(pl.col("chunk").is_null() & pl.col("b1").is_finite())
+    has_flags = {"significant1", "significant2"} <= set(attn_ar.collect_schema().names())
+    flags = ["significant1", "significant2"] if has_flags else []
+    df = collect(lazy.select("model", "layer", "b1", "b2", "p1", "p2", *flags).sort("layer"), "pooled AR rows")
     fig, axes = panels(2, ncols=2, w=6.0, h=4.2)
     for m in models_of(df):
         d = df.filter(pl.col("model") == m)
-        thr = alpha / d.height  # Bonferroni over this model's layers
-        for ax, b, p in zip(axes, ("b1", "b2"), ("p1", "p2")):
+        for ax, lag in zip(axes, (1, 2)):
+            b = f"b{lag}"
             (line,) = ax.plot(d["layer"], d[b], marker="o", mfc="white", label=m)
-            s = d.filter(pl.col(p) < thr)
+            # Fallback: Bonferroni over this model's layers at the given alpha.
+            sig = pl.col(f"significant{lag}") if has_flags else pl.col(f"p{lag}") < alpha / d.height
+            s = d.filter(sig)
             ax.scatter(s["layer"], s[b], color=line.get_color(), s=40, zorder=3)
+    label = "significant at --alpha / layers (filled)" if has_flags else f"p < {alpha:g} / layers (filled)"
     for ax, lag in zip(axes, (1, 2)):
         ax.axhline(0, color="black", lw=0.8)
-        handles = ax.get_legend_handles_labels()[0] + [
-            Line2D([], [], marker="o", ls="", color="grey", label=f"p < {alpha:g} / layers (filled)")]
+        handles = ax.get_legend_handles_labels()[0] + [Line2D([], [], marker="o", ls="", color="grey", label=label)]
         ax.set(title=f"lag-{lag} coefficient b{lag}", ylabel=f"b{lag} (dimensionless)")
         int_x(ax)
         ax.legend(handles=handles, fontsize=8)

@@ -22,10 +22,11 @@ def scan_tables(store: Store) -> dict[str, pl.LazyFrame]:
         hive = {k: HIVE_TYPES[k] for k in partition_keys(table)}
         if table == "activations":
             models = sorted({f.split("/model=")[1].split("/")[0] for f in store.list_files(table)})
-            tables[table] = pl.concat([
-                store.scan(f"{table}/model={m}", **hive).with_columns(pl.col("values").cast(pl.List(pl.Float16)))
-                for m in models
-            ])
+            scans = [store.scan(f"{table}/model={m}", **hive) for m in models]
+            # float16 unless every model was stored in float32 (--activations-dtype), so nothing is rounded.
+            inner = {s.collect_schema()["values"].inner for s in scans}
+            dtype = pl.Float32 if inner == {pl.Float32} else pl.Float16
+            tables[table] = pl.concat([s.with_columns(pl.col("values").cast(pl.List(dtype))) for s in scans])
         else:
             tables[table] = store.scan(table, **hive)
     return tables

@@ -268,10 +268,15 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
     use_gpu = task_gpu > 0
     gpu = {"num_gpus": task_gpu} if use_gpu else {}
     pending, fits = [], {}
+    if "neurons" in analyses:
+        # The sampled chunks, for an actor that must recompute samples it lost (resume, restart): shared by all models.
+        sample_chunks = np.unique(plan.sample_keys[:, 0])
+        sample_ids = ray.put(plan.chunks[sample_chunks])
     for m in plan.models:
         worker = workers[m.name]
         if "neurons" in analyses:
-            blocks = worker.neuron_blocks.options(num_returns=m.n_layer).remote(plan.sample_keys)
+            blocks = worker.neuron_blocks.options(num_returns=m.n_layer).remote(plan.sample_keys, sample_chunks, sample_ids,
+                                                                               plan.batch_size)
             blocks = blocks if isinstance(blocks, list) else [blocks]
             task = ray.remote(stats.fit_neurons).options(**gpu)
             fits[m.name] = [task.remote(store.uri, m.name, layer, block, plan.sample_labels, cfg.alpha, use_gpu)
@@ -285,7 +290,7 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
             first = [worker.sentence_rotation.remote(*plan.sentences)] if plan.sentences is not None else []
             pending.append(ray.remote(stats.model_rotation).remote(store.uri, m.name, cfg.alpha, *first))
         if "attn_ar" in analyses:
-            pending.append(ray.remote(stats.model_attn_ar).remote(store.uri, m.name))
+            pending.append(ray.remote(stats.model_attn_ar).remote(store.uri, m.name, cfg.alpha))
         pending.append(ray.remote(stats.model_path_summary).remote(store.uri, m.name, m.n_layer))
     picked = stats.heatmap_chunks(plan.sample_keys, plan.n_chunks)
     for name, refs in fits.items():

@@ -15,7 +15,12 @@ TABLES: dict[str, pa.Schema] = {
         ("chunk", pa.int32()), ("pos", pa.int32()), ("layer", pa.int16()),
         ("path_step", pa.float32()), ("path_cum", pa.float32()), ("angle_rad", pa.float32()),
     ]),
-    "path_summary": pa.schema([("n_tokens", pa.int64()), ("r_path_logit", pa.float64())]),
+    "path_summary": pa.schema([
+        ("n_tokens", pa.int64()), ("r_path_logit", pa.float64()), ("r_ci_low", pa.float64()), ("r_ci_high", pa.float64()),
+    ]),
+    "path_layer_r": pa.schema([
+        ("layer", pa.int16()), ("n_tokens", pa.int64()), ("r", pa.float64()), ("r_ci_low", pa.float64()), ("r_ci_high", pa.float64()),
+    ]),
     "rotation_angles": pa.schema([
         ("target", pa.string()), ("source", pa.string()), ("chunk", pa.int32()), ("pos", pa.int32()),
         ("layer", pa.int16()), ("kind", pa.string()), ("angle_rad", pa.float32()),
@@ -23,14 +28,16 @@ TABLES: dict[str, pa.Schema] = {
     "rotation": pa.schema([
         ("target", pa.string()), ("source", pa.string()), ("layer", pa.int16()), ("n", pa.int32()),
         ("mean_target_rad", pa.float64()), ("mean_previous_rad", pa.float64()), ("mean_shuffled_rad", pa.float64()),
-        ("t", pa.float64()), ("p", pa.float64()), ("significant", pa.bool_()),
+        ("t", pa.float64()), ("p", pa.float64()), ("significant", pa.bool_()), ("d_z", pa.float64()),
+        ("diff_ci_low_rad", pa.float64()), ("diff_ci_high_rad", pa.float64()),
     ]),
     "activations": pa.schema([
         ("chunk", pa.int32()), ("pos", pa.int32()), ("label", pa.bool_()), ("values", pa.list_(pa.float16())),
     ]),
     "neuron_logit": pa.schema([
         ("layer", pa.int16()), ("neuron", pa.int32()), ("n", pa.int32()), ("beta", pa.float64()), ("se", pa.float64()),
-        ("z", pa.float64()), ("p", pa.float64()), ("significant", pa.bool_()), ("q_bh", pa.float64()),
+        ("z", pa.float64()), ("p", pa.float64()), ("beta_ci_low", pa.float64()), ("beta_ci_high", pa.float64()),
+        ("auroc", pa.float64()), ("significant", pa.bool_()), ("q_bh", pa.float64()),
         ("status", pa.string()), ("converged", pa.bool_()), ("n_iter", pa.int16()),
     ]),
     "neuron_heatmap": pa.schema([
@@ -50,6 +57,7 @@ TABLES: dict[str, pa.Schema] = {
     "attn_ar": pa.schema([
         ("layer", pa.int16()), ("chunk", pa.int32()), ("n", pa.int32()), ("b0", pa.float64()), ("b1", pa.float64()),
         ("b2", pa.float64()), ("p1", pa.float64()), ("p2", pa.float64()), ("r2", pa.float64()), ("status", pa.string()),
+        ("significant1", pa.bool_()), ("significant2", pa.bool_()),
     ]),
 }
 
@@ -58,9 +66,14 @@ def partition_keys(table: str) -> tuple[str, ...]:
     return PARTITIONS.get(table, DEFAULT_PARTITIONS)
 
 
-def file_schema(table: str, d_mlp: int | None = None) -> pa.Schema:
-    """Schema of the files of a table (``activations`` values become a fixed-size list of d_mlp)."""
+VALUE_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def file_schema(table: str, d_mlp: int | None = None, values_dtype: str = "float16") -> pa.Schema:
+    """Schema of the files of a table (``activations`` values become a fixed-size list of d_mlp of
+    ``values_dtype``, the run's --activations-dtype)."""
     schema = TABLES[table]
     if table == "activations" and d_mlp is not None:
-        schema = schema.set(schema.get_field_index("values"), pa.field("values", pa.list_(pa.float16(), d_mlp)))
+        field = pa.field("values", pa.list_(VALUE_TYPES[values_dtype], d_mlp))
+        schema = schema.set(schema.get_field_index("values"), field)
     return schema

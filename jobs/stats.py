@@ -86,16 +86,17 @@ def scan(store: Store, table: str, model: str) -> pl.LazyFrame:
     return store.scan(f"{table}/model={model}")
 
 
-def model_attn_ar(store_uri: str, model: str, start: int = 3) -> int:
-    """AR(2) OLS of log attention norms per layer and chunk, and pooled per layer."""
+def model_attn_ar(store_uri: str, model: str, alpha: float = 0.05, start: int = 3) -> int:
+    """AR(2) OLS of log attention norms per layer and chunk, and pooled per layer; significance at
+    alpha with Bonferroni over the model's layers (pooled) or its per-chunk regressions (``ar2_table``)."""
     store = Store(store_uri)
     norms = scan(store, "attn_norms", model).sort("layer", "chunk", "pos").collect()
-    frames = []
+    frames, n_layers = [], norms["layer"].n_unique()
     for (layer,), part in norms.group_by("layer", maintain_order=True):
         wide = part.pivot(on="pos", index="chunk", values="log_norm", sort_columns=False).sort("chunk")
         positions = sorted(int(c) for c in wide.columns if c != "chunk")
         y = wide.select([str(p) for p in positions]).to_numpy().astype(np.float64)
-        table = attn_ar.ar2_table(y, wide["chunk"].to_numpy(), start=start)
+        table = attn_ar.ar2_table(y, wide["chunk"].to_numpy(), start=start, alpha=alpha, n_layers=n_layers)
         frames.append(table.with_columns(pl.lit(layer, dtype=pl.Int16).alias("layer")))
     result = pl.concat(frames)
     store.write_table("attn_ar", "all", result.to_arrow(), model=model)
@@ -128,15 +129,34 @@ def _occurrence_matrix(frame: pl.DataFrame, kind: str) -> np.ndarray:
 
 
 def model_path_summary(store_uri: str, model: str, n_layer: int) -> dict:
-    """Pearson r between the last layer's path_step and the next-token logit (position 0 left out)."""
+    """Pearson r between path_step and the next-token logit (position 0 and the chunk's last position
+    left out), with Fisher-z 95% intervals: the last layer in ``path_summary``, every layer in ``path_layer_r``."""
     store = Store(store_uri)
-    final = scan(store, "layer_metrics", model).filter(pl.col("layer") == n_layer).select("chunk", "pos", "path_step")
     tokens = scan(store, "tokens", model).select("chunk", "pos", "next_token_logit")
+    final = scan(store, "layer_metrics", model).filter(pl.col("layer") == n_layer).select("chunk", "pos", "path_step")
     joined = final.join(tokens, on=["chunk", "pos"]).collect()
     r, n = path_length.path_logit_correlation(
         joined["path_step"].to_numpy(), joined["next_token_logit"].fill_null(np.nan).to_numpy(), joined["pos"].to_numpy()
     )
-    store.write_table("path_summary", "all", pa.table({"n_tokens": [n], "r_path_logit": [r]}), model=model)
+    lo, hi = path_length.fisher_ci(r, n)
+    store.write_table("path_summary", "all", pa.table({"n_tokens": [n], "r_path_logit": [r], "r_ci_low": [float(lo)],
+                                                       "r_ci_high": [float(hi)]}), model=model)
+    # Every layer: reduced lazily per layer (the joined table of all layers can exceed memory at corpus scale).
+    x, y = pl.col("path_step").cast(pl.Float64), pl.col("next_token_logit").cast(pl.Float64)
+    per_layer = (
+        scan(store, "layer_metrics", model).select("chunk", "pos", "layer", "path_step").join(tokens, on=["chunk", "pos"])
+        .filter((pl.col("pos") > 0) & y.is_finite() & x.is_finite())  # null logits drop out here too
+        .group_by("layer").agg(pl.len().cast(pl.Int64).alias("n_tokens"), pl.corr(x, y).alias("r"),
+                               (x.max() > x.min()).alias("x_varies"), (y.max() > y.min()).alias("y_varies"))
+        .sort("layer").collect()
+    )
+    # As path_logit_correlation: NaN r with fewer than 3 tokens or a constant side.
+    ok = (per_layer["n_tokens"] >= 3) & per_layer["x_varies"] & per_layer["y_varies"]
+    r_layer = np.where(ok.to_numpy(), per_layer["r"].fill_null(np.nan).to_numpy(), np.nan)
+    lo, hi = path_length.fisher_ci(r_layer, per_layer["n_tokens"].to_numpy())
+    store.write_table("path_layer_r", "all", pa.table({
+        "layer": per_layer["layer"].to_numpy(), "n_tokens": per_layer["n_tokens"].to_numpy(), "r": r_layer,
+        "r_ci_low": lo, "r_ci_high": hi}), model=model)
     return {"model": model, "n_tokens": n, "r_path_logit": r}
 
 

@@ -79,9 +79,11 @@ class Store:
             raise ValueError(f"table {table} needs partition values for {missing}")
         return self.path(table, *[f"{k}={partitions[k]}" for k in keys])
 
-    def write_table(self, table: str, part: str, data: pa.Table, d_mlp: int | None = None, **partitions) -> str:
+    def write_table(self, table: str, part: str, data: pa.Table, d_mlp: int | None = None, values_dtype: str = "float16",
+                    **partitions) -> str:
         """Cast ``data`` to the table's schema and write it as ``<part>.parquet`` in its partition."""
-        data = data.select(file_schema(table, d_mlp).names).cast(file_schema(table, d_mlp))
+        schema = file_schema(table, d_mlp, values_dtype)
+        data = data.select(schema.names).cast(schema)
         final = posixpath.join(self.table_dir(table, **partitions), f"{part}.parquet")
         self._atomic_write(final, lambda p: pq.write_table(data, p, filesystem=self.fs, compression="zstd"))
         return final

@@ -12,6 +12,7 @@ import pyarrow as pa
 import torch
 
 from jobs.models import ModelSpec, load_model
+from jobs.schema import VALUE_TYPES
 from jobs.store import Store
 from probe_core.metrics import forward_metrics
 from probe_core.rotation import rotation_angles, target_occurrences
@@ -70,7 +71,8 @@ class ModelWorker:
             torch.cuda.set_per_process_memory_fraction(gpu_share)
         self.fit_chunks: int | None = None  # largest batch (in chunks) not known to run out of memory
         self.model = load_model(spec, self.device, cfg.dtype, cfg.allow_pickle)
-        self.samples: dict[tuple[int, int], np.ndarray] = {}  # (chunk, pos) -> (L, d_mlp) float16
+        # (chunk, pos) -> (L, d_mlp) float32: the values the model computed, whatever --activations-dtype stores.
+        self.samples: dict[tuple[int, int], np.ndarray] = {}
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self.pending = None
 
@@ -148,7 +150,7 @@ class ModelWorker:
                 tables["attn_norms"] = self._attn_norms(batch, out)
             if "rotation" in analyses:
                 tables["rotation_angles"] = self._rotation(batch["chunk"], batch["input_ids"], out["hidden"], None, "corpus")
-            mlp = out["mlp_pre"].to(torch.float16).cpu().numpy() if want_mlp else None
+            mlp = out["mlp_pre"].float().cpu().numpy() if want_mlp else None
         return tables, mlp
 
     def _grid(self, batch, n_layer: int | None = None):
@@ -206,42 +208,73 @@ class ModelWorker:
         labels = np.asarray(batch["proper"])[batch["sample_b"], batch["sample_t"]]
         for i, key in enumerate(zip(chunks.tolist(), pos.tolist())):
             self.samples[key] = mlp[:, i]
-        d_mlp = mlp.shape[-1]
+        d_mlp, dtype = mlp.shape[-1], self.cfg.activations_dtype
         writes = []
         for layer in range(mlp.shape[0]):
-            values = pa.FixedSizeListArray.from_arrays(pa.array(mlp[layer].reshape(-1), pa.float16()), d_mlp)
+            flat = mlp[layer].reshape(-1).astype(dtype)  # storage only: the fits use self.samples
+            values = pa.FixedSizeListArray.from_arrays(pa.array(flat, VALUE_TYPES[dtype]), d_mlp)
             data = pa.table({"chunk": chunks, "pos": pos, "label": labels, "values": values})
-            writes.append(("activations", data, {"d_mlp": d_mlp, "layer": layer + 1}))
+            writes.append(("activations", data, {"d_mlp": d_mlp, "values_dtype": dtype, "layer": layer + 1}))
         return writes
 
-    def neuron_blocks(self, keys: np.ndarray) -> tuple:
+    def neuron_blocks(self, keys: np.ndarray, chunk_ids: np.ndarray | None = None, input_ids: np.ndarray | None = None,
+                      batch_size: int = 1) -> tuple:
         """Sampled pre-activations per layer, rows in the order of ``keys`` (n, 2) = (chunk, pos).
 
-        Returns n_layer arrays (n, d_mlp) float16 (call with ``num_returns=n_layer`` so each layer is its
-        own object). Rows this process did not compute (a resumed run, or a restarted actor) are read back
-        from the ``activations`` table.
+        Returns n_layer arrays (n, d_mlp) float32, the model's own values (call with ``num_returns=n_layer``
+        so each layer is its own object). Rows this process did not compute (a resumed run, or a restarted
+        actor) are read back from a float32 ``activations`` table, or else recomputed by a forward pass
+        over their chunks (``input_ids`` (k, T) of ``chunk_ids`` (k,), ``batch_size`` chunks at a time):
+        float16 storage is never read back, so the fits never see its rounding.
         """
         self.flush()
         missing = [tuple(k) for k in keys.tolist() if tuple(k) not in self.samples]
-        if missing:
-            self._load_samples(missing)
+        if missing and not self._load_samples(missing):
+            if input_ids is None:
+                raise RuntimeError(f"{len(missing)} sampled tokens of {self.spec.name} are not in memory: pass their chunks")
+            self._recompute_samples(np.asarray(missing), np.asarray(chunk_ids), np.asarray(input_ids), batch_size)
         stacked = np.stack([self.samples[tuple(k)] for k in keys.tolist()], axis=1)  # (L, n, d_mlp)
         return tuple(stacked[layer] for layer in range(stacked.shape[0]))
 
-    def _load_samples(self, missing) -> None:
+    def _recompute_samples(self, missing: np.ndarray, chunk_ids: np.ndarray, input_ids: np.ndarray, batch_size: int) -> None:
+        """Forward passes over the chunks holding ``missing`` (m, 2) keys; their rows go into self.samples."""
+        needed = np.unique(missing[:, 0])
+        where = np.searchsorted(chunk_ids, needed)
+        if (where >= len(chunk_ids)).any() or (chunk_ids[np.minimum(where, len(chunk_ids) - 1)] != needed).any():
+            raise RuntimeError(f"chunks of the missing samples of {self.spec.name} were not passed")
+        for lo in range(0, len(needed), max(1, batch_size)):
+            rows = where[lo:lo + max(1, batch_size)]
+            sel = np.isin(missing[:, 0], chunk_ids[rows])
+            b_idx = np.searchsorted(chunk_ids[rows], missing[sel, 0])
+            with torch.inference_mode():
+                ids = device_tensor(input_ids[rows], self.device)
+                out = forward_metrics(self.model, ids, final_hidden=self.cfg.final_hidden, mlp_rows=(b_idx, missing[sel, 1]))
+                mlp = out["mlp_pre"].float().cpu().numpy()  # (L, m_batch, d_mlp)
+            for i, key in enumerate(map(tuple, missing[sel].tolist())):
+                self.samples[key] = mlp[:, i]
+
+    def _load_samples(self, missing) -> bool:
+        """Read ``missing`` keys back from the activations table if it is float32 and holds them all; else False."""
         import pyarrow.dataset as ds
 
         per_layer = []
         for layer in range(1, self.spec.n_layer + 1):
             folder = self.store.table_dir("activations", model=self.spec.name, layer=layer)
-            table = ds.dataset(folder, filesystem=self.store.fs, format="parquet").to_table()
+            try:
+                dataset = ds.dataset(folder, filesystem=self.store.fs, format="parquet")
+            except (FileNotFoundError, OSError):
+                return False
+            if dataset.schema.field("values").type.value_type != pa.float32():
+                return False  # float16 storage: recompute instead of reading rounded values
+            table = dataset.to_table()
             index = {(c, p): i for i, (c, p) in enumerate(zip(table["chunk"].to_pylist(), table["pos"].to_pylist()))}
             values = table["values"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, -1)
             per_layer.append((index, values))
+        if not all(key in index for index, _ in per_layer for key in missing):
+            return False
         for key in missing:
-            if key not in per_layer[0][0]:
-                raise RuntimeError(f"sampled token {key} of {self.spec.name} was never captured: rerun with --resume")
             self.samples[key] = np.stack([values[index[key]] for index, values in per_layer])
+        return True
 
     def hidden_for(self, input_ids: np.ndarray, n_tokens: int, bins: int | None = None) -> tuple:
         """Hidden states of the first ``n_tokens`` tokens of these chunks, per hidden_states index.

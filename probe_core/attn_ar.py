@@ -117,18 +117,25 @@ def fit_ar2_pooled(y, start: int = 3) -> dict[str, np.ndarray]:
     return _ols_batched(X.reshape(1, -1, N_PARAMS), target.reshape(1, -1))
 
 
-def ar2_table(y, chunks, start: int = 3) -> pl.DataFrame:
-    """Per-series AR(2) fits, then the pooled fit, as one table.
+def ar2_table(y, chunks, start: int = 3, alpha: float = 0.05, n_layers: int = 1) -> pl.DataFrame:
+    """Per-series AR(2) fits, then the pooled fit, as one table (one layer of a model).
 
     y: (B, T) log norms; chunks: (B,) chunk ids. Columns: chunk (Int32, null on the pooled last row),
-    n (Int32), b0, b1, b2, p1, p2, r2 (Float64), status (String).
+    n (Int32), b0, b1, b2, p1, p2, r2 (Float64), status (String), significant1, significant2 (Boolean:
+    p1, p2 below a Bonferroni threshold; NaN p is never significant). Each coefficient is its own
+    family: the pooled row tests at alpha / n_layers (one pooled regression per layer of the model),
+    a per-chunk row at alpha / (n_layers * B) (every per-chunk regression of the model).
     """
     y = _check_y(y)
     chunks = np.asarray(chunks)
     if chunks.shape != (y.shape[0],):
         raise ValueError(f"chunks has shape {chunks.shape}, expected ({y.shape[0]},): one id per series")
+    if not 0 < alpha < 1 or int(n_layers) < 1:
+        raise ValueError(f"need alpha in (0, 1) and n_layers >= 1, got alpha={alpha!r}, n_layers={n_layers!r}")
     per, pooled = fit_ar2(y, start), fit_ar2_pooled(y, start)
     cols = {k: np.concatenate([per[k], pooled[k]]) for k in RESULT_KEYS}
+    threshold = np.append(np.full(y.shape[0], alpha / (n_layers * max(y.shape[0], 1))), alpha / n_layers)
+    significant = {f"significant{i}": np.nan_to_num(cols[f"p{i}"], nan=1.0) < threshold for i in (1, 2)}
     float_cols = {k: pl.Series(k, cols[k], dtype=pl.Float64) for k in ("b0", "b1", "b2", "p1", "p2", "r2")}
     return pl.DataFrame(
         [
@@ -136,5 +143,6 @@ def ar2_table(y, chunks, start: int = 3) -> pl.DataFrame:
             pl.Series("n", cols["n"], dtype=pl.Int32),
             *float_cols.values(),
             pl.Series("status", cols["status"].tolist(), dtype=pl.String),
+            *(pl.Series(k, v, dtype=pl.Boolean) for k, v in significant.items()),
         ]
     )

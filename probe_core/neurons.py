@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import polars as pl
 import torch
-from scipy.stats import norm
+from scipy.stats import norm, rankdata
 
 STATUS_OK, STATUS_CONSTANT, STATUS_SEPARATION, STATUS_NOT_CONVERGED = "ok", "constant", "separation", "not_converged"
 # Working set per block of neurons: ~6 float64 (block, samples) arrays. On CPU it stays in L3 so the
@@ -284,21 +284,57 @@ def balanced_sample(labels, max_samples: int, seed) -> np.ndarray:
     return np.sort(chosen)
 
 
+def beta_confint(beta, se, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Wald interval beta -/+ z_{(1 + level) / 2} se, as statsmodels ``Logit(...).fit().conf_int(1 - level)``."""
+    half = norm.ppf(0.5 + level / 2) * np.asarray(se, dtype=np.float64)
+    return beta - half, beta + half
+
+
+def auroc_per_neuron(x, y) -> np.ndarray:
+    """AUROC of each neuron's activation as a score for the label: (n, k), (n,) 0/1 -> (k,) float64.
+
+    Rank-based Mann-Whitney U / (n1 n0) with average ranks for ties, as sklearn ``roc_auc_score(y,
+    x[:, j])``: 1 when positives score highest, 0.5 for no separation (a constant neuron). Non-finite
+    activations are left out for their neuron only (as in the fit); NaN where a class is then empty.
+    """
+    x = _as_tensor(x).cpu().numpy().astype(np.float64, copy=False)
+    y = np.asarray(_as_tensor(y).cpu().numpy()).astype(bool)
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise ValueError(f"need x (n, k) and y (n,), got {x.shape} and {y.shape}")
+    finite = np.isfinite(x)
+    if finite.all():
+        ranks = rankdata(x, axis=0)
+        n1 = np.full(x.shape[1], y.sum(), dtype=np.float64)
+        n0 = x.shape[0] - n1
+    else:
+        # Only the finite values are ranked (inf becomes NaN first, so "omit" leaves it out too).
+        ranks = rankdata(np.where(finite, x, np.nan), axis=0, nan_policy="omit")
+        n1 = (finite & y[:, None]).sum(0).astype(np.float64)
+        n0 = finite.sum(0) - n1
+    r1 = np.where(finite & y[:, None], ranks, 0.0).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (r1 - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
 def neuron_logit_table(x, y, alpha: float = 0.05, device=None) -> pl.DataFrame:
     """Per-neuron logistic fits of one block (e.g. one layer) as a table, one row per neuron.
 
     x: (n_samples, n_neurons), y: (n_samples,) 0/1, as ``fit_logit_per_neuron``. Multiple-testing
     corrections run over this block's "ok" neurons only (other rows: significant False, q_bh NaN):
-    ``significant`` is Bonferroni at ``alpha``, ``q_bh`` Benjamini-Hochberg.
-    Columns: neuron (int32), n (int32), beta, se, z, p (float64), significant (bool), q_bh (float64),
-    status (str), converged (bool), n_iter (int16).
+    ``significant`` is Bonferroni at ``alpha``, ``q_bh`` Benjamini-Hochberg. ``beta_ci_low/high`` is
+    the plain 95% Wald interval of beta (not multiplicity-adjusted; NaN without a fit); ``auroc`` the
+    activation's AUROC for the label (``auroc_per_neuron``, defined for every neuron).
+    Columns: neuron (int32), n (int32), beta, se, z, p, beta_ci_low, beta_ci_high, auroc (float64),
+    significant (bool), q_bh (float64), status (str), converged (bool), n_iter (int16).
     """
     fit = fit_logit_per_neuron(x, y, device=device)
+    fit["beta_ci_low"], fit["beta_ci_high"] = beta_confint(fit["beta"], fit["se"])
+    fit["auroc"] = auroc_per_neuron(x, y)
     p_ok = np.where(fit["status"] == STATUS_OK, fit["p"], np.nan)
     return pl.DataFrame({
         "neuron": pl.Series(np.arange(len(fit["p"])), dtype=pl.Int32),
         "n": pl.Series(fit["n"], dtype=pl.Int32),
-        **{k: pl.Series(fit[k], dtype=pl.Float64) for k in ("beta", "se", "z", "p")},
+        **{k: pl.Series(fit[k], dtype=pl.Float64) for k in ("beta", "se", "z", "p", "beta_ci_low", "beta_ci_high", "auroc")},
         "significant": pl.Series(bonferroni_significant(p_ok, alpha), dtype=pl.Boolean),
         "q_bh": pl.Series(benjamini_hochberg(p_ok), dtype=pl.Float64),
         "status": pl.Series(fit["status"].tolist(), dtype=pl.String),

@@ -133,7 +133,10 @@ def rotation_tests(
     target, previous, shuffled: (n_occ, L) angles from ``rotation_angles``.
     One row per layer 1..L: layer (int16), n (int32), mean_target_rad, mean_previous_rad,
     mean_shuffled_rad, t, p (float64; ``scipy.stats.ttest_rel(target, previous)``), significant
-    (p < alpha / L, Bonferroni over all L layers). With n < 2, t and p are NaN and significant False.
+    (p < alpha / L, Bonferroni over all L layers), d_z (Cohen's d_z: mean(diff) / sd(diff, ddof=1),
+    diff = target - previous), diff_ci_low_rad, diff_ci_high_rad (the plain 95% t interval of
+    mean(diff), as ``ttest_rel(...).confidence_interval()``; not Bonferroni-adjusted). With n < 2,
+    t, p, d_z and the interval are NaN and significant False.
     """
     arrays = [np.asarray(x, dtype=np.float64) for x in (target, previous, shuffled)]
     if any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) != 1:
@@ -146,8 +149,13 @@ def rotation_tests(
     if n >= 2:
         res = scipy.stats.ttest_rel(tgt, prev, axis=0)
         t_stat, p_val = np.asarray(res.statistic, dtype=np.float64), np.asarray(res.pvalue, dtype=np.float64)
+        diff = tgt - prev
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d_z = diff.mean(axis=0) / diff.std(axis=0, ddof=1)
+            ci = res.confidence_interval(0.95)
+        ci_low, ci_high = np.asarray(ci.low, dtype=np.float64), np.asarray(ci.high, dtype=np.float64)
     else:
-        t_stat = p_val = np.full(n_layers, np.nan)
+        t_stat = p_val = d_z = ci_low = ci_high = np.full(n_layers, np.nan)
     with np.errstate(invalid="ignore"):
         means = [a.mean(axis=0) if n else np.full(n_layers, np.nan) for a in arrays]
         significant = np.nan_to_num(p_val, nan=1.0) < alpha / max(n_layers, 1)
@@ -161,5 +169,8 @@ def rotation_tests(
             "t": t_stat,
             "p": p_val,
             "significant": pl.Series(significant, dtype=pl.Boolean),
+            "d_z": d_z,
+            "diff_ci_low_rad": ci_low,
+            "diff_ci_high_rad": ci_high,
         }
     )

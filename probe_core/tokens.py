@@ -22,7 +22,8 @@ def proper_noun_labels(token_text: list[str]) -> np.ndarray:
     A token is a proper noun when its decoded text is longer than 2 characters, its first non-space
     character is upper-case, and the previous token (trailing whitespace stripped) does not end in
     one of ``. ! ? :`` (a capital after a sentence end is just a sentence start). The first token of
-    the stream has no previous token and is judged on its own text.
+    the stream is never a proper noun: it has no previous token, so it may be a sentence start (the
+    notebook's loop starts at token 1). Only the stream's first token: chunks cut a labelled stream.
     """
     text = np.asarray(token_text, dtype=object)
     first = np.array([t.lstrip()[:1] for t in text], dtype=object)
@@ -31,7 +32,9 @@ def proper_noun_labels(token_text: list[str]) -> np.ndarray:
     prev_end = np.zeros(len(text), dtype=bool)
     if len(text) > 1:
         prev_end[1:] = [t.rstrip().endswith(SENTENCE_END) for t in text[:-1]]
-    return capital & long_enough & ~prev_end
+    labels = capital & long_enough & ~prev_end
+    labels[:1] = False
+    return labels
 
 
 def decode_table(tokenizer) -> list[str]:
@@ -43,11 +46,13 @@ def proper_noun_labels_from_ids(token_ids: np.ndarray, decode: list[str]) -> np.
     """``proper_noun_labels`` for a stream of ids: (n,) -> (n,) bool, through per-vocabulary lookups.
 
     The rule only looks at each token's own text and its predecessor's, so it is judged once per
-    vocabulary entry and indexed: no per-token Python strings for a whole corpus.
+    vocabulary entry and indexed: no per-token Python strings for a whole corpus. The stream's first
+    token is never labelled (no previous token), as in ``proper_noun_labels``.
     """
     token_ids = np.asarray(token_ids)
     looks_proper = np.array([len(t) > 2 and t.lstrip()[:1].isupper() for t in decode], dtype=bool)
     ends_sentence = np.array([t.rstrip().endswith(SENTENCE_END) for t in decode], dtype=bool)
     labels = looks_proper[token_ids]
     labels[1:] &= ~ends_sentence[token_ids[:-1]]
+    labels[:1] = False
     return labels

@@ -127,13 +127,31 @@ def test_ar2_table_schema_and_rows():
     table = ar2_table(y, np.array([10, 11, 12]))
     assert table.schema == pl.Schema(
         {"chunk": pl.Int32, "n": pl.Int32, "b0": pl.Float64, "b1": pl.Float64, "b2": pl.Float64,
-         "p1": pl.Float64, "p2": pl.Float64, "r2": pl.Float64, "status": pl.String}
+         "p1": pl.Float64, "p2": pl.Float64, "r2": pl.Float64, "status": pl.String,
+         "significant1": pl.Boolean, "significant2": pl.Boolean}
     )
     assert table["chunk"].to_list() == [10, 11, 12, None]
     assert table["status"].to_list() == ["ok", "ok", "singular", "ok"]
     assert table["n"].to_list() == [37, 37, 37, 111]
     np.testing.assert_allclose(table["b1"][0], sm_fit([y[0]]).params[1], rtol=1e-8)
     np.testing.assert_allclose(table["b1"][3], sm_fit(list(y)).params[1], rtol=1e-8)
+
+
+def test_significance_is_bonferroni_per_family():
+    rng = np.random.default_rng(7)
+    y = simulate_ar2(rng, 4, 60)
+    alpha, n_layers = 0.2, 3
+    table = ar2_table(y, np.arange(4), alpha=alpha, n_layers=n_layers)
+    for i in (1, 2):
+        p = table[f"p{i}"].to_numpy()
+        threshold = np.array([alpha / (n_layers * 4)] * 4 + [alpha / n_layers])
+        np.testing.assert_array_equal(table[f"significant{i}"].to_numpy(), p < threshold)
+    assert table["significant1"][4]  # the pooled lag-1 effect is strong
+    y[1] = 0.5  # singular: NaN p is never significant
+    table = ar2_table(y, np.arange(4), alpha=alpha, n_layers=n_layers)
+    assert not table["significant1"][1] and not table["significant2"][1]
+    with pytest.raises(ValueError, match="alpha"):
+        ar2_table(y, np.arange(4), alpha=1.5)
 
 
 def test_bad_input():

@@ -6,7 +6,8 @@ from scipy.stats import pearsonr
 
 from probe_core import capture as hooks
 from probe_core.metrics import forward_metrics
-from probe_core.path_length import angle_between, consecutive_steps, path_logit_correlation
+from probe_core.path_length import (angle_between, consecutive_steps, fisher_ci, path_layer_correlations,
+                                    path_logit_correlation)
 from probe_core.tokens import chunk_stream, proper_noun_labels
 
 
@@ -108,6 +109,28 @@ def test_path_logit_correlation_matches_scipy():
     assert np.isnan(path_logit_correlation(np.ones(10), logit[:10], pos[:10])[0])
 
 
+def test_path_layer_correlations_match_scipy():
+    rng = np.random.default_rng(2)
+    n, n_layer = 400, 4
+    logit = rng.normal(size=n)
+    steps = rng.normal(size=(n, n_layer)) + np.linspace(0, 1, n_layer) * logit[:, None]
+    pos = np.tile(np.arange(40), 10)
+    logit[pos == 39] = np.nan
+    steps[7, 2] = np.nan  # a non-finite step drops that token for its layer only
+    got = path_layer_correlations(steps, logit, pos)
+    for layer in range(n_layer):
+        keep = (pos > 0) & np.isfinite(logit) & np.isfinite(steps[:, layer])
+        ref = pearsonr(steps[keep, layer], logit[keep])
+        ci = ref.confidence_interval(0.95)
+        assert got["n_tokens"][layer] == keep.sum()
+        np.testing.assert_allclose([got["r"][layer], got["r_ci_low"][layer], got["r_ci_high"][layer]],
+                                   [ref.statistic, ci.low, ci.high], rtol=1e-10)
+    r_last, n_last = path_logit_correlation(steps[:, -1], logit, pos)
+    assert got["r"][-1] == pytest.approx(r_last, abs=1e-14) and got["n_tokens"][-1] == n_last
+    lo, hi = fisher_ci([np.nan, 1.0, 0.3], [100, 100, 3])
+    assert np.isnan(lo).all() and np.isnan(hi).all()
+
+
 def test_chunk_stream_drops_tail():
     chunks = chunk_stream(np.arange(10), 4)
     assert chunks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -118,8 +141,11 @@ def test_chunk_stream_drops_tail():
 def test_proper_noun_heuristic():
     tokens = [" Mary", " met", " her", " friend", " in", " London", ".", " The", " doctor", ":", " Paris", "Al", " UK"]
     got = proper_noun_labels(tokens)
-    expected = [True, False, False, False, False, True, False, False, False, False, False, False, True]
+    # The stream's first token (" Mary") has no previous token: never a proper noun.
+    expected = [False, False, False, False, False, True, False, False, False, False, False, False, True]
     assert got.tolist() == expected
+    assert got[5] and not proper_noun_labels(tokens[5:])[0]  # " London" is one only with a predecessor
+    assert proper_noun_labels([" Mary"]).tolist() == [False] and proper_noun_labels([]).tolist() == []
 
 
 def test_proper_noun_labels_from_ids_equal_the_string_rule(gpt2_tokenizer):

@@ -45,9 +45,13 @@ def _token_tables(model, n_layer, rng):
     lm = _grid(model, n_layer).with_columns(path_step=_f32(rng.gamma(2.0, 1.0, n * n_layer)),
                                             angle_rad=_f32(rng.uniform(0, 3, n * n_layer)))
     lm = lm.with_columns(path_cum=pl.col("path_step").cum_sum().over("chunk", "pos"))
-    ps = pl.DataFrame(dict(model=[model], n_tokens=[n - N_CHUNK], r_path_logit=[float(rng.uniform(-1, 1))]))
+    r = float(rng.uniform(-0.9, 0.9))
+    ps = pl.DataFrame(dict(model=[model], n_tokens=[n - N_CHUNK], r_path_logit=[r], r_ci_low=[r - 0.1], r_ci_high=[r + 0.1]))
+    r_layer = rng.uniform(-0.9, 0.9, n_layer)
+    plr = pl.DataFrame(dict(model=model, layer=pl.Series(np.arange(1, n_layer + 1), dtype=I16),
+                            n_tokens=[n - N_CHUNK] * n_layer, r=r_layer, r_ci_low=r_layer - 0.1, r_ci_high=r_layer + 0.1))
     an = _grid(model, n_layer).with_columns(log_norm=_f32(rng.normal(2, 0.5, n * n_layer)))
-    return dict(tokens=tok, layer_metrics=lm, path_summary=ps, attn_norms=an)
+    return dict(tokens=tok, layer_metrics=lm, path_summary=ps, path_layer_r=plr, attn_norms=an)
 
 
 def _rotation_tables(model, n_layer, rng):
@@ -61,7 +65,9 @@ def _rotation_tables(model, n_layer, rng):
     rot = ra.group_by("model", "target", "source", "layer", maintain_order=True).agg(
         (pl.len() // 3).cast(I32).alias("n"), *means)
     rot = rot.with_columns(t=pl.Series(rng.normal(0, 3, rot.height)), p=pl.Series(rng.uniform(0, 0.1, rot.height)))
-    return dict(rotation_angles=ra, rotation=rot.with_columns(significant=pl.col("p") < 0.02))
+    rot = rot.with_columns(significant=pl.col("p") < 0.02, d_z=pl.col("t") / 3.0,
+                           diff_ci_low_rad=pl.lit(-0.1), diff_ci_high_rad=pl.lit(0.1))
+    return dict(rotation_angles=ra, rotation=rot)
 
 
 def _neuron_tables(model, n_layer, d_mlp, rng):
@@ -73,7 +79,8 @@ def _neuron_tables(model, n_layer, d_mlp, rng):
     nl = pl.DataFrame(dict(
         model=[model] * n, layer=pl.Series(np.repeat(np.arange(1, n_layer + 1), d_mlp), dtype=I16),
         neuron=pl.Series(np.tile(np.arange(d_mlp), n_layer), dtype=I32), n=pl.Series([N_CHUNK * N_POS] * n, dtype=I32),
-        beta=beta, se=np.full(n, 0.5), z=beta / 0.5, p=p, significant=p < 0.05, q_bh=np.minimum(p * 3, 1),
+        beta=beta, se=np.full(n, 0.5), z=beta / 0.5, p=p, beta_ci_low=beta - 0.98, beta_ci_high=beta + 0.98,
+        auroc=rng.uniform(0, 1, n), significant=p < 0.05, q_bh=np.minimum(p * 3, 1),
         status=["ok"] * n, converged=[True] * n, n_iter=pl.Series([6] * n, dtype=I16)))
     hm = _grid(model, chunks=[2, 0]).with_columns(  # chunk 2 from the neuron sample, chunk 0 held out
         layer=pl.lit(n_layer, I16), neuron=pl.lit(d_mlp - 1, I32), activation=_f32(rng.normal(0, 2, 2 * N_POS)),
@@ -106,7 +113,7 @@ def _ar_table(model, n_layer, rng):
         model=model, layer=pl.Series([x[0] for x in keys], dtype=I16), chunk=pl.Series([x[1] for x in keys], dtype=I32),
         n=pl.Series([N_POS] * k, dtype=I32), b0=rng.normal(size=k), b1=rng.normal(0.4, 0.2, k),
         b2=rng.normal(0.1, 0.2, k), p1=rng.uniform(0, 0.05, k), p2=rng.uniform(0, 1, k), r2=rng.uniform(size=k),
-        status="ok")))
+        status="ok")).with_columns(significant1=pl.col("p1") < 0.01, significant2=pl.col("p2") < 0.01))
 
 
 def make_tables(seed=0) -> dict[str, pl.DataFrame]:
@@ -269,3 +276,18 @@ def test_synthetic_tables_match_the_parquet_schema(frames):
         got = frames[name].filter(pl.col("model") == "gpt2").select(list(expected)).schema
         assert {c: str(t) for c, t in got.items()} == {c: str(t) for c, t in expected.items()}, name
         assert frames[name].schema["model"] == pl.String
+
+
+def test_attn_ar_markers_follow_the_significant_columns(frames):
+    """Filled markers are the table's significant flags (the run's --alpha), not a fixed alpha."""
+    pooled = frames["attn_ar"].filter(pl.col("chunk").is_null())
+
+    def filled(df):
+        fig = figures.fig_attn_ar_coefs(df.lazy())
+        return [sum(len(c.get_offsets()) for c in ax.collections) for ax in fig.axes[:2]]
+
+    none = pooled.with_columns(significant1=False, significant2=False)
+    every = pooled.with_columns(significant1=True, significant2=True)
+    assert filled(none) == [0, 0] and filled(every) == [pooled.height, pooled.height]
+    legacy = pooled.drop("significant1", "significant2").with_columns(p1=pl.lit(0.0), p2=pl.lit(1.0))
+    assert filled(legacy) == [pooled.height, 0]  # old tables: p < alpha / layers

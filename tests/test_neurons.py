@@ -10,6 +10,7 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.tools.sm_exceptions import ConvergenceWarning, PerfectSeparationWarning
 
 from probe_core.neurons import (
+    auroc_per_neuron,
     balanced_sample,
     benjamini_hochberg,
     bonferroni_significant,
@@ -247,7 +248,8 @@ def test_neuron_logit_table():
     table = neuron_logit_table(x, y, alpha=0.01)
     assert table.schema == pl.Schema({
         "neuron": pl.Int32, "n": pl.Int32, "beta": pl.Float64, "se": pl.Float64, "z": pl.Float64,
-        "p": pl.Float64, "significant": pl.Boolean, "q_bh": pl.Float64, "status": pl.String,
+        "p": pl.Float64, "beta_ci_low": pl.Float64, "beta_ci_high": pl.Float64, "auroc": pl.Float64,
+        "significant": pl.Boolean, "q_bh": pl.Float64, "status": pl.String,
         "converged": pl.Boolean, "n_iter": pl.Int16,
     })
     assert table["neuron"].to_list() == list(range(20)) and table["status"][3] == "constant"
@@ -258,3 +260,28 @@ def test_neuron_logit_table():
                                   multipletests(fit["p"][ok], alpha=0.01, method="bonferroni")[0])
     np.testing.assert_allclose(table["q_bh"].to_numpy()[ok], multipletests(fit["p"][ok], method="fdr_bh")[1])
     assert not table["significant"][3] and table["q_bh"].is_nan()[3]
+
+
+def test_beta_interval_and_auroc_match_statsmodels_and_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    x, y = make_random(n=250, k=12, seed=4)
+    x[:, 5] = np.round(x[:, 5])  # many ties: average ranks
+    x[:, 7] = 2.0  # constant: no fit, AUROC 0.5
+    table = neuron_logit_table(x, y)
+    for j in (0, 3, 5, 11):
+        res = sm.Logit(y, sm.add_constant(x[:, j])).fit(disp=0)
+        np.testing.assert_allclose([table["beta_ci_low"][j], table["beta_ci_high"][j]], res.conf_int()[1], rtol=1e-6)
+    np.testing.assert_allclose(table["auroc"].to_numpy(), [roc_auc_score(y, x[:, j]) for j in range(12)], rtol=1e-12)
+    assert table["auroc"][7] == 0.5 and np.isnan(table["beta_ci_low"][7])
+
+
+def test_auroc_leaves_out_non_finite_values_per_neuron():
+    from sklearn.metrics import roc_auc_score
+
+    x, y = make_random(n=120, k=4, seed=8)
+    x[[0, 5, 9], 1], x[3, 2] = np.nan, np.inf
+    got = auroc_per_neuron(x, y)
+    for j in range(4):
+        keep = np.isfinite(x[:, j])
+        assert got[j] == pytest.approx(roc_auc_score(y[keep], x[keep, j]), rel=1e-12)

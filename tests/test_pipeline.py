@@ -167,14 +167,25 @@ def test_report_has_every_section(run_dir):
     assert any(f.endswith(".svg") for f in figures) and any(f.endswith(".png") for f in figures)
 
 
-def test_neuron_fits_match_statsmodels_on_stored_activations(run_dir):
+def test_neuron_fits_match_statsmodels_on_float32_activations(run_dir, inputs):
+    """The fits see the model's float32 pre-activations (an independent forward), not the float16 storage."""
     import warnings
 
     import statsmodels.api as sm
 
     acts = table(run_dir, "activations").filter((pl.col("model") == "tiny-a") & (pl.col("layer") == 2)).sort("chunk", "pos")
     fits = table(run_dir, "neuron_logit").filter((pl.col("model") == "tiny-a") & (pl.col("layer") == 2)).sort("neuron")
-    x = np.stack(acts["values"].to_numpy()).astype(np.float64)
+    folder = next(f for f in inputs["models"] if os.path.basename(f) == "tiny-a")
+    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    chunks = reference_chunks(inputs, run_dir)
+    captured = {}
+    hook = model.transformer.h[1].mlp.c_fc.register_forward_hook(lambda m, i, o: captured.update(pre=o.detach()))
+    with torch.no_grad():
+        model(torch.as_tensor(chunks))
+    hook.remove()
+    x = captured["pre"].float().numpy()[acts["chunk"].to_numpy(), acts["pos"].to_numpy()].astype(np.float64)
+    stored = np.stack(acts["values"].to_numpy()).astype(np.float64)
+    np.testing.assert_allclose(stored, x, rtol=1e-3, atol=1e-3)  # the float16 storage rounds these
     y = acts["label"].to_numpy().astype(float)
     assert 0 < y.sum() < len(y) and y.sum() == len(y) / 2  # balanced sample
     assert fits.height == x.shape[1]
@@ -187,8 +198,29 @@ def test_neuron_fits_match_statsmodels_on_stored_activations(run_dir):
             res = sm.Logit(y, sm.add_constant(x[:, j])).fit(disp=0)
         assert fits["beta"][j] == pytest.approx(res.params[1], rel=1e-6)
         assert fits["p"][j] == pytest.approx(res.pvalues[1], rel=1e-6)
+        np.testing.assert_allclose([fits["beta_ci_low"][j], fits["beta_ci_high"][j]], res.conf_int()[1], rtol=1e-6)
         checked += 1
     assert checked >= 3
+
+
+def test_path_layer_r_matches_scipy(run_dir):
+    from scipy.stats import pearsonr
+
+    tokens = table(run_dir, "tokens").filter(pl.col("model") == "tiny-a")
+    metrics = table(run_dir, "layer_metrics").filter(pl.col("model") == "tiny-a")
+    got = table(run_dir, "path_layer_r").filter(pl.col("model") == "tiny-a").sort("layer")
+    summary = table(run_dir, "path_summary").filter(pl.col("model") == "tiny-a")
+    assert got["layer"].to_list() == sorted(metrics["layer"].unique().to_list())
+    for row in got.iter_rows(named=True):
+        d = metrics.filter(pl.col("layer") == row["layer"]).join(tokens, on=["chunk", "pos"])
+        d = d.filter((pl.col("pos") > 0) & pl.col("next_token_logit").is_not_null())
+        ref = pearsonr(d["path_step"].cast(pl.Float64).to_numpy(), d["next_token_logit"].cast(pl.Float64).to_numpy())
+        ci = ref.confidence_interval(0.95)
+        assert row["n_tokens"] == d.height
+        np.testing.assert_allclose([row["r"], row["r_ci_low"], row["r_ci_high"]], [ref.statistic, ci.low, ci.high], rtol=1e-9)
+    last = got.row(-1, named=True)
+    assert summary["r_path_logit"][0] == pytest.approx(last["r"], rel=1e-9)
+    np.testing.assert_allclose([summary["r_ci_low"][0], summary["r_ci_high"][0]], [last["r_ci_low"], last["r_ci_high"]], rtol=1e-9)
 
 
 def test_mi_matches_notebook_function(run_dir, inputs):

@@ -135,7 +135,8 @@ def test_rotation_tests_matches_scipy_loop():
     table = rotation_tests(target, previous, shuffled, alpha=0.05)
     assert table.schema == pl.Schema(
         {"layer": pl.Int16, "n": pl.Int32, "mean_target_rad": pl.Float64, "mean_previous_rad": pl.Float64,
-         "mean_shuffled_rad": pl.Float64, "t": pl.Float64, "p": pl.Float64, "significant": pl.Boolean}
+         "mean_shuffled_rad": pl.Float64, "t": pl.Float64, "p": pl.Float64, "significant": pl.Boolean,
+         "d_z": pl.Float64, "diff_ci_low_rad": pl.Float64, "diff_ci_high_rad": pl.Float64}
     )
     assert table["layer"].to_list() == list(range(1, n_layers + 1))
     for l in range(n_layers):
@@ -147,6 +148,11 @@ def test_rotation_tests_matches_scipy_loop():
         np.testing.assert_allclose(row["mean_previous_rad"], previous[:, l].mean(), rtol=1e-12)
         np.testing.assert_allclose(row["mean_shuffled_rad"], shuffled[:, l].mean(), rtol=1e-12)
         assert row["significant"] == (ref.pvalue < 0.05 / n_layers)
+        ci = ref.confidence_interval(0.95)
+        np.testing.assert_allclose([row["diff_ci_low_rad"], row["diff_ci_high_rad"]], [ci.low, ci.high], rtol=1e-10)
+        diff = target[:, l] - previous[:, l]
+        np.testing.assert_allclose(row["d_z"], diff.mean() / np.std(diff, ddof=1), rtol=1e-10)
+        np.testing.assert_allclose(row["d_z"], ref.statistic / np.sqrt(n), rtol=1e-10)  # d_z = t / sqrt(n)
     assert table["significant"].any() and not table["significant"].all()
 
 
@@ -156,6 +162,7 @@ def test_rotation_tests_too_few(n):
     table = rotation_tests(x, x, x)
     assert table.height == 3 and table["n"].to_list() == [n] * 3
     assert table["t"].is_nan().all() and table["p"].is_nan().all()
+    assert table["d_z"].is_nan().all() and table["diff_ci_low_rad"].is_nan().all()
     assert not table["significant"].any()
 
 

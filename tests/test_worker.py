@@ -103,10 +103,32 @@ def test_call_writes_shards_then_marker(tmp_path, tiny_model_dir, gpt2_tokenizer
     for table in ("tokens", "layer_metrics", "attn_norms", "rotation_angles"):
         assert store.list_files(f"{table}/model=tiny-gpt2"), table
     assert len(store.list_files("activations/model=tiny-gpt2")) == 3  # one file per layer
-    blocks = worker.neuron_blocks(np.array([[4, 3], [6, 9]]))
-    assert len(blocks) == 3 and blocks[0].shape == (2, 64)
-    # A fresh worker (a restarted actor) reads the same rows back from the activations table.
-    again = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "b").neuron_blocks(np.array([[4, 3], [6, 9]]))
+    keys = np.array([[4, 3], [6, 9]])
+    blocks = worker.neuron_blocks(keys)
+    assert len(blocks) == 3 and blocks[0].shape == (2, 64) and blocks[0].dtype == np.float32
+    stored = pl.read_parquet(store.list_files("activations/model=tiny-gpt2/layer=1")[0]).sort("chunk", "pos")
+    assert stored["values"].dtype.inner == pl.Float16  # default storage
+    # A fresh worker (a restarted actor) does not read float16 back: it recomputes the samples' chunks.
+    fresh = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "b")
+    with pytest.raises(RuntimeError, match="not in memory"):
+        fresh.neuron_blocks(keys)
+    again = fresh.neuron_blocks(keys, np.array([4, 6]), batch["input_ids"][[0, 2]], batch_size=1)
+    for x, y in zip(blocks, again):
+        assert y.dtype == np.float32
+        np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6)  # float32 values, not float16-rounded ones
+    assert not np.array_equal(blocks[0], blocks[0].astype(np.float16).astype(np.float32))  # the test can tell
+
+
+def test_float32_storage_is_read_back_exactly(tmp_path, tiny_model_dir, gpt2_tokenizer, batch):
+    import dataclasses
+
+    worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path)
+    worker.cfg = dataclasses.replace(worker.cfg, activations_dtype="float32")
+    worker(batch)
+    keys = np.array([[4, 3], [5, 0], [6, 9]])
+    blocks = worker.neuron_blocks(keys)
+    fresh = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path)
+    again = fresh.neuron_blocks(keys)  # no chunks passed: the float32 table suffices
     for x, y in zip(blocks, again):
         np.testing.assert_array_equal(x, y)
 
