@@ -27,7 +27,7 @@ def job_layer(x: np.ndarray, bins: int, device: str):
     """What the job's layer_mi computes: codes, plug-in and Miller-Madow for every pair, the sampled null."""
     codes = bin_codes(x, bin_edges(x.min(0), x.max(0), bins))
     plug, mm = histogram_mi_codes(codes, bins=bins, device=device)
-    return plug, mm, _histogram_null(codes, bins, seed=0)
+    return plug, mm, _histogram_null(codes, bins, seed=0)[2]
 
 
 def hidden_states(n: int, d: int, seed: int = 0) -> np.ndarray:

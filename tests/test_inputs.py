@@ -66,8 +66,10 @@ def test_local_ray_dashboard_binds_loopback(monkeypatch):
     seen = {}
     monkeypatch.setattr(job.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(job.ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     job.start_ray(RunConfig())
-    assert seen["dashboard_host"] == "127.0.0.1" and "address" not in seen
+    # a new local instance (never a cluster `ray start` left on the machine), its dashboard on loopback
+    assert seen["dashboard_host"] == "127.0.0.1" and seen["address"] == "local"
 
 
 def test_blocked_tokenization_equals_one_pass(gpt2_tokenizer):
