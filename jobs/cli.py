@@ -81,7 +81,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what a cluster scheduler sends), raised like Ctrl-C so the run stops the same way."""
 
 
+_SIGTERM_SEEN = []  # Ray's C extension can turn our exception into a plain KeyboardInterrupt: keep the fact
+
+
 def _on_sigterm(signum, frame):
+    _SIGTERM_SEEN.append(signum)
     raise Terminated()
 
 
@@ -98,7 +102,7 @@ def cmd_run(args) -> int:
     except KeyboardInterrupt as e:
         _shutdown_ray()
         print(f"interrupted: resume with probe run --resume --run-id {cfg.run_id} --out {cfg.out}", file=sys.stderr, flush=True)
-        return 143 if isinstance(e, Terminated) else 130
+        return 143 if isinstance(e, Terminated) or _SIGTERM_SEEN else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
