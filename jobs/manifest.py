@@ -39,32 +39,44 @@ def read_manifest(store: Store) -> dict:
 
 
 class Manifest:
-    """OUT/manifest.json: resolved config, versions, models, data fingerprint, stage status and timings."""
+    """OUT/manifest.json: resolved config, versions, models, data fingerprint, stage status and timings.
 
-    def __init__(self, store: Store, plan):
+    Built from the checked inputs (``jobs.plan.Inputs``); ``set_corpus`` adds the corpus stage's counts.
+    """
+
+    def __init__(self, store: Store, inputs):
         self.store = store
-        previous = read_manifest(store) if plan.cfg.resume else {}
+        previous = read_manifest(store) if inputs.cfg.resume else {}
         self.previous = previous
         self.data = {
-            "run_id": plan.cfg.run_id,
-            "config": plan.cfg.to_dict(),
+            "run_id": inputs.cfg.run_id,
+            "config": inputs.cfg.to_dict(),
             "versions": versions(),
             "git_commit": git_commit(),
-            "models": {m.name: {"source": m.source, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_params": m.n_params, "config": m.config} for m in plan.models},
-            "data": {"source": plan.corpus.source, "fingerprint": plan.corpus.fingerprint(), "rows": plan.corpus.n_rows,
-                     "tokens": int(plan.chunks.size), "chunks": plan.n_chunks, "chunk_tokens": plan.cfg.chunk_tokens},
-            "batch_size": plan.batch_size,
+            "models": {m.name: {"source": m.source, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_params": m.n_params, "config": m.config} for m in inputs.models},
+            "data": {**previous.get("data", {}), "source": inputs.source.spec, "source_fingerprint": inputs.source.fingerprint},
+            "batch_size": previous.get("batch_size"),
             "stages": previous.get("stages", {}),
         }
-        if previous and previous.get("data", {}).get("fingerprint") != self.data["data"]["fingerprint"]:
-            raise UsageError("--resume: the data or --max-tokens differ from the run being resumed; use the same inputs")
+        old = previous.get("data", {}).get("source_fingerprint")
+        if previous and old != inputs.source.fingerprint:
+            raise UsageError("--resume: the data differ from the run being resumed (files, sizes or times changed); use the same inputs")
         if previous:
             # The run's own settings: old manifests lack some keys, which then are not compared.
             changed = differing_settings(previous.get("config", {}), self.data["config"])
             if changed:
                 raise UsageError("--resume with settings that change results: " + "; ".join(changed)
                                  + "; repeat the run's settings (only --batch-size, --max-in-flight, --device, --address, "
-                                 "--placement-timeout may differ, and --models may add models)")
+                                 "--placement-timeout, --replicas may differ, and --models may add models)")
+
+    def set_corpus(self, corpus) -> None:
+        """Record the corpus stage's counts (``jobs.corpus.CorpusIndex``); a resumed run's content must match."""
+        old = self.previous.get("data", {}).get("fingerprint")
+        if old is not None and old != corpus.fingerprint:
+            raise UsageError("--resume: the corpus tokenizes differently from the run being resumed; use the same inputs")
+        self.data["data"].update({"fingerprint": corpus.fingerprint, "rows": corpus.n_rows, "tokens": corpus.n_tokens,
+                                  "chunks": corpus.n_chunks, "chunk_tokens": corpus.chunk_tokens, "shards": corpus.n_shards,
+                                  "shard_chunks": corpus.shard_chunks})
 
     def stage(self, name: str, status: str, seconds: float | None = None, **extra) -> None:
         entry = {"status": status, **extra}

@@ -1,51 +1,76 @@
-"""Everything the driver checks and decides before any model loads: models, tokens, chunks, samples, disk."""
+"""What the driver checks and decides: inputs before Ray starts (``check_inputs``), then, once the corpus
+stage has counted the tokens, the frozen ``Plan`` (chunks, sample, batch size, MI tokens, disk)."""
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from jobs.config import RunConfig, UsageError
-from jobs.data import Corpus, read_rows, read_sentences, tokenize_rows
+from jobs.corpus import CorpusIndex
+from jobs.data import read_sentences
 from jobs.models import ModelSpec, load_tokenizer, resolve_model
+from jobs.sources import Source, resolve_source
 from jobs.store import LEASE, Lease, Store
-from probe_core.neurons import balanced_sample
-from probe_core.tokens import chunk_stream, decode_table, proper_noun_labels_from_ids
+from probe_core.tokens import decode_table
 
 MI_DEFAULT_CHUNKS = 16  # --mi-tokens default for histogram MI, in chunks
 
 
-@dataclass
-class Plan:
+def _size(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Every input, checked before Ray starts: no weights loaded, the corpus not yet tokenized."""
+
     cfg: RunConfig
     models: list[ModelSpec]
-    corpus: Corpus
-    chunks: np.ndarray  # (n_chunks, chunk_tokens) token ids
-    chunk_rows: np.ndarray  # (n_chunks, chunk_tokens) source rows
-    proper: np.ndarray  # (n_chunks, chunk_tokens) bool
+    source: Source
+    tokenizer: object
     decode: list[str]
     target_id: int | None
+    sentences: tuple[np.ndarray, np.ndarray] | None  # (ids, mask), right-padded with EOS
+
+    def describe(self) -> str:
+        lines = [f"plan: run {self.cfg.run_id} -> {self.cfg.out}",
+                 f"  data: {self.source.description} (tokenized on the cluster by the corpus stage)",
+                 f"  analyses: {','.join(self.cfg.analyses)}"]
+        for m in self.models:
+            lines.append(f"  model {m.name}: {m.n_layer} layers, d={m.n_embd}, d_mlp={m.d_mlp}, ~{m.n_params / 1e6:.0f}M params")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run, decided once after the corpus stage and Ray's start; fixed for the run (and its resumes)."""
+
+    cfg: RunConfig
+    models: list[ModelSpec]
+    corpus: CorpusIndex
+    target_id: int | None
+    sentences: tuple[np.ndarray, np.ndarray] | None
     sample_keys: np.ndarray  # (n, 2) (chunk, pos) of the neuron sample, sorted
     sample_labels: np.ndarray  # (n,) bool
-    sentences: tuple[np.ndarray, np.ndarray] | None  # (ids, mask), right-padded with EOS
     batch_size: int
     mi_chunks: int  # leading chunks whose tokens feed MI
     mi_tokens: int
 
     @property
     def n_chunks(self) -> int:
-        return len(self.chunks)
+        return self.corpus.n_chunks
 
     def batches(self) -> list[np.ndarray]:
         """Chunk indices per batch; fixed for a config, so part names are stable across resumes."""
         return [np.arange(i, min(i + self.batch_size, self.n_chunks)) for i in range(0, self.n_chunks, self.batch_size)]
 
     def disk_estimate(self) -> dict[str, int]:
-        """Rough uncompressed bytes per table (Parquet with zstd usually writes less)."""
-        n_tok = self.chunks.size
-        est = {}
+        """Rough uncompressed bytes per model's tables, and the corpus table (Parquet with zstd usually writes less)."""
+        n_tok = self.corpus.n_tokens
+        est = {"corpus": n_tok * 40}
         for m in self.models:
             a = set(self.cfg.analyses)
-            est[m.name] = n_tok * (40 + 14 * m.n_layer)  # tokens + layer_metrics
+            est[m.name] = n_tok * (12 + 14 * m.n_layer)  # tokens + layer_metrics
             if "attn_ar" in a:
                 est[m.name] += n_tok * 10 * m.n_layer
             if "neurons" in a:
@@ -55,24 +80,22 @@ class Plan:
         return est
 
     def describe(self) -> str:
-        gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
-        est = self.disk_estimate()
+        est, c = self.disk_estimate(), self.corpus
         lines = [
-            f"plan: run {self.cfg.run_id} -> {self.cfg.out}",
-            f"  data: {self.corpus.source}: {self.corpus.n_rows} rows, {len(self.corpus.token_ids)} tokens, "
-            f"{self.n_chunks} chunks of {self.cfg.chunk_tokens} ({len(self.corpus.token_ids) - self.chunks.size} tail tokens dropped)",
-            f"  analyses: {','.join(self.cfg.analyses)}; batch size {self.batch_size} (CPU default; more on GPUs)",
+            f"  corpus: {c.n_rows} rows, {c.stream_tokens} tokens, {c.n_chunks} chunks of {c.chunk_tokens} "
+            f"({c.stream_tokens - c.n_tokens} tail tokens dropped), {c.n_shards} shards",
+            f"  batch size {self.batch_size} chunks",
         ]
         for m in self.models:
-            lines.append(f"  model {m.name}: {m.n_layer} layers, d={m.n_embd}, d_mlp={m.d_mlp}, ~{m.n_params / 1e6:.0f}M params, writes ~{gib(est[m.name])}")
+            lines.append(f"  model {m.name} writes ~{_size(est[m.name])}")
         if "neurons" in self.cfg.analyses:
             acts = sum(len(self.sample_keys) * m.n_layer * m.d_mlp * 2 for m in self.models)
             held = f", chunk {self.n_chunks - 1} held out" if self.n_chunks > 1 else ""
             lines.append(f"  neurons: {len(self.sample_keys)} sampled tokens ({int(self.sample_labels.sum())} proper nouns{held}); "
-                         f"activations (float16, every layer): {gib(acts)} in the object store and on disk")
+                         f"activations (float16, every layer): {_size(acts)} in the object store and on disk")
         if "mi" in self.cfg.analyses:
             lines.append(f"  mi: {self.cfg.mi_method}, the first {self.mi_tokens} tokens ({self.mi_chunks} chunks)")
-        lines.append(f"  disk: ~{gib(sum(est.values()))} in all")
+        lines.append(f"  disk: ~{_size(sum(est.values()))} in all")
         return "\n".join(lines)
 
 
@@ -137,8 +160,8 @@ def pad_sentences(tokenizer, sentences: list[str]) -> tuple[np.ndarray, np.ndarr
     return ids, mask
 
 
-def make_plan(cfg: RunConfig) -> Plan:
-    """Validate every input and build the plan; raises UsageError on bad input, loads no weights."""
+def check_inputs(cfg: RunConfig) -> Inputs:
+    """Validate every input that can be checked without tokenizing the corpus; raises UsageError, loads no weights."""
     check_output(cfg)
     models = [resolve_model(m, cfg.allow_pickle) for m in cfg.models]
     names = [m.name for m in models]
@@ -154,37 +177,37 @@ def make_plan(cfg: RunConfig) -> Plan:
     for m in models:
         if len(tokenizer) > m.vocab_size:
             raise UsageError(f"tokenizer has {len(tokenizer)} tokens but {m.name} only {m.vocab_size}: pass the matching --tokenizer")
-    corpus = tokenize_rows(read_rows(cfg.data), tokenizer, cfg.data, cfg.max_tokens)
-    chunks = chunk_stream(corpus.token_ids, cfg.chunk_tokens)
-    if len(chunks) == 0:
-        raise UsageError(f"--data {cfg.data} has {len(corpus.token_ids)} tokens, fewer than one chunk of {cfg.chunk_tokens}: lower --chunk-tokens")
-    decode = decode_table(tokenizer)
-    proper = proper_noun_labels_from_ids(corpus.token_ids, decode)[: chunks.size].reshape(chunks.shape)
+    source = resolve_source(cfg.data, config=getattr(cfg, "data_config", None), split=getattr(cfg, "data_split", None),
+                            text_column=getattr(cfg, "text_column", "text"))
     target_id, sentences = None, None
     if "rotation" in cfg.analyses:
         target_id = single_token(tokenizer, cfg.target)
         if cfg.sentences:
             sentences = pad_sentences(tokenizer, read_sentences(cfg.sentences))
-        occurs = (chunks[:, 1:] == target_id).any() or (sentences is not None and (sentences[0][:, 1:] == target_id).any())
-        if not occurs:
-            raise UsageError(f"--target {cfg.target!r} never occurs after another token in the corpus: choose another target")
-    sample_keys, sample_labels = np.zeros((0, 2), np.int64), np.zeros(0, bool)
-    if "neurons" in cfg.analyses:
-        # With two or more chunks the last one stays out of the sample, so the token heatmap always has a
-        # held-out chunk (a sample of 2,000 tokens drawn over a whole corpus touches nearly every chunk).
-        flat = proper.ravel()[: (len(chunks) - 1) * cfg.chunk_tokens] if len(chunks) > 1 else proper.ravel()
-        if flat.all() or not flat.any():
-            raise UsageError("the corpus has no proper nouns (or only proper nouns): the neurons analysis needs both")
-        idx = balanced_sample(flat, cfg.max_samples, cfg.seed)
-        sample_keys = np.stack(np.divmod(idx, cfg.chunk_tokens), axis=1)
-        sample_labels = flat[idx]
+    return Inputs(cfg=cfg, models=models, source=source, tokenizer=tokenizer, decode=decode_table(tokenizer),
+                  target_id=target_id, sentences=sentences)
+
+
+def check_target(inputs: Inputs, corpus: CorpusIndex) -> None:
+    """The rotation target must occur after another token, in the corpus or in --sentences."""
+    if inputs.target_id is None:
+        return
+    in_sentences = inputs.sentences is not None and (inputs.sentences[0][:, 1:] == inputs.target_id).any()
+    if not sum(corpus.target) and not in_sentences:
+        raise UsageError(f"--target {inputs.cfg.target!r} never occurs after another token in the corpus: choose another target")
+
+
+def make_plan(inputs: Inputs, corpus: CorpusIndex, sample: tuple[np.ndarray, np.ndarray] | None, on_gpu: bool,
+              batch_size: int | None = None) -> Plan:
+    """Freeze the run. sample: the neuron sample's (keys, labels) (``jobs.corpus.draw_sample``) or None;
+    batch_size: a resumed run's own, else chosen from memory (``auto_batch_size``)."""
+    cfg = inputs.cfg
+    keys, labels = sample if sample is not None else (np.zeros((0, 2), np.int64), np.zeros(0, bool))
     # Histogram MI defaults to MI_DEFAULT_CHUNKS chunks: its plug-in bias falls as 1/N (about 0.12 bits at
     # 1024 tokens, 0.008 at 16,384), and its cost is linear in N. KSG is superlinear: one chunk.
     default_mi = MI_DEFAULT_CHUNKS * cfg.chunk_tokens if cfg.mi_method == "histogram" else cfg.chunk_tokens
-    mi_tokens = min(cfg.mi_tokens or default_mi, chunks.size)
-    return Plan(
-        cfg=cfg, models=models, corpus=corpus, chunks=chunks,
-        chunk_rows=corpus.rows[: chunks.size].reshape(chunks.shape), proper=proper, decode=decode,
-        target_id=target_id, sample_keys=sample_keys, sample_labels=sample_labels, sentences=sentences,
-        batch_size=auto_batch_size(cfg, models), mi_chunks=-(-mi_tokens // cfg.chunk_tokens), mi_tokens=mi_tokens,
-    )
+    mi_tokens = min(cfg.mi_tokens or default_mi, corpus.n_tokens)
+    return Plan(cfg=cfg, models=inputs.models, corpus=corpus, target_id=inputs.target_id, sentences=inputs.sentences,
+                sample_keys=keys, sample_labels=labels,
+                batch_size=batch_size or auto_batch_size(cfg, inputs.models, on_gpu),
+                mi_chunks=-(-mi_tokens // cfg.chunk_tokens), mi_tokens=mi_tokens)

@@ -8,11 +8,17 @@ from jobs.config import UsageError
 from jobs.schema import partition_keys
 from jobs.store import Store
 
-HIVE_TYPES = {"model": pl.String, "layer": pl.Int16}
+HIVE_TYPES = {"model": pl.String, "layer": pl.Int16, "shard": pl.Int32}
+# The tokens view: the per-model file columns joined with the run's corpus table, in the order users know.
+TOKEN_COLUMNS = ["chunk", "pos", "row", "token_id", "token", "next_token_id", "next_token_logit", "is_proper_noun", "model"]
 
 
 def scan_tables(store: Store) -> dict[str, pl.LazyFrame]:
-    """Each table that has files, as a lazy scan with its hive partition columns (model, layer).
+    """Each table that has files, as a lazy scan with its hive partition columns (model, layer, shard).
+
+    ``tokens`` is a view: each model's own columns (next_token_logit) joined on (chunk, pos) with the
+    run's ``corpus`` table (token_id, token, row, next_token_id, is_proper_noun), so queries written
+    for the full tokens table work unchanged.
 
     ``activations.values`` is a fixed-size list of d_mlp in the files; d_mlp differs between models,
     so that table is scanned per model and exposed as a variable-length list.
@@ -29,6 +35,10 @@ def scan_tables(store: Store) -> dict[str, pl.LazyFrame]:
             tables[table] = pl.concat([s.with_columns(pl.col("values").cast(pl.List(dtype))) for s in scans])
         else:
             tables[table] = store.scan(table, **hive)
+    if "tokens" in tables and "corpus" in tables and "token_id" not in tables["tokens"].collect_schema().names():
+        # Runs before the corpus stage stored every column in tokens; since, the shared ones live in corpus.
+        tables["tokens"] = tables["tokens"].join(tables["corpus"].drop("shard", "source_file"), on=["chunk", "pos"],
+                                                 how="left").select(TOKEN_COLUMNS)
     return tables
 
 

@@ -1,4 +1,4 @@
-"""The driver of ``probe run``: plan, capture (one Ray actor per model), statistics (Ray tasks), report."""
+"""The driver of ``probe run``: inputs, corpus stage (Ray Data), plan, capture (model actors), statistics (Ray tasks), report."""
 import math
 import os
 import signal
@@ -8,13 +8,14 @@ import time
 import numpy as np
 import ray
 
+from jobs import corpus as corpus_stage
 from jobs import stats
 from jobs.config import RunConfig, UsageError
 from jobs.manifest import Manifest
-from jobs.plan import Plan, auto_batch_size, make_plan
+from jobs.plan import Inputs, Plan, check_inputs, check_target, make_plan
 from jobs.store import Lease, Store
 from jobs.query import make_report
-from jobs.worker import ModelWorker, part_name
+from jobs.worker import Batch, ModelWorker, part_name
 
 
 def log(message: str) -> None:
@@ -132,19 +133,6 @@ def actor_resources(cfg: RunConfig, n_models: int) -> dict:
     return {"num_cpus": 0, "num_gpus": gpu_shares(cfg, n_models)[0], "scheduling_strategy": "SPREAD"}
 
 
-def batch_payload(plan: Plan, chunk_ids: np.ndarray) -> dict:
-    sel = np.isin(plan.sample_keys[:, 0], chunk_ids)
-    keys = plan.sample_keys[sel]
-    return {
-        "chunk": chunk_ids,
-        "input_ids": plan.chunks[chunk_ids],
-        "rows": plan.chunk_rows[chunk_ids],
-        "proper": plan.proper[chunk_ids],
-        "sample_b": np.searchsorted(chunk_ids, keys[:, 0]),
-        "sample_t": keys[:, 1],
-    }
-
-
 class Progress:
     """Per model: chunks done of total, tokens/s and ETA, printed at most every ``every`` seconds.
 
@@ -216,7 +204,7 @@ def run_capture(plan: Plan, store: Store, workers: dict, only: dict | None = Non
         chunk_ids = todo[model].pop(0)
         part = part_name(chunk_ids)
         if part not in refs:
-            refs[part] = ray.put(batch_payload(plan, chunk_ids))
+            refs[part] = ray.put(Batch.of(chunk_ids, plan.sample_keys, plan.sample_labels))
         in_flight[workers[model].__call__.remote(refs[part])] = (model, part, len(chunk_ids))
 
     for model in todo:
@@ -268,22 +256,17 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
     use_gpu = task_gpu > 0
     gpu = {"num_gpus": task_gpu} if use_gpu else {}
     pending, fits = [], {}
-    if "neurons" in analyses:
-        # The sampled chunks, for an actor that must recompute samples it lost (resume, restart): shared by all models.
-        sample_chunks = np.unique(plan.sample_keys[:, 0])
-        sample_ids = ray.put(plan.chunks[sample_chunks])
     for m in plan.models:
         worker = workers[m.name]
         if "neurons" in analyses:
-            blocks = worker.neuron_blocks.options(num_returns=m.n_layer).remote(plan.sample_keys, sample_chunks, sample_ids,
-                                                                               plan.batch_size)
+            blocks = worker.neuron_blocks.options(num_returns=m.n_layer).remote(plan.sample_keys, plan.batch_size)
             blocks = blocks if isinstance(blocks, list) else [blocks]
             task = ray.remote(stats.fit_neurons).options(**gpu)
             fits[m.name] = [task.remote(store.uri, m.name, layer, block, plan.sample_labels, cfg.alpha, use_gpu)
                             for layer, block in enumerate(blocks, start=1)]
         if "mi" in analyses:
             hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(
-                plan.chunks[: plan.mi_chunks], plan.mi_tokens, cfg.mi_bins if cfg.mi_method == "histogram" and cfg.mi_bins <= 256 else None)
+                np.arange(plan.mi_chunks), plan.mi_tokens, cfg.mi_bins if cfg.mi_method == "histogram" and cfg.mi_bins <= 256 else None)
             pending += mi_tasks(plan, store, m, hidden, gpu)
         if "rotation" in analyses:
             # Sentences first: the t-tests read every occurrence, corpus and sentences.
@@ -297,29 +280,25 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
         ray.get(refs)
         best = stats.best_neuron(store.uri, name)
         if best and picked:
-            trace = workers[name].neuron_trace.remote(plan.chunks[[c for c, _ in picked]], *best)
+            trace = workers[name].neuron_trace.remote(np.array([c for c, _ in picked]), *best)
             pending.append(ray.remote(stats.write_heatmap).remote(store.uri, name, *best, picked, trace, plan.sample_keys))
     ray.get(pending)
 
 
-def start_workers(plan: Plan, store: Store) -> tuple[dict, ray.ObjectRef]:
+def start_workers(plan: Plan, store: Store) -> dict:
     """One ModelWorker actor per model; restarted (and its in-flight batch retried) if its process dies.
-
-    Also returns the ref of the actors' shared constructor argument (the decode table): the driver must
-    hold it for the whole run, or a restarted actor could not be rebuilt.
-    """
+    Each reads its batches' token ids from the corpus table (``CorpusReader``)."""
     cfg = plan.cfg
     options = actor_resources(cfg, len(plan.models))
     share = options["num_gpus"]
     threads = max(1, int(ray.cluster_resources().get("CPU", 1) // len(plan.models)))
     actor = ray.remote(max_restarts=4, max_task_retries=4)(ModelWorker)
-    decode_ref = ray.put(plan.decode)
-    workers = {
+    reader = corpus_stage.CorpusReader(store.uri, plan.corpus.chunk_tokens, plan.corpus.shard_chunks)
+    return {
         m.name: actor.options(**options, resources=cfg.actor_resources.get(m.name) or None).remote(
-            m, cfg, store.uri, decode_ref, plan.target_id, threads, share)
+            m, cfg, store.uri, reader, plan.target_id, threads, share)
         for m in plan.models
     }
-    return workers, decode_ref
 
 
 def mi_tasks(plan: Plan, store: Store, m, hidden: list, gpu: dict) -> list:
@@ -349,16 +328,15 @@ def innermost_cause(e: BaseException) -> BaseException:
     return e
 
 
-def disk_full_message(e: BaseException, plan: Plan) -> str | None:
+def disk_full_message(e: BaseException, cfg: RunConfig, plan: Plan | None) -> str | None:
     """One line for a run stopped by a full disk (ENOSPC anywhere in the chain), else None."""
     import errno
 
     cause = innermost_cause(e)
     if not (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) and "No space left on device" not in str(cause):
         return None
-    need = sum(plan.disk_estimate().values()) / 2**30
-    cfg = plan.cfg
-    return (f"no space left on the device of {cfg.out} (the plan estimated ~{need:.2f} GiB for the whole run): "
+    need = f"~{sum(plan.disk_estimate().values()) / 2**30:.2f} GiB" if plan else "an unknown amount (the corpus was not counted yet)"
+    return (f"no space left on the device of {cfg.out} (the plan estimated {need} for the whole run): "
             f"free space, then resume with probe run --resume --run-id {cfg.run_id} --out {cfg.out}")
 
 
@@ -375,33 +353,55 @@ def plain_error(e: BaseException) -> str:
 def run(cfg: RunConfig) -> str:
     """Run the whole job; returns the run folder. Raises UsageError on bad input before heavy work."""
     log("[plan] checking inputs")
-    plan = make_plan(cfg)
+    inputs = check_inputs(cfg)
     store = Store(cfg.out)
     # Inputs are valid: take the run folder before writing anything (one writer per run folder).
     lease = Lease(store)
     lease.acquire()
     try:
-        return _run_leased(cfg, plan, store)
+        return _run_leased(cfg, inputs, store)
     finally:
         lease.release()
 
 
-def _run_leased(cfg: RunConfig, plan: Plan, store: Store) -> str:
-    manifest = Manifest(store, plan)
-    if manifest.previous.get("batch_size"):
-        plan.batch_size = manifest.previous["batch_size"]  # batches are fixed per run: the original size is used
-    log(plan.describe())
+def corpus_and_plan(inputs: Inputs, store: Store, manifest: Manifest, fresh: bool) -> Plan:
+    """The corpus stage, the checks that need the tokens, the neuron sample, then the frozen plan.
+
+    A corpus that turns out unusable (no text, shorter than a chunk, no proper nouns, no target) is a
+    UsageError; a fresh run then removes what it wrote, so --out is as it was."""
+    cfg = inputs.cfg
+    try:
+        t0 = time.perf_counter()
+        manifest.stage("corpus", "running")
+        corpus = corpus_stage.run_corpus_stage(inputs.source, inputs.tokenizer, inputs.decode, cfg, store, inputs.target_id, log=log)
+        check_target(inputs, corpus)
+        sample = corpus_stage.draw_sample(corpus, store, cfg.max_samples, cfg.seed) if "neurons" in cfg.analyses else None
+    except UsageError:
+        if fresh:
+            store.remove_all()
+        raise
+    manifest.set_corpus(corpus)
+    manifest.stage("corpus", "done", time.perf_counter() - t0)
+    # Batches are fixed per run (part names depend on them): a resumed run keeps the original size.
+    plan = make_plan(inputs, corpus, sample, on_gpu=gpu_shares(cfg, len(inputs.models))[0] > 0,
+                     batch_size=manifest.previous.get("batch_size"))
+    manifest.data["batch_size"] = plan.batch_size
+    return plan
+
+
+def _run_leased(cfg: RunConfig, inputs: Inputs, store: Store) -> str:
+    manifest = Manifest(store, inputs)
+    log(inputs.describe())
     local = not (cfg.address or os.environ.get("RAY_ADDRESS"))  # a local instance never grows
     log(f"[plan] cluster: {start_ray(cfg)}")
     wait_for_resources(cfg, local)
     manifest.stage("plan", "done")  # the first write: a failure above leaves --out as it was
-    # Batches are fixed per run (part names depend on them): a resumed run keeps the original size.
-    plan.batch_size = manifest.previous.get("batch_size") or auto_batch_size(cfg, plan.models, gpu_shares(cfg, len(plan.models))[0] > 0)
-    manifest.data["batch_size"] = plan.batch_size
-    stage = "capture"
+    stage, plan = "corpus", None
     try:
-        t0 = time.perf_counter()
-        workers, _decode_ref = start_workers(plan, store)  # noqa: F841 (kept alive for actor restarts)
+        plan = corpus_and_plan(inputs, store, manifest, fresh=not cfg.resume)
+        log(plan.describe())
+        stage, t0 = "capture", time.perf_counter()
+        workers = start_workers(plan, store)
         log(f"[capture] {len(plan.models)} model actors, {len(plan.batches())} batches of up to {plan.batch_size} chunks")
         manifest.stage("capture", "running")
         skipped = capture_until_complete(plan, store, workers)
@@ -420,9 +420,11 @@ def _run_leased(cfg: RunConfig, plan: Plan, store: Store) -> str:
         log("[report] figures and report.html")
         make_report(store, manifest.data)
         manifest.stage("report", "done", time.perf_counter() - t2)
+    except UsageError:
+        raise
     except BaseException as e:
         # Finished shards stay; the manifest says where the run stopped so --resume can finish it.
-        full = disk_full_message(e, plan)
+        full = disk_full_message(e, cfg, plan)
         try:
             manifest.stage(stage, "failed", error=plain_error(e))
         except OSError:

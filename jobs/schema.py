@@ -2,15 +2,17 @@
 live in the hive folder names, not inside the files; readers get them back from the path."""
 import pyarrow as pa
 
-PARTITIONS = {"activations": ("model", "layer")}
+PARTITIONS = {"activations": ("model", "layer"), "corpus": ("shard",)}
 DEFAULT_PARTITIONS = ("model",)
 
 TABLES: dict[str, pa.Schema] = {
-    "tokens": pa.schema([
+    # Once per run, shared by every model (the corpus stage); ``probe query`` joins it into ``tokens``.
+    "corpus": pa.schema([
         ("chunk", pa.int32()), ("pos", pa.int32()), ("row", pa.int64()), ("token_id", pa.int32()),
-        ("token", pa.string()), ("next_token_id", pa.int32()), ("next_token_logit", pa.float32()),
-        ("is_proper_noun", pa.bool_()),
+        ("token", pa.string()), ("next_token_id", pa.int32()), ("is_proper_noun", pa.bool_()), ("source_file", pa.string()),
     ]),
+    # Per model: only what the model computes (the file columns; the tokens view adds the corpus columns).
+    "tokens": pa.schema([("chunk", pa.int32()), ("pos", pa.int32()), ("next_token_logit", pa.float32())]),
     "layer_metrics": pa.schema([
         ("chunk", pa.int32()), ("pos", pa.int32()), ("layer", pa.int16()),
         ("path_step", pa.float32()), ("path_cum", pa.float32()), ("angle_rad", pa.float32()),

@@ -138,6 +138,17 @@ class Store:
             self.fs.delete_file(path)
         return len(stale)
 
+    def remove_all(self, keep: tuple[str, ...] = ("_lease.json",)) -> None:
+        """Delete everything in the run folder but ``keep``: a fresh run whose input proved unusable
+        leaves --out as it was."""
+        for entry in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False, allow_not_found=True)):
+            if posixpath.basename(entry.path) in keep:
+                continue
+            if entry.type == pafs.FileType.Directory:
+                self.fs.delete_dir(entry.path)
+            else:
+                self.fs.delete_file(entry.path)
+
     def urls(self, folder_rel: str) -> list[str]:
         """The finished Parquet files under a folder as URLs polars opens (scheme added off local disk)."""
         files = self.list_files(folder_rel)

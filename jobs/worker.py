@@ -1,11 +1,13 @@
 """ModelWorker: holds one GPT-2 and turns batches of chunks into table shards.
 
-In the job it runs as a Ray actor (one per model, resources declared by the driver); in tests it is
-a plain object: ``ModelWorker(...)(batch)``.
+In the job it runs as a Ray actor (resources declared by the driver); in tests it is a plain object:
+``ModelWorker(...)(batch)``. A batch names chunks; the worker reads their token ids itself from a chunk
+source (the run's corpus table, ``jobs.corpus.CorpusReader``), so the object store carries ranges.
 """
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -39,17 +41,36 @@ def sequence_seeds(seed: int, chunks: np.ndarray, salt: str = "corpus") -> np.nd
     return np.array([zlib.crc32(f"{seed}:{salt}:{int(c)}".encode()) for c in chunks], dtype=np.int64)
 
 
-def split_batch(batch: dict) -> tuple[dict, dict]:
-    """Halve a batch along its chunks; sampled positions follow their chunk (sample_b re-based)."""
-    half = len(batch["chunk"]) // 2
-    first = np.asarray(batch["sample_b"]) < half
-    halves = []
-    for keep, lo, hi in ((first, 0, half), (~first, half, len(batch["chunk"]))):
-        sub = {k: np.asarray(batch[k])[lo:hi] for k in ("chunk", "input_ids", "rows", "proper")}
-        sub["sample_b"] = np.asarray(batch["sample_b"])[keep] - lo
-        sub["sample_t"] = np.asarray(batch["sample_t"])[keep]
-        halves.append(sub)
-    return halves[0], halves[1]
+@dataclass(frozen=True)
+class Batch:
+    """What the driver sends a model actor: consecutive chunks and the neuron sample inside them.
+
+    chunk (B,) int64 chunk indices; sample_b (n,) index into ``chunk`` of each sampled token,
+    sample_t (n,) its position, sample_label (n,) bool its proper-noun label.
+    """
+
+    chunk: np.ndarray
+    sample_b: np.ndarray
+    sample_t: np.ndarray
+    sample_label: np.ndarray
+
+    @classmethod
+    def of(cls, chunk_ids: np.ndarray, sample_keys: np.ndarray, sample_labels: np.ndarray) -> "Batch":
+        """The batch of ``chunk_ids`` with the (n, 2) sorted (chunk, pos) sample keys that fall in it."""
+        sel = np.isin(sample_keys[:, 0], chunk_ids)
+        keys = sample_keys[sel]
+        return cls(np.asarray(chunk_ids, np.int64), np.searchsorted(chunk_ids, keys[:, 0]), keys[:, 1], np.asarray(sample_labels)[sel])
+
+    @property
+    def part(self) -> str:
+        return part_name(self.chunk)
+
+    def split(self) -> tuple["Batch", "Batch"]:
+        """Halve along the chunks (on out-of-memory); sampled positions follow their chunk (sample_b re-based)."""
+        half = len(self.chunk) // 2
+        first = self.sample_b < half
+        return (Batch(self.chunk[:half], self.sample_b[first], self.sample_t[first], self.sample_label[first]),
+                Batch(self.chunk[half:], self.sample_b[~first] - half, self.sample_t[~first], self.sample_label[~first]))
 
 
 def part_name(chunks: np.ndarray) -> str:
@@ -57,11 +78,13 @@ def part_name(chunks: np.ndarray) -> str:
 
 
 class ModelWorker:
-    def __init__(self, spec: ModelSpec, cfg, store_uri: str, decode: list[str], target_id: int | None, threads: int = 0,
+    """chunks: a chunk source with ``ids(chunk_indices) -> (B, T)`` (``jobs.corpus.CorpusReader`` or ``ArrayChunks``)."""
+
+    def __init__(self, spec: ModelSpec, cfg, store_uri: str, chunks, target_id: int | None, threads: int = 0,
                  gpu_share: float = 0.0):
         if threads:
             torch.set_num_threads(threads)
-        self.spec, self.cfg, self.decode = spec, cfg, np.asarray(decode, dtype=object)
+        self.spec, self.cfg, self.chunks = spec, cfg, chunks
         self.target_id = target_id
         self.store = Store(store_uri)
         self.device = pick_device(cfg.device)
@@ -76,22 +99,17 @@ class ModelWorker:
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self.pending = None
 
-    def ready(self) -> dict:
-        return {"device": self.device, "model": self.spec.name}
-
-    def __call__(self, batch: dict) -> dict:
-        """batch: chunk (B,), input_ids (B, T), rows (B, T), proper (B, T) bool, sample_b/sample_t (n,).
-
-        Computes the batch, then hands its shards to the background writer, so writing overlaps the
+    def __call__(self, batch: Batch) -> dict:
+        """Computes the batch, then hands its shards to the background writer, so writing overlaps the
         next batch's forward pass. At most one write is outstanding; ``flush`` waits for it.
         """
         start = time.perf_counter()
         tables, mlp = self._compute_fitting(batch)
-        part = part_name(batch["chunk"])
+        part = batch.part
         writes = [(name, data, {}) for name, data in tables.items() if data.num_rows]
         if mlp is not None:
             writes += self._keep_samples(batch, mlp)
-        tokens = int(np.asarray(batch["input_ids"]).size)
+        tokens = len(batch.chunk) * self.cfg.chunk_tokens
         seconds = time.perf_counter() - start
         self.flush()
         self.pending = self.writer.submit(self._write, part, writes, {"tokens": tokens, "seconds": seconds})
@@ -114,13 +132,13 @@ class ModelWorker:
         pending.result()
         return 1
 
-    def _compute_fitting(self, batch: dict):
+    def _compute_fitting(self, batch: Batch):
         """Compute a batch; on CUDA out-of-memory, halve it and merge the halves' results.
 
         The worker remembers the size that ran out of memory, so later batches are split up front
         instead of failing first: the batch adapts to the memory this actor really has.
         """
-        n = len(batch["chunk"])
+        n = len(batch.chunk)
         if self.fit_chunks is None or n <= self.fit_chunks:
             try:
                 return self._compute(batch)
@@ -129,52 +147,46 @@ class ModelWorker:
                     raise
                 torch.cuda.empty_cache()
                 self.fit_chunks = n - 1
-        first, second = split_batch(batch)
+        first, second = batch.split()
         (t1, m1), (t2, m2) = self._compute_fitting(first), self._compute_fitting(second)
         tables = {k: pa.concat_tables([t1[k], t2[k]]) for k in t1}
         parts = [m for m in (m1, m2) if m is not None]
         return tables, np.concatenate(parts, axis=1) if parts else None
 
-    def _compute(self, batch: dict):
+    def _compute(self, batch: Batch):
         """(tables, mlp): the per-token tables of a batch and the sampled pre-activations (L, n, d_mlp) or None."""
         analyses = set(self.cfg.analyses)
-        ids = device_tensor(batch["input_ids"], self.device)
-        want_mlp = "neurons" in analyses and len(batch["sample_b"]) > 0
+        input_ids = self.chunks.ids(batch.chunk)
+        ids = device_tensor(input_ids, self.device)
+        want_mlp = "neurons" in analyses and len(batch.sample_b) > 0
         with torch.inference_mode():
             out = forward_metrics(
                 self.model, ids, final_hidden=self.cfg.final_hidden, attn_norms="attn_ar" in analyses,
-                mlp_rows=(batch["sample_b"], batch["sample_t"]) if want_mlp else None,
+                mlp_rows=(batch.sample_b, batch.sample_t) if want_mlp else None,
             )
             tables = {"tokens": self._tokens(batch, out), "layer_metrics": self._layer_metrics(batch, out)}
             if "attn_ar" in analyses:
                 tables["attn_norms"] = self._attn_norms(batch, out)
             if "rotation" in analyses:
-                tables["rotation_angles"] = self._rotation(batch["chunk"], batch["input_ids"], out["hidden"], None, "corpus")
+                tables["rotation_angles"] = self._rotation(batch.chunk, input_ids, out["hidden"], None, "corpus")
             mlp = out["mlp_pre"].float().cpu().numpy() if want_mlp else None
         return tables, mlp
 
-    def _grid(self, batch, n_layer: int | None = None):
-        chunk = np.asarray(batch["chunk"], dtype=np.int32)
-        b, t = batch["input_ids"].shape
+    def _grid(self, batch: Batch, n_layer: int | None = None):
+        chunk = np.asarray(batch.chunk, dtype=np.int32)
+        b, t = len(chunk), self.cfg.chunk_tokens
         chunks = np.repeat(chunk, t)
         pos = np.tile(np.arange(t, dtype=np.int32), b)
         if n_layer is None:
             return chunks, pos
         return np.repeat(chunks, n_layer), np.repeat(pos, n_layer), np.tile(np.arange(1, n_layer + 1, dtype=np.int16), b * t)
 
-    def _tokens(self, batch, out) -> pa.Table:
-        ids = np.asarray(batch["input_ids"])
-        b, t = ids.shape
+    def _tokens(self, batch: Batch, out) -> pa.Table:
+        """The model's own token columns; the corpus columns (token, row, label) are in the corpus table."""
+        b, t = len(batch.chunk), self.cfg.chunk_tokens
         chunks, pos = self._grid(batch)
-        next_ids = np.concatenate([ids[:, 1:], np.zeros((b, 1), ids.dtype)], axis=1).ravel()
         logits = np.concatenate([out["next_logit"].cpu().numpy(), np.zeros((b, 1), np.float32)], axis=1).ravel()
-        last = pos == t - 1
-        return pa.table({
-            "chunk": chunks, "pos": pos, "row": np.asarray(batch["rows"]).ravel(), "token_id": ids.ravel(),
-            "token": self.decode[ids.ravel()].tolist(),
-            "next_token_id": pa.array(next_ids, mask=last), "next_token_logit": pa.array(logits, mask=last),
-            "is_proper_noun": np.asarray(batch["proper"]).ravel(),
-        })
+        return pa.table({"chunk": chunks, "pos": pos, "next_token_logit": pa.array(logits, mask=pos == t - 1)})
 
     def _layer_metrics(self, batch, out) -> pa.Table:
         chunks, pos, layer = self._grid(batch, self.spec.n_layer)
@@ -201,11 +213,11 @@ class ModelWorker:
         data = {k: np.concatenate(v) for k, v in columns.items()}
         return pa.table({"target": np.full(len(data["chunk"]), self.cfg.target, dtype=object), "source": np.full(len(data["chunk"]), source, dtype=object), **data})
 
-    def _keep_samples(self, batch, mlp: np.ndarray) -> list:
+    def _keep_samples(self, batch: Batch, mlp: np.ndarray) -> list:
         """Keep sampled pre-activations in memory for the fit stage; return their ``activations`` writes."""
-        chunks = np.asarray(batch["chunk"])[batch["sample_b"]].astype(np.int32)
-        pos = np.asarray(batch["sample_t"], dtype=np.int32)
-        labels = np.asarray(batch["proper"])[batch["sample_b"], batch["sample_t"]]
+        chunks = batch.chunk[batch.sample_b].astype(np.int32)
+        pos = np.asarray(batch.sample_t, dtype=np.int32)
+        labels = np.asarray(batch.sample_label, dtype=bool)
         for i, key in enumerate(zip(chunks.tolist(), pos.tolist())):
             self.samples[key] = mlp[:, i]
         d_mlp, dtype = mlp.shape[-1], self.cfg.activations_dtype
@@ -217,37 +229,31 @@ class ModelWorker:
             writes.append(("activations", data, {"d_mlp": d_mlp, "values_dtype": dtype, "layer": layer + 1}))
         return writes
 
-    def neuron_blocks(self, keys: np.ndarray, chunk_ids: np.ndarray | None = None, input_ids: np.ndarray | None = None,
-                      batch_size: int = 1) -> tuple:
+    def neuron_blocks(self, keys: np.ndarray, batch_size: int = 1) -> tuple:
         """Sampled pre-activations per layer, rows in the order of ``keys`` (n, 2) = (chunk, pos).
 
         Returns n_layer arrays (n, d_mlp) float32, the model's own values (call with ``num_returns=n_layer``
         so each layer is its own object). Rows this process did not compute (a resumed run, or a restarted
         actor) are read back from a float32 ``activations`` table, or else recomputed by a forward pass
-        over their chunks (``input_ids`` (k, T) of ``chunk_ids`` (k,), ``batch_size`` chunks at a time):
-        float16 storage is never read back, so the fits never see its rounding.
+        over their chunks, ``batch_size`` chunks at a time: float16 storage is never read back, so the
+        fits never see its rounding.
         """
         self.flush()
         missing = [tuple(k) for k in keys.tolist() if tuple(k) not in self.samples]
         if missing and not self._load_samples(missing):
-            if input_ids is None:
-                raise RuntimeError(f"{len(missing)} sampled tokens of {self.spec.name} are not in memory: pass their chunks")
-            self._recompute_samples(np.asarray(missing), np.asarray(chunk_ids), np.asarray(input_ids), batch_size)
+            self._recompute_samples(np.asarray(missing), batch_size)
         stacked = np.stack([self.samples[tuple(k)] for k in keys.tolist()], axis=1)  # (L, n, d_mlp)
         return tuple(stacked[layer] for layer in range(stacked.shape[0]))
 
-    def _recompute_samples(self, missing: np.ndarray, chunk_ids: np.ndarray, input_ids: np.ndarray, batch_size: int) -> None:
+    def _recompute_samples(self, missing: np.ndarray, batch_size: int) -> None:
         """Forward passes over the chunks holding ``missing`` (m, 2) keys; their rows go into self.samples."""
         needed = np.unique(missing[:, 0])
-        where = np.searchsorted(chunk_ids, needed)
-        if (where >= len(chunk_ids)).any() or (chunk_ids[np.minimum(where, len(chunk_ids) - 1)] != needed).any():
-            raise RuntimeError(f"chunks of the missing samples of {self.spec.name} were not passed")
         for lo in range(0, len(needed), max(1, batch_size)):
-            rows = where[lo:lo + max(1, batch_size)]
-            sel = np.isin(missing[:, 0], chunk_ids[rows])
-            b_idx = np.searchsorted(chunk_ids[rows], missing[sel, 0])
+            chunk_ids = needed[lo:lo + max(1, batch_size)]
+            sel = np.isin(missing[:, 0], chunk_ids)
+            b_idx = np.searchsorted(chunk_ids, missing[sel, 0])
             with torch.inference_mode():
-                ids = device_tensor(input_ids[rows], self.device)
+                ids = device_tensor(self.chunks.ids(chunk_ids), self.device)
                 out = forward_metrics(self.model, ids, final_hidden=self.cfg.final_hidden, mlp_rows=(b_idx, missing[sel, 1]))
                 mlp = out["mlp_pre"].float().cpu().numpy()  # (L, m_batch, d_mlp)
             for i, key in enumerate(map(tuple, missing[sel].tolist())):
@@ -276,10 +282,10 @@ class ModelWorker:
             self.samples[key] = np.stack([values[index[key]] for index, values in per_layer])
         return True
 
-    def hidden_for(self, input_ids: np.ndarray, n_tokens: int, bins: int | None = None) -> tuple:
+    def hidden_for(self, chunk_ids: np.ndarray, n_tokens: int, bins: int | None = None) -> tuple:
         """Hidden states of the first ``n_tokens`` tokens of these chunks, per hidden_states index.
 
-        input_ids: (B, T). Returns n_layer + 1 arrays (``num_returns=n_layer + 1``): (n_tokens, d) float32,
+        chunk_ids: (B,). Returns n_layer + 1 arrays (``num_returns=n_layer + 1``): (n_tokens, d) float32,
         or with ``bins`` (histogram MI) uint8 bin codes (n_tokens, d) from each dimension's min/max over
         all n_tokens. Why codes: they are all the histogram estimator needs, bit-exact with binning the
         floats, and 4x smaller in the object store (gpt2-xl at 16 chunks: 1.3 GB instead of 5 GB).
@@ -289,7 +295,7 @@ class ModelWorker:
         """
         from probe_core.mutual_info import bin_codes, bin_edges
 
-        ids_all = np.asarray(input_ids)
+        ids_all = self.chunks.ids(chunk_ids)
         step = self.mi_block_chunks(ids_all.shape[1])
         blocks = [(b0, ids_all[b0:b0 + step]) for b0 in range(0, len(ids_all), step) if b0 * ids_all.shape[1] < n_tokens]
 
@@ -324,15 +330,15 @@ class ModelWorker:
         per_chunk = (self.spec.n_layer + 1) * chunk_tokens * self.spec.n_embd * 4
         return max(1, min(self.fit_chunks or 64, budget_bytes // per_chunk))
 
-    def neuron_trace(self, input_ids: np.ndarray, layer: int, neuron: int) -> np.ndarray:
-        """One neuron's c_fc pre-activation at every position of these chunks: (B, T) -> (B, T) float32.
+    def neuron_trace(self, chunk_ids: np.ndarray, layer: int, neuron: int) -> np.ndarray:
+        """One neuron's c_fc pre-activation at every position of these chunks: (B,) -> (B, T) float32.
 
         layer is the block number 1..n_layer, as in the tables.
         """
         from probe_core import capture as hooks
 
         with torch.inference_mode():
-            ids = device_tensor(input_ids, self.device)
+            ids = device_tensor(self.chunks.ids(chunk_ids), self.device)
             with hooks.capture(self.model, {hooks.mlp_pre(layer - 1): lambda a: a[..., neuron].float()}) as cache:
                 self.model.transformer(input_ids=ids)
             return cache[hooks.mlp_pre(layer - 1)].cpu().numpy()

@@ -5,45 +5,59 @@ import pytest
 import torch
 
 from jobs.config import RunConfig
+from jobs.corpus import ArrayChunks
 from jobs.models import resolve_model
 from jobs.store import Store
-from jobs.worker import ModelWorker, split_batch
-from probe_core.tokens import decode_table
+from jobs.worker import Batch, ModelWorker
 
 
 @pytest.fixture(scope="module")
-def batch(gpt2_tokenizer):
+def chunks(gpt2_tokenizer):
+    """Chunks 4, 5, 6 of a stream of 10-token chunks (0-3 unused)."""
     ids = gpt2_tokenizer("Mary met her friend in London. When John arrived, Alice called her sister again in Paris today.")["input_ids"]
-    chunks = np.stack([ids[:10], ids[10:20], ids[5:15]]).astype(np.int32)
-    return {"chunk": np.array([4, 5, 6]), "input_ids": chunks, "rows": np.zeros_like(chunks, dtype=np.int64),
-            "proper": np.zeros(chunks.shape, bool), "sample_b": np.array([0, 1, 2, 2]), "sample_t": np.array([3, 0, 1, 9])}
+    rows = np.stack([ids[:10], ids[10:20], ids[5:15]]).astype(np.int32)
+    return np.concatenate([np.zeros((4, 10), np.int32), rows])
 
 
-def make_worker(tiny_model_dir, gpt2_tokenizer, out):
-    cfg = RunConfig(models=(tiny_model_dir,), analyses=("path", "rotation", "neurons", "attn_ar"), device="cpu", out=str(out))
-    return ModelWorker(resolve_model(tiny_model_dir), cfg, str(out), decode_table(gpt2_tokenizer), 607)
+@pytest.fixture(scope="module")
+def batch():
+    return Batch(np.array([4, 5, 6]), np.array([0, 1, 2, 2]), np.array([3, 0, 1, 9]), np.array([True, False, True, False]))
+
+
+def make_worker(tiny_model_dir, chunks, out):
+    cfg = RunConfig(models=(tiny_model_dir,), analyses=("path", "rotation", "neurons", "attn_ar"), device="cpu", out=str(out),
+                    chunk_tokens=10)
+    return ModelWorker(resolve_model(tiny_model_dir), cfg, str(out), ArrayChunks(chunks), 607)
 
 
 def test_split_batch_rebases_samples(batch):
-    a, b = split_batch(batch)
-    assert a["chunk"].tolist() == [4] and b["chunk"].tolist() == [5, 6]
-    assert a["sample_b"].tolist() == [0] and b["sample_b"].tolist() == [0, 1, 1]
-    assert b["sample_t"].tolist() == [0, 1, 9]
+    a, b = batch.split()
+    assert a.chunk.tolist() == [4] and b.chunk.tolist() == [5, 6]
+    assert a.sample_b.tolist() == [0] and b.sample_b.tolist() == [0, 1, 1]
+    assert b.sample_t.tolist() == [0, 1, 9] and b.sample_label.tolist() == [False, True, False]
 
 
-def test_out_of_memory_split_gives_identical_results(tmp_path, tiny_model_dir, gpt2_tokenizer, batch, monkeypatch):
-    worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "a")
+def test_batch_of_takes_the_sample_inside_its_chunks():
+    keys = np.array([[1, 5], [4, 3], [5, 0], [6, 1], [6, 9], [7, 2]])
+    b = Batch.of(np.array([4, 5, 6]), keys, np.array([1, 1, 0, 1, 0, 1], bool))
+    assert b.sample_b.tolist() == [0, 1, 2, 2] and b.sample_t.tolist() == [3, 0, 1, 9]
+    assert b.sample_label.tolist() == [True, False, True, False] and b.part == "part-000004-000006"
+
+
+def test_out_of_memory_split_gives_identical_results(tmp_path, tiny_model_dir, chunks, batch, monkeypatch):
+    worker = make_worker(tiny_model_dir, chunks, tmp_path / "a")
     whole_tables, whole_mlp = worker._compute(batch)
     real = worker._compute
 
     def small_gpu(b):
-        if len(b["chunk"]) > 1:
+        if len(b.chunk) > 1:
             raise torch.cuda.OutOfMemoryError("simulated")
         return real(b)
 
     monkeypatch.setattr(worker, "_compute", small_gpu)
     split_tables, split_mlp = worker._compute_fitting(batch)
-    np.testing.assert_array_equal(whole_mlp, split_mlp)
+    # Equal up to float rounding: BLAS may block a 1-chunk matmul differently from a 3-chunk one.
+    np.testing.assert_allclose(whole_mlp, split_mlp, rtol=1e-5, atol=1e-6)
     for name, table in whole_tables.items():
         a, b = pl.from_arrow(table), pl.from_arrow(split_tables[name])
         keys = [c for c in a.columns if not a[c].dtype.is_float()]
@@ -54,13 +68,13 @@ def test_out_of_memory_split_gives_identical_results(tmp_path, tiny_model_dir, g
             np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_out_of_memory_size_is_remembered(tmp_path, tiny_model_dir, gpt2_tokenizer, batch, monkeypatch):
-    worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "d")
+def test_out_of_memory_size_is_remembered(tmp_path, tiny_model_dir, chunks, batch, monkeypatch):
+    worker = make_worker(tiny_model_dir, chunks, tmp_path / "d")
     real, attempts = worker._compute, []
 
     def two_chunks_fit(b):
-        attempts.append(len(b["chunk"]))
-        if len(b["chunk"]) > 2:
+        attempts.append(len(b.chunk))
+        if len(b.chunk) > 2:
             raise torch.cuda.OutOfMemoryError("simulated")
         return real(b)
 
@@ -77,11 +91,11 @@ def test_out_of_memory_size_is_remembered(tmp_path, tiny_model_dir, gpt2_tokeniz
     worker.fit_chunks = None
     monkeypatch.setattr(worker, "_compute", nothing_fits)
     with pytest.raises(torch.cuda.OutOfMemoryError):  # a single chunk that does not fit is an error
-        worker._compute_fitting(split_batch(batch)[0])
+        worker._compute_fitting(batch.split()[0])
 
 
-def test_write_error_surfaces_on_the_next_call(tmp_path, tiny_model_dir, gpt2_tokenizer, batch, monkeypatch):
-    worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "c")
+def test_write_error_surfaces_on_the_next_call(tmp_path, tiny_model_dir, chunks, batch, monkeypatch):
+    worker = make_worker(tiny_model_dir, chunks, tmp_path / "c")
 
     def broken(*a, **k):
         raise OSError("disk full")
@@ -93,8 +107,8 @@ def test_write_error_surfaces_on_the_next_call(tmp_path, tiny_model_dir, gpt2_to
     assert not Store(str(tmp_path / "c")).list_parts("_progress/model=tiny-gpt2", ".json")
 
 
-def test_call_writes_shards_then_marker(tmp_path, tiny_model_dir, gpt2_tokenizer, batch):
-    worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "b")
+def test_call_writes_shards_then_marker(tmp_path, tiny_model_dir, chunks, batch):
+    worker = make_worker(tiny_model_dir, chunks, tmp_path / "b")
     result = worker(batch)
     assert worker.flush() == 1 and worker.flush() == 0  # the shards are written in the background
     store = Store(str(tmp_path / "b"))
@@ -108,33 +122,33 @@ def test_call_writes_shards_then_marker(tmp_path, tiny_model_dir, gpt2_tokenizer
     assert len(blocks) == 3 and blocks[0].shape == (2, 64) and blocks[0].dtype == np.float32
     stored = pl.read_parquet(store.list_files("activations/model=tiny-gpt2/layer=1")[0]).sort("chunk", "pos")
     assert stored["values"].dtype.inner == pl.Float16  # default storage
+    labels = pl.read_parquet(store.list_files("activations/model=tiny-gpt2/layer=1")[0]).sort("chunk", "pos")["label"]
+    assert labels.to_list() == [True, False, True, False]  # the batch's sample labels, as the driver drew them
     # A fresh worker (a restarted actor) does not read float16 back: it recomputes the samples' chunks.
-    fresh = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path / "b")
-    with pytest.raises(RuntimeError, match="not in memory"):
-        fresh.neuron_blocks(keys)
-    again = fresh.neuron_blocks(keys, np.array([4, 6]), batch["input_ids"][[0, 2]], batch_size=1)
+    fresh = make_worker(tiny_model_dir, chunks, tmp_path / "b")
+    again = fresh.neuron_blocks(keys, batch_size=1)
     for x, y in zip(blocks, again):
         assert y.dtype == np.float32
         np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6)  # float32 values, not float16-rounded ones
     assert not np.array_equal(blocks[0], blocks[0].astype(np.float16).astype(np.float32))  # the test can tell
 
 
-def test_float32_storage_is_read_back_exactly(tmp_path, tiny_model_dir, gpt2_tokenizer, batch):
+def test_float32_storage_is_read_back_exactly(tmp_path, tiny_model_dir, chunks, batch):
     import dataclasses
 
-    worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path)
+    worker = make_worker(tiny_model_dir, chunks, tmp_path)
     worker.cfg = dataclasses.replace(worker.cfg, activations_dtype="float32")
     worker(batch)
     keys = np.array([[4, 3], [5, 0], [6, 9]])
     blocks = worker.neuron_blocks(keys)
-    fresh = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path)
-    again = fresh.neuron_blocks(keys)  # no chunks passed: the float32 table suffices
+    fresh = make_worker(tiny_model_dir, np.zeros_like(chunks), tmp_path)
+    again = fresh.neuron_blocks(keys)  # read back from the float32 table: zeroed chunks would give other values
     for x, y in zip(blocks, again):
         np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize("device,share,capped", [("cuda", 0.2, [0.2]), ("cuda", 1.0, []), ("cpu", 0.2, [])])
-def test_gpu_slot_caps_process_memory(tmp_path, tiny_model_dir, gpt2_tokenizer, monkeypatch, device, share, capped):
+def test_gpu_slot_caps_process_memory(tmp_path, tiny_model_dir, chunks, monkeypatch, device, share, capped):
     """An actor on a slot of a GPU caps its CUDA memory at the slot (Ray's fractions do not); no GPU is
     needed to check the call, so the device and the model load are stubbed."""
     import jobs.worker as worker_module
@@ -144,25 +158,25 @@ def test_gpu_slot_caps_process_memory(tmp_path, tiny_model_dir, gpt2_tokenizer, 
     monkeypatch.setattr(worker_module, "load_model", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, *a: calls.append(fraction))
     cfg = RunConfig(models=(tiny_model_dir,), device="cpu", out=str(tmp_path))
-    ModelWorker(resolve_model(tiny_model_dir), cfg, str(tmp_path), decode_table(gpt2_tokenizer), 607, gpu_share=share)
+    ModelWorker(resolve_model(tiny_model_dir), cfg, str(tmp_path), ArrayChunks(chunks), 607, gpu_share=share)
     assert calls == capped
 
 
 @pytest.mark.parametrize("bins", [None, 15])
-def test_hidden_for_in_blocks_equals_one_pass(tmp_path, tiny_model_dir, gpt2_tokenizer, batch, monkeypatch, bins):
+def test_hidden_for_in_blocks_equals_one_pass(tmp_path, tiny_model_dir, chunks, batch, monkeypatch, bins):
     """MI inputs built a chunk at a time (two passes for bin codes) equal one forward of all chunks,
     including a token count that ends inside a chunk."""
     from probe_core.mutual_info import bin_codes, bin_edges
 
-    worker = make_worker(tiny_model_dir, gpt2_tokenizer, tmp_path)
-    ids, n_tokens = batch["input_ids"], 25
+    worker = make_worker(tiny_model_dir, chunks, tmp_path)
+    ids, n_tokens = chunks[batch.chunk], 25
     with torch.inference_mode():
         hidden = worker.model(torch.tensor(ids, dtype=torch.long), output_hidden_states=True).hidden_states
     whole = [h.reshape(-1, h.shape[-1])[:n_tokens].float().numpy() for h in hidden]
     if bins:
         whole = [bin_codes(h, bin_edges(h.min(0), h.max(0), bins)) for h in whole]
     monkeypatch.setattr(worker, "mi_block_chunks", lambda chunk_tokens: 1)
-    blocked = worker.hidden_for(ids, n_tokens, bins)
+    blocked = worker.hidden_for(batch.chunk, n_tokens, bins)
     assert len(blocked) == len(whole)
     for a, b in zip(blocked, whole):
         assert a.dtype == b.dtype and a.shape == b.shape
