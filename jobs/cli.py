@@ -28,7 +28,12 @@ def run_parser(sub) -> None:
     a = p.add_argument
     a("--config", help="YAML file of options (keys as below, dashes or underscores)")
     a("--models", help="comma list of hub ids (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or local folders saved with save_pretrained(); default: all four sizes")
-    a("--data", help="wikitext-2-raw-v1[:split] (hub, via datasets), a local .txt/.raw file (one row per line) or a Parquet file with a 'text' column; default: wikitext-2-raw-v1:test")
+    a("--data", help="the corpus: wikitext-2-raw-v1[:split] or wikitext-103-raw-v1[:split] (hub, split test), a hub dataset id "
+                     "(read streaming through datasets), or a file, folder or glob (local or a pyarrow URI such as s3://bucket/prefix) of "
+                     ".txt/.raw/.tokens (one row per line), .jsonl or .parquet files, read in sorted path order; default: wikitext-2-raw-v1:test")
+    a("--data-config", help="the dataset config (name) of a hub dataset, or of a local dataset folder read through datasets.load_dataset")
+    a("--data-split", help="the split of a hub dataset or local dataset folder; default train (test for the WikiText shorthand)")
+    a("--text-column", help="the .jsonl field, Parquet column or dataset column holding the text; default text")
     a("--out", help="the run folder: a local path or a pyarrow filesystem URI such as s3://bucket/prefix; default: results/<run-id>")
     a("--run-id", help="name of the run; default: a UTC timestamp")
     a("--analyses", help=f"comma list of {','.join(ANALYSES)}; default: all")

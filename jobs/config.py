@@ -27,6 +27,9 @@ class UsageError(Exception):
 class RunConfig:
     models: tuple[str, ...] = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
     data: str = "wikitext-2-raw-v1:test"
+    data_config: str | None = None  # a hub dataset's config (name), or a local dataset folder's
+    data_split: str | None = None  # default: "test" for the WikiText shorthand, else "train"
+    text_column: str = "text"  # the .jsonl field, Parquet column or dataset column holding the text
     out: str = ""  # default: results/<run_id>
     run_id: str = ""  # default: a UTC timestamp
     analyses: tuple[str, ...] = ANALYSES
@@ -70,6 +73,11 @@ class RunConfig:
         check.positive("mi_tokens", self.mi_tokens, minimum=2)
         check.positive("mi_bins", self.mi_bins, minimum=2)
         check.positive("max_in_flight", self.max_in_flight)
+        if not self.text_column.strip():
+            raise UsageError("--text-column is empty: name the field or column holding the text (default text)")
+        for name in ("data_config", "data_split"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise UsageError(f"--{name.replace('_', '-')} is empty: drop it or give a value")
         if self.seed > MAX_SEED:
             raise UsageError(f"--seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
         if self.seed < 0:
