@@ -38,8 +38,9 @@ from common import build_model, build_tokenizer, corpus_tokens, emit, load_avera
 SAMPLE_DENSITY = 2000 / 283_000
 
 
-def make_batch(tokens: np.ndarray, decode: list[str], b: int, t: int, target_id: int, seed: int = 0) -> dict:
-    """A batch as the driver sends it (``jobs.run.batch_payload``): B chunks of T corpus tokens.
+def make_batch(tokens: np.ndarray, decode: list[str], b: int, t: int, target_id: int, seed: int = 0):
+    """(batch, ids): a ``jobs.worker.Batch`` as the driver sends it, naming chunks 0..B-1 of ``ids`` (B, T),
+    the chunks a worker's chunk source (``ArrayChunks(ids)``) returns for it.
 
     The chunks are the first B (in corpus order) holding the rotation target after position 0, so the
     rotation path does real work; the neuron sample has the job's density (~7 per 1k tokens).
@@ -55,38 +56,40 @@ def make_batch(tokens: np.ndarray, decode: list[str], b: int, t: int, target_id:
     rng = np.random.default_rng(seed)
     n = max(1, round(b * t * SAMPLE_DENSITY))
     flat = np.sort(rng.choice(b * t, size=n, replace=False))
-    return {"chunk": keep, "input_ids": ids, "rows": np.zeros((b, t), np.int64), "proper": proper,
-            "sample_b": flat // t, "sample_t": flat % t}
+    from jobs.worker import Batch
+
+    return Batch(np.arange(b), flat // t, flat % t, proper[flat // t, flat % t]), ids
 
 
-def make_worker(size: str, model, device: str, dtype: str, store_dir: str, decode: list[str], target_id: int):
+def make_worker(size: str, model, device: str, dtype: str, store_dir: str, ids: np.ndarray, target_id: int):
     """A ModelWorker around an in-memory model (``load_model`` patched out, so no checkpoint on disk)."""
     from jobs.config import ANALYSES, RunConfig
+    from jobs.corpus import ArrayChunks
     from jobs.models import ModelSpec
     from jobs.worker import ModelWorker
 
     c = model.config
     spec = ModelSpec(source=f"random-{size}", name=size, n_layer=c.n_layer, n_embd=c.n_embd, d_mlp=c.n_inner or 4 * c.n_embd,
                      n_positions=c.n_positions, vocab_size=c.vocab_size, config={})
-    cfg = RunConfig(analyses=ANALYSES, device=device, dtype=dtype)
+    cfg = RunConfig(analyses=ANALYSES, device=device, dtype=dtype, chunk_tokens=ids.shape[1])
     with mock.patch("jobs.worker.load_model", return_value=model):
-        return ModelWorker(spec, cfg, store_dir, decode, target_id, threads=0)
+        return ModelWorker(spec, cfg, store_dir, ArrayChunks(ids), target_id, threads=0)
 
 
-def metrics_only(worker, batch: dict) -> None:
+def metrics_only(worker, batch) -> None:
     """forward_metrics with every per-token metric on, then the device->host copies of its outputs."""
     from probe_core.metrics import forward_metrics
 
-    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=worker.device)
+    ids = torch.as_tensor(worker.chunks.ids(batch.chunk), dtype=torch.long, device=worker.device)
     with torch.inference_mode():
         out = forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True,
-                              mlp_rows=(batch["sample_b"], batch["sample_t"]))
+                              mlp_rows=(batch.sample_b, batch.sample_t))
         for key in ("path_step", "path_cum", "angle_rad", "next_logit", "log_norm"):
             out[key].cpu().numpy()
         out["mlp_pre"].to(torch.float16).cpu().numpy()
 
 
-def capture_no_writes(worker, batch: dict) -> list:
+def capture_no_writes(worker, batch) -> list:
     """``ModelWorker.__call__`` minus the shard writes, from the worker's own pieces: the forward with
     every metric, the Arrow tables (tokens, layer metrics, attention norms, rotation angles, sampled
     activations) and the copies to host. Returns the (table name, table, partition extras) writes."""
@@ -95,14 +98,14 @@ def capture_no_writes(worker, batch: dict) -> list:
     return writes + (worker._keep_samples(batch, mlp) if mlp is not None else [])
 
 
-def worker_call(worker, batch: dict) -> None:
+def worker_call(worker, batch) -> None:
     """The whole ``ModelWorker.__call__`` and then its shard writes (``flush``), serially: in the timing
     loop a write left running on the worker's background thread would slow whichever variant ran next."""
     worker(batch)
     worker.flush()
 
 
-def worker_pipelined(worker, batch: dict, calls: int) -> float:
+def worker_pipelined(worker, batch, calls: int) -> float:
     """Seconds per call of ``calls`` back-to-back ``ModelWorker.__call__`` (each call's writes overlap the
     next call's compute on the background thread, as in the job), the last write included."""
     import time
@@ -115,14 +118,13 @@ def worker_pipelined(worker, batch: dict, calls: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def host_breakdown(worker, batch: dict, repeats: int, cuda: bool) -> dict:
+def host_breakdown(worker, batch, repeats: int, cuda: bool) -> dict:
     """Median milliseconds of each piece of ``ModelWorker.__call__`` on this batch, writes included."""
-    from jobs.worker import part_name
     from probe_core.metrics import forward_metrics
 
-    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=worker.device)
-    rows = (batch["sample_b"], batch["sample_t"])
-    part = part_name(batch["chunk"])
+    ids = torch.as_tensor(worker.chunks.ids(batch.chunk), dtype=torch.long, device=worker.device)
+    rows = (batch.sample_b, batch.sample_t)
+    part = batch.part
     writes = capture_no_writes(worker, batch)
     with torch.inference_mode():
         out = forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True, mlp_rows=rows)
@@ -132,7 +134,7 @@ def host_breakdown(worker, batch: dict, repeats: int, cuda: bool) -> dict:
             "tokens_table": lambda: worker._tokens(batch, out),
             "layer_metrics_table": lambda: worker._layer_metrics(batch, out),
             "attn_norms_table": lambda: worker._attn_norms(batch, out),
-            "rotation_table": lambda: worker._rotation(batch["chunk"], batch["input_ids"], out["hidden"], None, "corpus"),
+            "rotation_table": lambda: worker._rotation(batch.chunk, worker.chunks.ids(batch.chunk), out["hidden"], None, "corpus"),
             "activations_tables": lambda: worker._keep_samples(batch, mlp),
             "parquet_writes": lambda: worker._write(part, writes, {"tokens": int(ids.numel()), "seconds": 0.0}),
         }
@@ -143,12 +145,12 @@ def host_breakdown(worker, batch: dict, repeats: int, cuda: bool) -> dict:
 def bench_size(size: str, args, tokens: np.ndarray, decode: list[str], target_id: int) -> dict:
     cuda = args.device == "cuda"
     model = build_model(size, device=args.device, dtype=args.dtype)
-    batch = make_batch(tokens, decode, args.batch, args.tokens, target_id)
-    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=args.device)
+    batch, chunk_ids = make_batch(tokens, decode, args.batch, args.tokens, target_id)
+    ids = torch.as_tensor(chunk_ids, dtype=torch.long, device=args.device)
     n_tok = ids.numel()
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as store_dir:
-        worker = make_worker(size, model, args.device, args.dtype, store_dir, decode, target_id)
-        occurrences = int((batch["input_ids"][:, 1:] == target_id).sum())
+        worker = make_worker(size, model, args.device, args.dtype, store_dir, chunk_ids, target_id)
+        occurrences = int((chunk_ids[:, 1:] == target_id).sum())
 
         @torch.inference_mode()
         def plain():

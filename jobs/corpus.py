@@ -224,7 +224,7 @@ def run_corpus_stage(source, tokenizer, decode: list[str], cfg, store: Store, ta
     # neither number rows across files nor apply the BOM/CRLF/line-end rules that make the stream exact.
     tokenized = ds.map_batches(tokenize_units, batch_size=1, batch_format="pyarrow", num_cpus=1,
                                concurrency=read_tasks,
-                               fn_kwargs={"units": source.units, "tokenizer": tokenizer, "text_column": getattr(cfg, "text_column", "text")}
+                               fn_kwargs={"units": source.units, "tokenizer": tokenizer, "text_column": cfg.text_column}
                                ).materialize()
     blocks = tokenized.to_arrow_refs()
     counts = ray.get([ray.remote(block_counts).remote(b) for b in blocks])

@@ -177,8 +177,7 @@ def check_inputs(cfg: RunConfig) -> Inputs:
     for m in models:
         if len(tokenizer) > m.vocab_size:
             raise UsageError(f"tokenizer has {len(tokenizer)} tokens but {m.name} only {m.vocab_size}: pass the matching --tokenizer")
-    source = resolve_source(cfg.data, config=getattr(cfg, "data_config", None), split=getattr(cfg, "data_split", None),
-                            text_column=getattr(cfg, "text_column", "text"))
+    source = resolve_source(cfg.data, config=cfg.data_config, split=cfg.data_split, text_column=cfg.text_column)
     target_id, sentences = None, None
     if "rotation" in cfg.analyses:
         target_id = single_token(tokenizer, cfg.target)

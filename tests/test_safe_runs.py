@@ -109,12 +109,12 @@ def test_resume_with_other_settings_exits_2_before_writing(small, capsys):
     result-changing settings and other speed settings."""
     from jobs.config import build_config
     from jobs.manifest import Manifest
-    from jobs.plan import make_plan
+    from jobs.plan import check_inputs
 
     out = str(small["root"] / "run")
     base = {"models": small["model"], "data": small["data"], "out": out, "run_id": "r", "chunk_tokens": 64, "analyses": "path"}
-    plan = make_plan(build_config(base))
-    Manifest(Store(out), plan).stage("plan", "done")
+    inputs = check_inputs(build_config(base))
+    Manifest(Store(out), inputs).stage("plan", "done")
     before = open(os.path.join(out, "manifest.json")).read()
     args = ["run", "--models", small["model"], "--data", small["data"], "--out", out, "--run-id", "r", "--resume",
             "--analyses", "path", "--chunk-tokens", "64", "--seed", "5", "--final-hidden", "pre_ln_f", "--batch-size", "3"]
