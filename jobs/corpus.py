@@ -82,16 +82,24 @@ def tokenize_units(batch: pa.Table, units, tokenizer, text_column: str, block_ro
     """Ray Data UDF: one output row per unit of ``batch["unit"]``.
 
     Columns: unit (int64), n_rows (int64, blank rows included), n_tokens (int64), ids (list<int32>, the
-    unit's tokens in order), row (list<int32>, each token's row index within the unit). Rows go through
-    the tokenizer in blocks and become int32 at once, as in ``jobs.data.tokenize_rows``.
+    unit's tokens in order), row (list<int32>, each token's row index within the unit), error (string:
+    the one-line message of bad input in the unit, else null). Rows go through the tokenizer in blocks
+    and become int32 at once, as in ``jobs.data.tokenize_rows``. Bad input is returned, not raised, so
+    the driver reports the first one in stream order as one line (a raised error would be logged with
+    its traceback by Ray Data).
     """
     from jobs.sources import read_unit
 
     # One thread: a Ray task has one CPU, and the Rust tokenizer's own thread pool would fight the other tasks.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    out = {"unit": [], "n_rows": [], "n_tokens": [], "ids": [], "row": []}
+    out = {"unit": [], "n_rows": [], "n_tokens": [], "ids": [], "row": [], "error": []}
     for u in batch.column("unit").to_pylist():
-        rows = read_unit(units[u], text_column)
+        try:
+            rows = read_unit(units[u], text_column)
+            out["error"].append(None)
+        except UsageError as e:
+            rows = []
+            out["error"].append(str(e))
         keep = [i for i, r in enumerate(rows) if r.strip()]
         ids, row_of = [], []
         for lo in range(0, len(keep), block_rows):
@@ -111,12 +119,14 @@ def tokenize_units(batch: pa.Table, units, tokenizer, text_column: str, block_ro
         "unit": pa.array(out["unit"], pa.int64()), "n_rows": pa.array(out["n_rows"], pa.int64()),
         "n_tokens": pa.array(out["n_tokens"], pa.int64()),
         "ids": pa.array(out["ids"], pa.list_(pa.int32())), "row": pa.array(out["row"], pa.list_(pa.int32())),
+        "error": pa.array(out["error"], pa.string()),
     })
 
 
-def block_counts(block: pa.Table) -> tuple[list[int], list[int], list[int]]:
-    """(units, n_rows, n_tokens) of one tokenized block: all the driver reads of pass 1."""
-    return (block.column("unit").to_pylist(), block.column("n_rows").to_pylist(), block.column("n_tokens").to_pylist())
+def block_counts(block: pa.Table) -> tuple[list[int], list[int], list[int], list]:
+    """(units, n_rows, n_tokens, errors) of one tokenized block: all the driver reads of pass 1."""
+    return (block.column("unit").to_pylist(), block.column("n_rows").to_pylist(), block.column("n_tokens").to_pylist(),
+            block.column("error").to_pylist())
 
 
 # --- pass 2: one task per shard ----------------------------------------------------------------------
@@ -230,11 +240,15 @@ def run_corpus_stage(source, tokenizer, decode: list[str], cfg, store: Store, ta
     counts = ray.get([ray.remote(block_counts).remote(b) for b in blocks])
     n_units = len(source.units)
     where = np.zeros((n_units, 2), np.int64)  # (block, row in block) of each unit
-    unit_rows, unit_tokens = np.zeros(n_units, np.int64), np.zeros(n_units, np.int64)
-    for b, (units, n_rows, n_tokens) in enumerate(counts):
+    unit_rows, unit_tokens, errors = np.zeros(n_units, np.int64), np.zeros(n_units, np.int64), {}
+    for b, (units, n_rows, n_tokens, errs) in enumerate(counts):
         for r, u in enumerate(units):
             where[u] = (b, r)
             unit_rows[u], unit_tokens[u] = n_rows[r], n_tokens[r]
+            if errs[r]:
+                errors[u] = errs[r]
+    if errors:
+        raise UsageError(errors[min(errors)])
     total = int(unit_tokens.sum())
     if total == 0:
         raise UsageError(f"--data {cfg.data} has no text (every row is blank)")

@@ -13,7 +13,7 @@ from jobs import stats
 from jobs.config import RunConfig, UsageError
 from jobs.manifest import Manifest
 from jobs.plan import Inputs, Plan, check_inputs, check_target, make_plan
-from jobs.store import Lease, Store
+from jobs.store import LEASE, Lease, Store
 from jobs.query import make_report
 from jobs.worker import Batch, ModelWorker, part_name
 
@@ -355,13 +355,22 @@ def run(cfg: RunConfig) -> str:
     log("[plan] checking inputs")
     inputs = check_inputs(cfg)
     store = Store(cfg.out)
+    existed = store.exists("")
+    started_ray = not ray.is_initialized()
     # Inputs are valid: take the run folder before writing anything (one writer per run folder).
     lease = Lease(store)
     lease.acquire()
     try:
         return _run_leased(cfg, inputs, store)
+    except UsageError:
+        if not cfg.resume and not existed and store.is_empty_or_missing(ignore=(LEASE,)):
+            lease.release()
+            store.fs.delete_dir(store.root)  # a new run refused after the lease: --out as it was
+        raise
     finally:
         lease.release()
+        if started_ray and ray.is_initialized():
+            ray.shutdown()  # the instance this run started (or connected to) is not left to the caller
 
 
 def corpus_and_plan(inputs: Inputs, store: Store, manifest: Manifest, fresh: bool) -> Plan:

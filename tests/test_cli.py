@@ -11,6 +11,18 @@ from tests.conftest import save_tiny_model
 from tests.corpus import write_corpus
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    """Corpus errors (no text, bad lines, too short, no target) are found by the corpus stage, which runs on
+    Ray: one local instance for the module, started outside the tests' captured output."""
+    import ray
+    import ray.data  # noqa: F401  (Ray Data sets up its log handlers on import: here, not inside a test's capsys)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
