@@ -25,7 +25,12 @@ class ModelSpec:
 
     @property
     def n_params(self) -> int:
-        return 12 * self.n_layer * self.n_embd**2 + (self.vocab_size + self.n_positions) * self.n_embd
+        """Exact parameter count, LM head tied to wte (counted once), as ``sum(p.numel() for p in
+        model.parameters())``. Per block (d = n_embd, m = d_mlp): ln_1, ln_2 4d; attn c_attn 3d^2 + 3d and
+        c_proj d^2 + d; mlp c_fc dm + m and c_proj md + d. Plus wte, wpe and ln_f."""
+        d, m = self.n_embd, self.d_mlp
+        block = 4 * d * d + 2 * d * m + 9 * d + m
+        return self.n_layer * block + (self.vocab_size + self.n_positions) * d + 2 * d
 
 
 def partition_name(source: str) -> str:

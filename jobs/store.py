@@ -6,6 +6,7 @@ Layout: ``OUT/<table>/model=<name>[/layer=<l>]/<part>.parquet``, ``OUT/manifest.
 import json
 import os
 import posixpath
+import sys
 import uuid
 
 import pyarrow as pa
@@ -193,11 +194,20 @@ LEASE_REFRESH_S = 20.0
 
 
 class Lease:
-    """One writer per run folder: OUT/_lease.json, created atomically, refreshed by a daemon thread.
+    """One writer per run folder: OUT/_lease.json (host, pid, start, token, refresh time), refreshed by a
+    daemon thread every ``LEASE_REFRESH_S``.
 
-    Local folders: ``os.open(O_CREAT | O_EXCL)``. Object stores: pyarrow has no conditional PUT, so this is
-    a best-effort check-then-write followed by a read-back (two runs starting within the same second may
-    both pass). A lease whose ``refreshed`` time is older than ``LEASE_STALE_S`` is taken over.
+    - Local folders: an atomic create, ``os.open(O_CREAT | O_EXCL)``.
+    - S3 (``s3://``): an atomic conditional PUT through boto3 (``If-None-Match: *``; S3 answers 412 when the
+      key exists, or 409 to the loser of two simultaneous creates), with the endpoint, region and credentials
+      of the run's own pyarrow filesystem. A stale lease is taken over with ``If-Match: <its ETag>``, so of
+      two runs taking over the same stale lease exactly one wins; refreshes are ``If-Match`` too, so a run
+      whose lease was taken over never overwrites the new holder's.
+    - Other object stores (gs://, hdfs://, ...): pyarrow has no conditional write, so a best-effort
+      check-then-write followed by a read-back (two runs starting within the same second may both pass).
+
+    A lease whose ``refreshed`` time is older than ``LEASE_STALE_S``, or whose holder is a process on this
+    host that no longer exists, is stale and taken over.
     """
 
     def __init__(self, store: Store, clock=None):
@@ -208,17 +218,31 @@ class Lease:
         self.token = uuid.uuid4().hex
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": self.clock(), "token": self.token}
         self._stop = None
+        self._s3 = _S3Key(store) if isinstance(store.fs, pafs.S3FileSystem) else None
+        self._etag = None  # S3: the ETag of the lease we last wrote (what a refresh must still find)
 
     def _payload(self) -> bytes:
         return json.dumps({**self.holder, "refreshed": self.clock()}).encode()
 
-    def _read(self) -> dict | None:
+    def _read_tagged(self) -> tuple[dict | None, str | None]:
+        """(lease, its S3 ETag or None); lease None if there is none, {} if it is unreadable."""
+        if self._s3 is not None:
+            body, etag = self._s3.get()
+            if body is None:
+                return None, None
+            try:
+                return json.loads(body), etag
+            except ValueError:
+                return {}, etag
         try:
-            return self.store.read_json(LEASE)
+            return self.store.read_json(LEASE), None
         except FileNotFoundError:
-            return None
+            return None, None
         except (ValueError, OSError):
-            return {}  # being written or cut short: treat as stale (no refresh time)
+            return {}, None  # being written or cut short: treat as stale (no refresh time)
+
+    def _read(self) -> dict | None:
+        return self._read_tagged()[0]
 
     def acquire(self) -> None:
         from jobs.config import UsageError
@@ -228,11 +252,13 @@ class Lease:
             if self._create():
                 self._start_refresh()
                 return
-            held = self._read()
+            held, etag = self._read_tagged()
             if held is None:
                 continue  # released between our attempt and the read
             self.check_free(held)
-            self._delete()  # stale: its holder stopped refreshing
+            if self._take_over(etag):  # stale: its holder stopped refreshing
+                self._start_refresh()
+                return
         raise UsageError(f"could not take the lease {self.store.path(LEASE)}: another run keeps taking it")
 
     def check_free(self, held: dict | None = None) -> None:
@@ -259,6 +285,7 @@ class Lease:
         return False
 
     def _create(self) -> bool:
+        """Write our lease if there is none; True if we now hold it."""
         path = self.store.path(LEASE)
         if self.store.is_local:
             try:
@@ -268,17 +295,37 @@ class Lease:
             with os.fdopen(fd, "wb") as f:
                 f.write(self._payload())
             return True
+        if self._s3 is not None:
+            self._etag = self._s3.put(self._payload(), IfNoneMatch="*")
+            return self._etag is not None
         if self.store.exists(LEASE):
             return False
         self.store.write_bytes(LEASE, self._payload())
         back = self._read() or {}
         return back.get("token") == self.token
 
+    def _take_over(self, etag: str | None) -> bool:
+        """Replace a stale lease by ours; True if we now hold it. On S3 only if the lease is still the one
+        we judged stale (ETag ``etag``); elsewhere by deleting it and creating ours."""
+        if self._s3 is not None:
+            self._etag = self._s3.put(self._payload(), IfMatch=etag) if etag else None
+            return self._etag is not None
+        self._delete()
+        return self._create()
+
     def _delete(self) -> None:
         try:
             self.store.fs.delete_file(self.store.path(LEASE))
         except (FileNotFoundError, OSError):
             pass
+
+    def _refresh(self) -> bool:
+        """Rewrite our lease with the current time; False once another run has taken it over (S3 only)."""
+        if self._s3 is None:
+            self.store.write_bytes(LEASE, self._payload())
+            return True
+        self._etag = self._s3.put(self._payload(), IfMatch=self._etag)
+        return self._etag is not None
 
     def _start_refresh(self) -> None:
         import threading
@@ -288,7 +335,10 @@ class Lease:
         def refresh():
             while not self._stop.wait(LEASE_REFRESH_S):
                 try:
-                    self.store.write_bytes(LEASE, self._payload())
+                    if not self._refresh():
+                        print(f"warning: the lease {self.store.path(LEASE)} was taken over by another run",
+                              file=sys.stderr, flush=True)
+                        return
                 except OSError:
                     pass  # a missed refresh is retried; the lease stays valid for LEASE_STALE_S
 
@@ -308,6 +358,77 @@ class Lease:
 
     def __exit__(self, *exc):
         self.release()
+
+
+class _S3Key:
+    """``OUT/_lease.json`` on S3 through boto3, which has the conditional PUT that pyarrow lacks.
+
+    The client gets the endpoint, scheme, region and explicit credentials of the store's pyarrow
+    ``S3FileSystem`` (from the URI's query, or the ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` variables
+    pyarrow read); credentials not given in the URI come from boto3's default chain (the same ``AWS_*``
+    variables, profile or instance role pyarrow uses).
+    """
+
+    def __init__(self, store: Store):
+        from jobs.config import UsageError
+
+        try:
+            import boto3
+            import botocore.config
+            import botocore.exceptions
+        except ImportError:
+            raise UsageError("--out s3://... needs boto3 for its run lease: pip install boto3") from None
+        self._errors = botocore.exceptions
+        # pyarrow exposes the resolved options only through pickling: {endpoint_override, scheme, region, ...}.
+        opts = store.fs.__reduce__()[1][0]
+        endpoint = opts.get("endpoint_override") or None
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{opts.get('scheme') or 'https'}://{endpoint}"
+        creds = {}
+        if opts.get("access_key"):
+            creds = {"aws_access_key_id": opts["access_key"], "aws_secret_access_key": opts.get("secret_key"),
+                     "aws_session_token": opts.get("session_token") or None}
+        config = botocore.config.Config(signature_version=botocore.UNSIGNED) if opts.get("anonymous") else None
+        self.client = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint, region_name=store.fs.region or None, config=config,
+            verify=opts.get("tls_ca_file_path") or None, **creds)
+        self.bucket, _, prefix = store.root.partition("/")
+        self.key = posixpath.join(prefix, LEASE) if prefix else LEASE
+
+    def _os_error(self, e) -> OSError:
+        return OSError(f"s3://{self.bucket}/{self.key}: {e}")
+
+    def put(self, body: bytes, **condition) -> str | None:
+        """PUT under ``condition`` (``IfNoneMatch='*'`` or ``IfMatch=etag``); the new ETag, or None if the
+        condition failed (412; 409 when a concurrent conditional write won; 404 when If-Match finds no key)."""
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **condition)["ETag"]
+        except self._errors.ClientError as e:
+            if _s3_status(e) in (409, 412) or _s3_code(e) == "NoSuchKey":
+                return None
+            raise self._os_error(e) from e
+        except self._errors.BotoCoreError as e:
+            raise self._os_error(e) from e
+
+    def get(self) -> tuple[bytes | None, str | None]:
+        """(body, ETag) read in one request, or (None, None) if there is no such key."""
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            return r["Body"].read(), r["ETag"]
+        except self._errors.ClientError as e:
+            if _s3_code(e) == "NoSuchKey":
+                return None, None
+            raise self._os_error(e) from e
+        except self._errors.BotoCoreError as e:
+            raise self._os_error(e) from e
+
+
+def _s3_status(e) -> int | None:
+    return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _s3_code(e) -> str | None:
+    return e.response.get("Error", {}).get("Code")
 
 
 def _utc(t) -> str:

@@ -99,3 +99,133 @@ def test_report_section_shows_the_table_first(new_frames, tmp_path):
     table = across_sizes.summary_table(t, _manifest())
     for v in table.filter(pl.col("model") == "gpt2-medium").row(0):
         assert f">{_fmt(v)}<" in sec
+
+
+# ---------------------------------------------------------------- end to end: a real run of two depths
+E2E_COLUMNS = ["model", "params", "n_layer", "r_path_logit", "r_ci_low", "r_ci_high", "n_significant_neurons",
+               "n_neurons", "frac_significant_neurons", "mi_excess_bits", "mean_ar_b1"]
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory):
+    """``probe run`` of all five analyses on two tiny GPT-2s (3 and 2 layers), 5 chunks of 64 tokens."""
+    import ray
+
+    from jobs.cli import main
+    from tests.conftest import two_model_inputs
+
+    inputs = two_model_inputs(tmp_path_factory.mktemp("across-e2e"))
+    out = str(inputs["root"] / "run")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        code = main(["run", "--models", ",".join(inputs["models"]), "--data", inputs["data"], "--out", out,
+                     "--chunk-tokens", "64", "--max-tokens", str(64 * 5), "--max-samples", "30", "--mi-tokens", "128",
+                     "--seed", "5"])
+    finally:
+        ray.shutdown()
+    assert code == 0
+    return {"out": out, **inputs}
+
+
+def _read(out: str, table: str) -> dict[str, dict[str, np.ndarray]]:
+    """{model: {column: array}} of one table, read with pyarrow straight from the hive folders."""
+    import pyarrow.dataset as ds
+
+    t = ds.dataset(f"{out}/{table}", format="parquet", partitioning="hive").to_table()
+    models = np.asarray(t.column("model").to_pylist())
+    return {m: {c: np.asarray(t.column(c).to_pylist(), dtype=object if c == "chunk" else None)[models == m]
+                for c in t.column_names if c != "model"} for m in np.unique(models)}
+
+
+def _expected_rows(run: dict) -> dict[str, dict]:
+    """Every cell of the across table, recomputed from the run's per-model tables and the model folders."""
+    import json
+    import os
+
+    from transformers import GPT2LMHeadModel
+
+    path, neurons = _read(run["out"], "path_summary"), _read(run["out"], "neuron_logit")
+    mi, null, ar = _read(run["out"], "mi"), _read(run["out"], "mi_null"), _read(run["out"], "attn_ar")
+    with open(f"{run['out']}/manifest.json") as f:
+        manifest = json.load(f)
+    rows = {}
+    for folder in run["models"]:
+        m = os.path.basename(folder)
+        with open(f"{folder}/config.json") as f:
+            config = json.load(f)
+        n_layer = config["n_layer"]
+        assert manifest["models"][m]["n_layer"] == n_layer
+        params = sum(p.numel() for p in GPT2LMHeadModel.from_pretrained(folder).parameters())  # tied head once
+        sig = neurons[m]["significant"].astype(bool)
+        assert sig.size == n_layer * (config["n_inner"] or 4 * config["n_embd"])  # every neuron of every block fitted
+        excess = [mi[m]["mi_bits"][mi[m]["layer"] == lay].mean() - null[m]["mi_bits"][null[m]["layer"] == lay].mean()
+                  for lay in range(n_layer + 1)]  # hidden_states 0..n_layer
+        pooled = np.array([c is None for c in ar[m]["chunk"]]) & np.isfinite(ar[m]["b1"])
+        assert sorted(ar[m]["layer"][pooled]) == list(range(1, n_layer + 1))
+        assert len(path[m]["r_path_logit"]) == 1
+        rows[m] = {"model": m, "params": params, "n_layer": n_layer,
+                   **{c: float(path[m][c][0]) for c in ("r_path_logit", "r_ci_low", "r_ci_high")},
+                   "n_significant_neurons": int(sig.sum()), "n_neurons": sig.size,
+                   "frac_significant_neurons": float(sig.mean()), "mi_excess_bits": float(np.mean(excess)),
+                   "mean_ar_b1": float(ar[m]["b1"][pooled].mean())}
+    return rows
+
+
+def _html_table(section: str) -> tuple[list[str], list[list[str]]]:
+    """(header cells, body rows) of the first <table> in ``section``, as text."""
+    from html.parser import HTMLParser
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("th", "td"):
+                self.cell = ""
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+        def handle_endtag(self, tag):
+            if tag in ("th", "td"):
+                self.rows[-1].append(self.cell)
+                self.cell = None
+
+    parser = Cells()
+    parser.feed(section[section.index("<table"): section.index("</table>") + len("</table>")])
+    return parser.rows[0], parser.rows[1:]
+
+
+def test_across_table_of_a_real_run_matches_its_per_model_tables(e2e_run):
+    """The report's across table and ``summary_table`` on a real two-depth run equal the values recomputed with
+    numpy from the run's path_summary, neuron_logit, mi, mi_null and attn_ar tables, the manifest and the models."""
+    from jobs.query import scan_tables
+    from jobs.store import Store
+
+    want = _expected_rows(e2e_run)
+    order = sorted(want, key=lambda m: want[m]["params"])  # the table's order (by params; here not by depth)
+    assert sorted(r["n_layer"] for r in want.values()) == [2, 3]
+
+    got = across_sizes.summary_table(scan_tables(Store(e2e_run["out"])), Store(e2e_run["out"]).read_json("manifest.json"))
+    assert got.columns == E2E_COLUMNS and got["model"].to_list() == order
+    for row in got.iter_rows(named=True):
+        for c, v in want[row["model"]].items():
+            assert row[c] == (pytest.approx(v, rel=1e-12) if isinstance(v, float) else v), (row["model"], c)
+
+    with open(f"{e2e_run['out']}/report.html", encoding="utf-8") as f:
+        page = f.read()
+    sec = page[page.index('<section id="across">'):].split("</section>")[0]
+    assert sec.count("<figure") == len(across_sizes.TITLES)
+    head, body = _html_table(sec)
+    assert head == E2E_COLUMNS and [r[0] for r in body] == order
+    for cells in body:
+        for c, text in zip(head, cells):
+            v = want[cells[0]][c]
+            if isinstance(v, float):  # shown to 4 significant digits
+                assert abs(float(text) - v) <= 5e-4 * abs(v) + 1e-15, (cells[0], c, text, v)
+            else:
+                assert text == str(v), (cells[0], c, text, v)
