@@ -9,8 +9,10 @@ every entry equals the per-pair numpy result to ~1e-14 bits.
 
 KSG MI: ``sklearn.feature_selection.mutual_info_regression`` (k-nearest-neighbour estimator), in bits.
 """
+import functools
 import math
 import operator
+import time
 
 import numpy as np
 import torch
@@ -104,9 +106,36 @@ def _joint_block_sums(codes: torch.Tensor, bins: int, block_dims: int, occupied:
 
 
 def _onehot_dtype(device: torch.device, n: int) -> torch.dtype:
-    if device.type == "cpu" and hasattr(torch, "_int_mm") and n < 2**31:
+    if device.type == "cpu" and n < 2**31 and _cpu_int8_gemm_is_fast():
         return torch.int8  # int8 GEMM (VNNI) -> int32: exact counts at several times float32 speed on CPU
     return torch.float32 if n <= _EXACT_F32 else torch.float64
+
+
+@functools.cache
+def _cpu_int8_gemm_is_fast() -> bool:
+    """Whether this CPU's int8 GEMM (``torch._int_mm``) beats float32 on a one-hot-sized product.
+
+    With VNNI it runs several times faster than float32; without (e.g. AVX2-only CPUs) it was measured
+    ~100x slower (9-12 s against 0.08 s for a 1024 x 1020 block), so it is timed once per process.
+    """
+    if not hasattr(torch, "_int_mm"):
+        return False
+    a = torch.randint(0, 2, (1024, 128), dtype=torch.int8)
+    fa = a.float()
+    try:
+        torch._int_mm(a.T, a)
+    except (RuntimeError, NotImplementedError):  # a build without a CPU int8 GEMM
+        return False
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(lambda: torch._int_mm(a.T, a)) < best(lambda: fa.T @ fa)
 
 
 def _count_product(oi: torch.Tensor, oj: torch.Tensor) -> torch.Tensor:
