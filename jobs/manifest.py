@@ -9,7 +9,7 @@ from jobs.store import Store
 # Settings that change only speed or location, never a result; every other RunConfig field (also any
 # field added later) changes results, so a --resume must repeat it. ``models`` is compared separately
 # (adding a model on resume is allowed).
-SPEED_SETTINGS = frozenset({"batch_size", "max_in_flight", "device", "address", "placement_timeout", "actor_resources",
+SPEED_SETTINGS = frozenset({"batch_size", "max_in_flight", "replicas", "device", "address", "placement_timeout", "actor_resources",
                             "models", "out", "run_id", "resume", "allow_pickle"})
 
 
@@ -63,7 +63,7 @@ class Manifest:
             changed = differing_settings(previous.get("config", {}), self.data["config"])
             if changed:
                 raise UsageError("--resume with settings that change results: " + "; ".join(changed)
-                                 + "; repeat the run's settings (only --batch-size, --max-in-flight, --device, --address, "
+                                 + "; repeat the run's settings (only --batch-size, --max-in-flight, --replicas, --device, --address, "
                                  "--placement-timeout may differ, and --models may add models)")
 
     def stage(self, name: str, status: str, seconds: float | None = None, **extra) -> None:

@@ -7,6 +7,7 @@ import numpy as np
 from jobs.config import RunConfig, UsageError
 from jobs.data import Corpus, read_rows, read_sentences, tokenize_rows
 from jobs.models import ModelSpec, load_tokenizer, resolve_model
+from jobs.replicas import parse_replicas, requested_counts
 from jobs.store import LEASE, Lease, Store
 from probe_core.neurons import balanced_sample
 from probe_core.tokens import chunk_stream, decode_table, proper_noun_labels_from_ids
@@ -147,6 +148,7 @@ def make_plan(cfg: RunConfig) -> Plan:
     unknown = set(cfg.actor_resources) - set(names)
     if unknown:
         raise UsageError(f"--actor-resources names {sorted(unknown)}, which are not among the models {names}")
+    requested_counts(names, parse_replicas(cfg.replicas))  # a JSON --replicas must name only these models
     for m in models:
         if cfg.chunk_tokens > m.n_positions:
             raise UsageError(f"--chunk-tokens {cfg.chunk_tokens} exceeds {m.name}'s n_positions {m.n_positions}: use at most {m.n_positions}")

@@ -1,4 +1,4 @@
-"""The driver of ``probe run``: plan, capture (one Ray actor per model), statistics (Ray tasks), report."""
+"""The driver of ``probe run``: plan, capture (Ray actors: replicas of each model), statistics (Ray tasks), report."""
 import math
 import os
 import signal
@@ -10,10 +10,12 @@ import ray
 
 from jobs import stats
 from jobs.config import RunConfig, UsageError
+from jobs.dispatch import ReplicaSet, dispatch
 from jobs.manifest import Manifest
 from jobs.plan import Plan, auto_batch_size, make_plan
 from jobs.store import Lease, Store
 from jobs.query import make_report
+from jobs.replicas import split_by_owner
 from jobs.worker import ModelWorker, part_name
 
 
@@ -132,6 +134,41 @@ def actor_resources(cfg: RunConfig, n_models: int) -> dict:
     return {"num_cpus": 0, "num_gpus": gpu_shares(cfg, n_models)[0], "scheduling_strategy": "SPREAD"}
 
 
+GPU_MEMORY_FALLBACK = 16 * 2**30  # bytes assumed per GPU when no task can read it: the smallest common data-centre GPU
+
+
+def gpu_memory_bytes(timeout: float = 120.0) -> float:
+    """Total memory of a cluster GPU, read by a tiny task on a sliver of one (GPUs are assumed alike)."""
+    def total() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
+
+    try:
+        value = ray.get(ray.remote(num_gpus=0.01, num_cpus=0)(total).remote(), timeout=timeout)
+    except ray.exceptions.RayError:
+        value = 0
+    if not value:
+        log(f"[plan] could not read a GPU's memory; assuming {GPU_MEMORY_FALLBACK / 2**30:.0f} GiB")
+    return float(value or GPU_MEMORY_FALLBACK)
+
+
+def replica_shares(cfg: RunConfig, plan: Plan) -> tuple[dict[str, list[float]], float]:
+    """({model: [GPU share per replica]}, GPU share per statistics task), from --replicas
+    (jobs/replicas.py: the cost rule, the free slot and the memory floor)."""
+    from jobs.replicas import parse_replicas, plan_replicas, task_share
+
+    requested = parse_replicas(cfg.replicas)
+    gpus = int(ray.cluster_resources().get("GPU", 0.0))
+    if gpu_shares(cfg, len(plan.models))[0] == 0:
+        return plan_replicas(plan.models, 0, requested), 0.0
+    if gpus == 0:  # --device cuda before an autoscaler started GPU workers: a whole GPU per actor, as before
+        return {n: [1.0] * len(v) for n, v in plan_replicas(plan.models, 0, requested).items()}, 0.0
+    shares = plan_replicas(plan.models, gpus, requested, gpu_memory=gpu_memory_bytes(), dtype=cfg.dtype,
+                           chunk_tokens=cfg.chunk_tokens, batch_chunks=plan.batch_size)
+    return shares, task_share(shares)
+
+
 def batch_payload(plan: Plan, chunk_ids: np.ndarray) -> dict:
     sel = np.isin(plan.sample_keys[:, 0], chunk_ids)
     keys = plan.sample_keys[sel]
@@ -188,9 +225,9 @@ class Progress:
         return out
 
 
-def run_capture(plan: Plan, store: Store, workers: dict, only: dict | None = None) -> dict:
-    """Stream batches to every model actor with at most ``max_in_flight`` per actor; skip finished
-    parts on --resume. ``only``: the batches to (re)compute per model."""
+def run_capture(plan: Plan, store: Store, workers: ReplicaSet, only: dict | None = None) -> dict:
+    """Stream batches to every model's replicas (one queue per model, at most ``max_in_flight`` per
+    actor; jobs/dispatch.py); skip finished parts on --resume. ``only``: the batches to (re)compute per model."""
     batches = plan.batches()
     todo, skipped = {}, {}
     for m in plan.models:
@@ -210,29 +247,22 @@ def run_capture(plan: Plan, store: Store, workers: dict, only: dict | None = Non
     progress = Progress({m: plan.n_chunks for m in todo}, {m: plan.n_chunks - sum(len(b) for b in todo[m]) for m in todo},
                         plan.cfg.chunk_tokens)
     refs: dict[str, ray.ObjectRef] = {}
-    in_flight: dict[ray.ObjectRef, tuple[str, str, int]] = {}
 
-    def submit(model: str) -> None:
-        chunk_ids = todo[model].pop(0)
+    def payload(chunk_ids: np.ndarray) -> ray.ObjectRef:
         part = part_name(chunk_ids)
         if part not in refs:
             refs[part] = ray.put(batch_payload(plan, chunk_ids))
-        in_flight[workers[model].__call__.remote(refs[part])] = (model, part, len(chunk_ids))
+        return refs[part]
 
-    for model in todo:
-        for _ in range(min(plan.cfg.max_in_flight, len(todo[model]))):
-            submit(model)
-    while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        model, part, n = in_flight.pop(ready[0])
-        result = ray.get(ready[0])
+    def done(model: str, chunk_ids: np.ndarray, result: dict) -> None:
+        part = part_name(chunk_ids)
         needed[part] -= 1
         if needed[part] == 0:
             del refs[part]  # the batch object is freed once every model has it
-        progress.update(model, n, result["tokens"], result["seconds"])
-        if todo[model]:
-            submit(model)
-    ray.get([w.flush.remote() for w in workers.values()])
+        progress.update(model, len(chunk_ids), result["tokens"], result["seconds"])
+
+    dispatch(workers, todo, payload, done, plan.cfg.max_in_flight, log)
+    workers.flush(log)
     return {m: skipped[m] for m in skipped}
 
 
@@ -247,7 +277,7 @@ def missing_parts(plan: Plan, store: Store) -> dict[str, list[np.ndarray]]:
     return missing
 
 
-def capture_until_complete(plan: Plan, store: Store, workers: dict, attempts: int = 3) -> dict:
+def capture_until_complete(plan: Plan, store: Store, workers: ReplicaSet, attempts: int = 3) -> dict:
     """Stream every batch, then recompute any batch whose marker is missing, until none is."""
     skipped = run_capture(plan, store, workers)
     for _ in range(attempts):
@@ -261,9 +291,10 @@ def capture_until_complete(plan: Plan, store: Store, workers: dict, attempts: in
     return skipped
 
 
-def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
+def run_stats(plan: Plan, store: Store, workers: ReplicaSet, task_gpu: float) -> None:
     """Launch every statistics task at once, then wait (no ray.get in the submit loop). The heatmap
-    traces go last: they need the neuron fits and the model actors."""
+    traces go last: they need the neuron fits and the model actors. ``workers[name]`` is the model's
+    replica 0 (MI, rotation sentences, traces); the neuron samples come from every replica."""
     cfg, analyses = plan.cfg, set(plan.cfg.analyses)
     use_gpu = task_gpu > 0
     gpu = {"num_gpus": task_gpu} if use_gpu else {}
@@ -275,12 +306,19 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
     for m in plan.models:
         worker = workers[m.name]
         if "neurons" in analyses:
-            blocks = worker.neuron_blocks.options(num_returns=m.n_layer).remote(plan.sample_keys, sample_chunks, sample_ids,
-                                                                               plan.batch_size)
-            blocks = blocks if isinstance(blocks, list) else [blocks]
-            task = ray.remote(stats.fit_neurons).options(**gpu)
-            fits[m.name] = [task.remote(store.uri, m.name, layer, block, plan.sample_labels, cfg.alpha, use_gpu)
-                            for layer, block in enumerate(blocks, start=1)]
+            # Each replica holds the samples of the batches it computed: ask each for its own keys (replica 0
+            # also for keys no live replica computed in this run: it recomputes them), and let every layer's
+            # fit put the rows back into sample_keys order.
+            parts = split_by_owner(workers.owner[m.name][plan.sample_keys[:, 0]], workers.live(m.name))
+            per_replica = []
+            for r, pos in parts.items():
+                refs = workers.actors[m.name][r].neuron_blocks.options(num_returns=m.n_layer).remote(
+                    plan.sample_keys[pos], sample_chunks, sample_ids, plan.batch_size)
+                per_replica.append(refs if isinstance(refs, list) else [refs])
+            task = ray.remote(stats.fit_neurons_gathered).options(**gpu)
+            fits[m.name] = [task.remote(store.uri, m.name, layer, list(parts.values()), plan.sample_labels, cfg.alpha, use_gpu,
+                                        *[blocks[layer - 1] for blocks in per_replica])
+                            for layer in range(1, m.n_layer + 1)]
         if "mi" in analyses:
             hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(
                 plan.chunks[: plan.mi_chunks], plan.mi_tokens, cfg.mi_bins if cfg.mi_method == "histogram" and cfg.mi_bins <= 256 else None)
@@ -302,24 +340,28 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
     ray.get(pending)
 
 
-def start_workers(plan: Plan, store: Store) -> tuple[dict, ray.ObjectRef]:
-    """One ModelWorker actor per model; restarted (and its in-flight batch retried) if its process dies.
+def start_workers(plan: Plan, store: Store, shares: dict[str, list[float]]) -> tuple[ReplicaSet, ray.ObjectRef]:
+    """``shares[model]``: one ModelWorker actor per entry, holding that GPU share (0: CPU). Each is
+    restarted (and its in-flight batch retried) if its process dies; after its restarts it is dropped
+    and its model's other replicas take over (jobs/dispatch.py).
 
     Also returns the ref of the actors' shared constructor argument (the decode table): the driver must
     hold it for the whole run, or a restarted actor could not be rebuilt.
     """
     cfg = plan.cfg
     options = actor_resources(cfg, len(plan.models))
-    share = options["num_gpus"]
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1) // len(plan.models)))
+    n_actors = sum(map(len, shares.values()))
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1) // n_actors))  # actors reserve no CPU: do not oversubscribe
     actor = ray.remote(max_restarts=4, max_task_retries=4)(ModelWorker)
     decode_ref = ray.put(plan.decode)
-    workers = {
-        m.name: actor.options(**options, resources=cfg.actor_resources.get(m.name) or None).remote(
-            m, cfg, store.uri, decode_ref, plan.target_id, threads, share)
-        for m in plan.models
+    # Largest model first, so Ray places its replicas first (the order jobs/replicas.placement assumes).
+    order = sorted(plan.models, key=lambda m: -m.n_params)
+    actors = {
+        m.name: [actor.options(**{**options, "num_gpus": share}, resources=cfg.actor_resources.get(m.name) or None).remote(
+            m, cfg, store.uri, decode_ref, plan.target_id, threads, share) for share in shares[m.name]]
+        for m in order
     }
-    return workers, decode_ref
+    return ReplicaSet({m.name: actors[m.name] for m in plan.models}, plan.n_chunks), decode_ref
 
 
 def mi_tasks(plan: Plan, store: Store, m, hidden: list, gpu: dict) -> list:
@@ -394,15 +436,17 @@ def _run_leased(cfg: RunConfig, plan: Plan, store: Store) -> str:
     local = not (cfg.address or os.environ.get("RAY_ADDRESS"))  # a local instance never grows
     log(f"[plan] cluster: {start_ray(cfg)}")
     wait_for_resources(cfg, local)
-    manifest.stage("plan", "done")  # the first write: a failure above leaves --out as it was
     # Batches are fixed per run (part names depend on them): a resumed run keeps the original size.
     plan.batch_size = manifest.previous.get("batch_size") or auto_batch_size(cfg, plan.models, gpu_shares(cfg, len(plan.models))[0] > 0)
+    shares, task_gpu = replica_shares(cfg, plan)  # may refuse (GPU memory) before anything is written
+    manifest.stage("plan", "done")  # the first write: a failure above leaves --out as it was
     manifest.data["batch_size"] = plan.batch_size
     stage = "capture"
     try:
         t0 = time.perf_counter()
-        workers, _decode_ref = start_workers(plan, store)  # noqa: F841 (kept alive for actor restarts)
-        log(f"[capture] {len(plan.models)} model actors, {len(plan.batches())} batches of up to {plan.batch_size} chunks")
+        workers, _decode_ref = start_workers(plan, store, shares)  # noqa: F841 (kept alive for actor restarts)
+        per_model = ", ".join(f"{m} x{len(s)}" + (f" ({s[0]:g} GPU each)" if s and s[0] else "") for m, s in shares.items())
+        log(f"[capture] {workers.count()} model actors ({per_model}), {len(plan.batches())} batches of up to {plan.batch_size} chunks")
         manifest.stage("capture", "running")
         skipped = capture_until_complete(plan, store, workers)
         removed = store.remove_temporaries()  # every batch has returned and flushed: no writer runs now
@@ -412,8 +456,8 @@ def _run_leased(cfg: RunConfig, plan: Plan, store: Store) -> str:
         stage, t1 = "stats", time.perf_counter()
         log(f"[stats] analyses: {', '.join(a for a in cfg.analyses if a != 'path')} (+ path summary)")
         manifest.stage("stats", "running")
-        run_stats(plan, store, workers, gpu_shares(cfg, len(plan.models))[1])
-        for w in workers.values():
+        run_stats(plan, store, workers, task_gpu)
+        for w in workers.all_actors():
             ray.kill(w)
         manifest.stage("stats", "done", time.perf_counter() - t1)
         stage, t2 = "report", time.perf_counter()
