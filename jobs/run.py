@@ -446,7 +446,7 @@ def _run_leased(cfg: RunConfig, plan: Plan, store: Store) -> str:
         t0 = time.perf_counter()
         workers, _decode_ref = start_workers(plan, store, shares)  # noqa: F841 (kept alive for actor restarts)
         per_model = ", ".join(f"{m} x{len(s)}" + (f" ({s[0]:g} GPU each)" if s and s[0] else "") for m, s in shares.items())
-        log(f"[capture] {workers.count()} model actors ({per_model}), {len(plan.batches())} batches of up to {plan.batch_size} chunks")
+        log(f"[capture] {sum(map(len, shares.values()))} model actors ({per_model}), {len(plan.batches())} batches of up to {plan.batch_size} chunks")
         manifest.stage("capture", "running")
         skipped = capture_until_complete(plan, store, workers)
         removed = store.remove_temporaries()  # every batch has returned and flushed: no writer runs now
