@@ -12,7 +12,10 @@
     (``ray.cluster_utils.Cluster``, a head and a worker of 1 CPU each) with one random 3-layer GPT-2 of
     width ``--size`` (default w256: d=256, big enough that compute dominates a batch), ``--replicas 1``
     vs ``2`` (interleaved, ``--repeats`` times; each run in a fresh driver process). Torch threads per
-    actor follow the driver's rule (cluster CPUs // actors): 2 with one replica, 1 each with two.
+    actor follow the driver's rule (cluster CPUs // actors): 2 with one replica, 1 each with two. As a
+    reference with equal threads per actor, ``--replicas 1`` also runs on a one-node cluster of 1 CPU
+    (1 thread). Besides the capture stage's wall time, the actors' summed per-batch compute seconds
+    (progress markers) show how much of a difference is the per-thread speed on a shared machine.
 Ends with one JSON line.
 """
 import argparse
@@ -55,8 +58,8 @@ def assignment(gpus: int) -> dict:
             "makespan_one_per_model": round(base, 4), "speedup": round(base / new, 3)}
 
 
-def two_node_cluster():
-    """A head and a worker node of 1 CPU each, private RAY_TMPDIR (tests/raycluster.py's RayEnv)."""
+def local_cluster(nodes: int):
+    """``nodes`` nodes of 1 CPU each (a head and workers), private RAY_TMPDIR (tests/raycluster.py's RayEnv)."""
     from ray.cluster_utils import Cluster
 
     from tests.raycluster import RayEnv
@@ -64,39 +67,48 @@ def two_node_cluster():
     env = RayEnv()
     with env.applied():
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-        cluster.add_node(num_cpus=1)
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=1)
     return env, cluster
 
 
 def measured(args, root: str) -> dict:
     tokenizer = build_tokenizer()
     model = save_model_dir(args.size, os.path.join(root, "models"), tokenizer=tokenizer)
-    env, cluster = two_node_cluster()
-    runs = {1: [], 2: []}
+    variants = {"1": (2, 1, 2), "2": (2, 2, 1), "1_one_node_1_thread": (1, 1, 1)}  # name: (nodes, replicas, threads)
+    runs = {name: [] for name in variants}
     commands = {}
-    try:
-        for rep in range(args.repeats):
-            for n in (1, 2):
-                out = os.path.join(root, f"run-r{n}-{rep}")
-                cli = ["run", "--models", model, "--data", CORPUS, "--out", out, "--analyses", "path", "--device", "cpu",
-                       "--chunk-tokens", str(args.chunk_tokens), "--max-tokens", str(args.chunks * args.chunk_tokens),
-                       "--batch-size", str(args.batch_size), "--replicas", str(n), "--address", cluster.address]
-                load = load_average()
-                r = run_job(cli, os.path.join(root, f"r{n}-{rep}.json"), os.path.join(root, f"r{n}-{rep}.log"), env=env.env)
-                runs[n].append({"capture_s": r["stages_s"]["capture"], "wall_s": r["wall_s"], "load_before": load, "load_after": load_average()})
-                commands[n] = probe_cli([c if c != cluster.address else "ADDRESS" for c in cli])
-                print(f"  --replicas {n} (torch threads per actor {max(1, 2 // n)}): capture {r['stages_s']['capture']:.2f}s, "
-                      f"whole run {r['wall_s']:.1f}s, load {load} -> {load_average()}", flush=True)
-    finally:
-        with env.applied():
-            cluster.shutdown()
-        env.stop()
-    med = {n: statistics.median(x["capture_s"] for x in v) for n, v in runs.items()}
     tokens = args.chunks * args.chunk_tokens
-    print(f"  capture, median of {args.repeats}: --replicas 1 {med[1]:.2f}s ({tokens / med[1]:,.0f} tok/s), "
-          f"--replicas 2 {med[2]:.2f}s ({tokens / med[2]:,.0f} tok/s): {med[1] / med[2]:.2f}x", flush=True)
-    return {"size": args.size, "tokens": tokens, "threads": {"1": 2, "2": 1}, "capture_s": {str(k): round(v, 3) for k, v in med.items()},
-            "speedup": round(med[1] / med[2], 3), "runs": {str(k): v for k, v in runs.items()}, "commands": commands}
+    for nodes in (2, 1):
+        env, cluster = local_cluster(nodes)
+        try:
+            for rep in range(args.repeats if nodes == 2 else 1):
+                for name, (n_nodes, n, threads) in variants.items():
+                    if n_nodes != nodes:
+                        continue
+                    out = os.path.join(root, f"run-{name}-{rep}")
+                    cli = ["run", "--models", model, "--data", CORPUS, "--out", out, "--analyses", "path", "--device", "cpu",
+                           "--chunk-tokens", str(args.chunk_tokens), "--max-tokens", str(tokens),
+                           "--batch-size", str(args.batch_size), "--replicas", str(n), "--address", cluster.address]
+                    load = load_average()
+                    r = run_job(cli, os.path.join(root, f"{name}-{rep}.json"), os.path.join(root, f"{name}-{rep}.log"), env=env.env)
+                    compute = sum(b["seconds"] for b in r["actor_compute_s"].values())
+                    runs[name].append({"capture_s": r["stages_s"]["capture"], "wall_s": r["wall_s"], "actor_compute_s": round(compute, 3),
+                                       "load_before": load, "load_after": load_average()})
+                    commands[name] = probe_cli([c if c != cluster.address else "ADDRESS" for c in cli])
+                    print(f"  {nodes} node(s), --replicas {n}, {threads} torch thread(s) per actor: capture {r['stages_s']['capture']:.2f}s, "
+                          f"actors' summed batch compute {compute:.2f}s, whole run {r['wall_s']:.1f}s, load {load} -> {load_average()}", flush=True)
+        finally:
+            with env.applied():
+                cluster.shutdown()
+            env.stop()
+    med = {name: statistics.median(x["capture_s"] for x in v) for name, v in runs.items()}
+    print(f"  capture, median: --replicas 1 {med['1']:.2f}s ({tokens / med['1']:,.0f} tok/s), --replicas 2 {med['2']:.2f}s "
+          f"({tokens / med['2']:,.0f} tok/s): {med['1'] / med['2']:.2f}x; one node, one actor, 1 thread: {med['1_one_node_1_thread']:.2f}s "
+          f"({med['1_one_node_1_thread'] / med['2']:.2f}x of --replicas 2)", flush=True)
+    return {"size": args.size, "tokens": tokens, "threads": {k: v[2] for k, v in variants.items()},
+            "capture_s": {k: round(v, 3) for k, v in med.items()}, "speedup": round(med["1"] / med["2"], 3),
+            "speedup_vs_1_thread": round(med["1_one_node_1_thread"] / med["2"], 3), "runs": runs, "commands": commands}
 
 
 def main(argv=None) -> int:
