@@ -69,17 +69,19 @@ def _init_ray(cfg: RunConfig) -> str:
     return "a new local Ray instance"
 
 
-def wanted_resources(cfg: RunConfig) -> dict[str, float]:
+def wanted_resources(cfg: RunConfig, replicas: dict[str, int] | None = None) -> dict[str, float]:
     """Resources some model actor needs that a cluster may lack: a GPU for --device cuda, and the largest
-    amount of each --actor-resources name."""
+    amount of each --actor-resources name; with ``replicas`` ({model: actors}), what all of a model's
+    replicas need together (each replica asks for the model's --actor-resources)."""
     wanted = {"GPU": 1.0} if cfg.device == "cuda" else {}
-    for extra in cfg.actor_resources.values():
+    for model, extra in cfg.actor_resources.items():
         for name, amount in extra.items():
-            wanted[name] = max(wanted.get(name, 0.0), float(amount))
+            wanted[name] = max(wanted.get(name, 0.0), float(amount) * (replicas or {}).get(model, 1))
     return wanted
 
 
-def wait_for_resources(cfg: RunConfig, local: bool, poll_s: float = 5.0, clock=time.monotonic, sleep=time.sleep) -> None:
+def wait_for_resources(cfg: RunConfig, local: bool, poll_s: float = 5.0, clock=time.monotonic, sleep=time.sleep,
+                       replicas: dict[str, int] | None = None) -> None:
     """Fail with a UsageError instead of waiting forever for resources no node offers.
 
     Ray queues an actor whose resources no node has until the autoscaler adds such a node, so a
@@ -88,7 +90,7 @@ def wait_for_resources(cfg: RunConfig, local: bool, poll_s: float = 5.0, clock=t
     """
     def missing() -> dict[str, float]:
         have = ray.cluster_resources()
-        return {k: v for k, v in wanted_resources(cfg).items() if have.get(k, 0.0) < v}
+        return {k: v for k, v in wanted_resources(cfg, replicas).items() if have.get(k, 0.0) < v}
 
     lack = missing()
     if not lack:
@@ -439,6 +441,8 @@ def _run_leased(cfg: RunConfig, plan: Plan, store: Store) -> str:
     # Batches are fixed per run (part names depend on them): a resumed run keeps the original size.
     plan.batch_size = manifest.previous.get("batch_size") or auto_batch_size(cfg, plan.models, gpu_shares(cfg, len(plan.models))[0] > 0)
     shares, task_gpu = replica_shares(cfg, plan)  # may refuse (GPU memory) before anything is written
+    if cfg.actor_resources:  # every replica of a pinned model needs the model's resources
+        wait_for_resources(cfg, local, replicas={m: len(s) for m, s in shares.items()})
     manifest.stage("plan", "done")  # the first write: a failure above leaves --out as it was
     manifest.data["batch_size"] = plan.batch_size
     stage = "capture"

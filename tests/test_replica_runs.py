@@ -64,8 +64,12 @@ def assert_close_tables(got: str, want: str, tol: float = 1e-6) -> None:
 
     a, b = read_tables(got), read_tables(want)
     assert sorted(a) == sorted(b)
+    inexact = []
     for name in a:
         assert_frame_equal(a[name], b[name], check_exact=name in PER_TOKEN, rtol=tol, atol=tol)
+        if not a[name].equals(b[name]):
+            inexact.append(name)
+    print(f"{got}: tables equal bit for bit except {inexact or 'none'} (those within {tol:g})")
 
 
 @pytest.fixture(scope="module")

@@ -129,3 +129,15 @@ def test_split_by_owner_and_gather_rows():
     assert got.dtype == np.float32
     with pytest.raises(ValueError, match="exactly once"):
         rp.gather_rows([np.array([0, 1]), np.array([1])], [full[:2], full[1:2]])
+
+
+def test_replicas_of_a_pinned_model_need_its_resources_each(monkeypatch):
+    import jobs.run as job
+
+    cfg = RunConfig(run_id="r", out="o", device="cpu", actor_resources={"tiny-b": {"node_b": 1}}, replicas='{"tiny-b": 2}')
+    assert job.wanted_resources(cfg) == {"node_b": 1.0}
+    assert job.wanted_resources(cfg, {"tiny-a": 3, "tiny-b": 2}) == {"node_b": 2.0}
+    monkeypatch.setattr(job.ray, "cluster_resources", lambda: {"CPU": 2.0, "node_b": 1.0})
+    job.wait_for_resources(cfg, local=True)  # one actor fits
+    with pytest.raises(UsageError, match="node_b: 2"):  # two would wait forever on a local instance
+        job.wait_for_resources(cfg, local=True, replicas={"tiny-b": 2})
