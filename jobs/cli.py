@@ -55,6 +55,9 @@ def run_parser(sub) -> None:
     a("--alpha", type=float, help="family-wise significance level before Bonferroni; default 0.05")
     a("--activations-dtype", help="neurons: float16|float32 storage of the activations table (the fits always use the model's float32 values); default float16")
     a("--max-in-flight", type=_int, help="batches queued per model actor; default 2")
+    a("--replicas", help='actors per model: auto (on GPUs, slots in proportion to each model\'s n_params, so the largest '
+      'model is not the straggler; one per model on CPUs), N for every model, or JSON such as \'{"gpt2-xl": 3}\' '
+      '(models not named get 1); replicas share their model\'s batches through one queue; default auto')
     a("--placement-timeout", type=float, help="with --address: seconds to wait for the cluster to place the model actors before failing; default 180")
     a("--actor-resources", help='JSON: extra Ray resources per model actor, e.g. \'{"gpt2-xl": {"node_b": 1}}\' to place actors on nodes')
     a("--resume", action="store_true", default=None, help="finish an interrupted run (same --run-id/--out): only missing shards are computed")

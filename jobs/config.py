@@ -53,6 +53,8 @@ class RunConfig:
     resume: bool = False
     allow_pickle: bool = False
     max_in_flight: int = 2
+    # Actors per model: "auto" (GPU slots in proportion to model cost; one per model on CPU), "N", or JSON {"gpt2-xl": 3}.
+    replicas: str = "auto"
     placement_timeout: float = 180.0  # seconds a cluster (--address) may take to place the model actors
     # Extra Ray resources per model actor, by partition name: {"gpt2-xl": {"big_gpu": 1}} pins actors to nodes.
     actor_resources: dict = field(default_factory=dict)
@@ -78,6 +80,9 @@ class RunConfig:
         for name in ("data_config", "data_split"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise UsageError(f"--{name.replace('_', '-')} is empty: drop it or give a value")
+        from jobs.replicas import parse_replicas  # here: jobs.replicas imports UsageError from this module
+
+        parse_replicas(self.replicas)
         if self.seed > MAX_SEED:
             raise UsageError(f"--seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
         if self.seed < 0:
@@ -182,6 +187,8 @@ LIST_FIELDS = ("models", "analyses")
 
 
 def _coerce(name: str, value):
+    if name == "replicas" and not isinstance(value, (bool, str)):  # YAML: replicas: 2, or a mapping
+        return json.dumps(value) if isinstance(value, dict) else str(value) if isinstance(value, int) else value
     if name == "actor_resources" and isinstance(value, str):
         try:
             return json.loads(value)

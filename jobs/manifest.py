@@ -9,7 +9,7 @@ from jobs.store import Store
 # Settings that change only speed or location, never a result; every other RunConfig field (also any
 # field added later) changes results, so a --resume must repeat it. ``models`` is compared separately
 # (adding a model on resume is allowed).
-SPEED_SETTINGS = frozenset({"batch_size", "max_in_flight", "device", "address", "placement_timeout", "actor_resources",
+SPEED_SETTINGS = frozenset({"batch_size", "max_in_flight", "replicas", "device", "address", "placement_timeout", "actor_resources",
                             "models", "out", "run_id", "resume", "allow_pickle"})
 
 
@@ -66,8 +66,8 @@ class Manifest:
             changed = differing_settings(previous.get("config", {}), self.data["config"])
             if changed:
                 raise UsageError("--resume with settings that change results: " + "; ".join(changed)
-                                 + "; repeat the run's settings (only --batch-size, --max-in-flight, --device, --address, "
-                                 "--placement-timeout, --replicas may differ, and --models may add models)")
+                                 + "; repeat the run's settings (only --batch-size, --max-in-flight, --replicas, --device, --address, "
+                                 "--placement-timeout may differ, and --models may add models)")
 
     def set_corpus(self, corpus) -> None:
         """Record the corpus stage's counts (``jobs.corpus.CorpusIndex``); a resumed run's content must match."""

@@ -10,6 +10,7 @@ from jobs.corpus import CorpusIndex
 from jobs.data import read_sentences
 from jobs.models import ModelSpec, load_tokenizer, resolve_model
 from jobs.sources import Source, resolve_source
+from jobs.replicas import parse_replicas, requested_counts
 from jobs.store import LEASE, Lease, Store
 from probe_core.tokens import decode_table
 
@@ -170,6 +171,7 @@ def check_inputs(cfg: RunConfig) -> Inputs:
     unknown = set(cfg.actor_resources) - set(names)
     if unknown:
         raise UsageError(f"--actor-resources names {sorted(unknown)}, which are not among the models {names}")
+    requested_counts(names, parse_replicas(cfg.replicas))  # a JSON --replicas must name only these models
     for m in models:
         if cfg.chunk_tokens > m.n_positions:
             raise UsageError(f"--chunk-tokens {cfg.chunk_tokens} exceeds {m.name}'s n_positions {m.n_positions}: use at most {m.n_positions}")

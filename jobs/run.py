@@ -1,4 +1,5 @@
-"""The driver of ``probe run``: inputs, corpus stage (Ray Data), plan, capture (model actors), statistics (Ray tasks), report."""
+"""The driver of ``probe run``: inputs, corpus stage (Ray Data), plan, capture (Ray actors: replicas of each model),
+statistics (Ray tasks), report."""
 import math
 import os
 import signal
@@ -11,10 +12,12 @@ import ray
 from jobs import corpus as corpus_stage
 from jobs import stats
 from jobs.config import RunConfig, UsageError
+from jobs.dispatch import ReplicaSet, dispatch
 from jobs.manifest import Manifest
 from jobs.plan import Inputs, Plan, check_inputs, check_target, make_plan
 from jobs.store import LEASE, Lease, Store
 from jobs.query import make_report
+from jobs.replicas import split_by_owner
 from jobs.worker import Batch, ModelWorker, part_name
 
 
@@ -68,17 +71,19 @@ def _init_ray(cfg: RunConfig) -> str:
     return "a new local Ray instance"
 
 
-def wanted_resources(cfg: RunConfig) -> dict[str, float]:
+def wanted_resources(cfg: RunConfig, replicas: dict[str, int] | None = None) -> dict[str, float]:
     """Resources some model actor needs that a cluster may lack: a GPU for --device cuda, and the largest
-    amount of each --actor-resources name."""
+    amount of each --actor-resources name; with ``replicas`` ({model: actors}), what all of a model's
+    replicas need together (each replica asks for the model's --actor-resources)."""
     wanted = {"GPU": 1.0} if cfg.device == "cuda" else {}
-    for extra in cfg.actor_resources.values():
+    for model, extra in cfg.actor_resources.items():
         for name, amount in extra.items():
-            wanted[name] = max(wanted.get(name, 0.0), float(amount))
+            wanted[name] = max(wanted.get(name, 0.0), float(amount) * (replicas or {}).get(model, 1))
     return wanted
 
 
-def wait_for_resources(cfg: RunConfig, local: bool, poll_s: float = 5.0, clock=time.monotonic, sleep=time.sleep) -> None:
+def wait_for_resources(cfg: RunConfig, local: bool, poll_s: float = 5.0, clock=time.monotonic, sleep=time.sleep,
+                       replicas: dict[str, int] | None = None) -> None:
     """Fail with a UsageError instead of waiting forever for resources no node offers.
 
     Ray queues an actor whose resources no node has until the autoscaler adds such a node, so a
@@ -87,7 +92,7 @@ def wait_for_resources(cfg: RunConfig, local: bool, poll_s: float = 5.0, clock=t
     """
     def missing() -> dict[str, float]:
         have = ray.cluster_resources()
-        return {k: v for k, v in wanted_resources(cfg).items() if have.get(k, 0.0) < v}
+        return {k: v for k, v in wanted_resources(cfg, replicas).items() if have.get(k, 0.0) < v}
 
     lack = missing()
     if not lack:
@@ -133,6 +138,41 @@ def actor_resources(cfg: RunConfig, n_models: int) -> dict:
     return {"num_cpus": 0, "num_gpus": gpu_shares(cfg, n_models)[0], "scheduling_strategy": "SPREAD"}
 
 
+GPU_MEMORY_FALLBACK = 16 * 2**30  # bytes assumed per GPU when no task can read it: the smallest common data-centre GPU
+
+
+def gpu_memory_bytes(timeout: float = 120.0) -> float:
+    """Total memory of a cluster GPU, read by a tiny task on a sliver of one (GPUs are assumed alike)."""
+    def total() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
+
+    try:
+        value = ray.get(ray.remote(num_gpus=0.01, num_cpus=0)(total).remote(), timeout=timeout)
+    except ray.exceptions.RayError:
+        value = 0
+    if not value:
+        log(f"[plan] could not read a GPU's memory; assuming {GPU_MEMORY_FALLBACK / 2**30:.0f} GiB")
+    return float(value or GPU_MEMORY_FALLBACK)
+
+
+def replica_shares(cfg: RunConfig, plan: Plan) -> tuple[dict[str, list[float]], float]:
+    """({model: [GPU share per replica]}, GPU share per statistics task), from --replicas
+    (jobs/replicas.py: the cost rule, the free slot and the memory floor)."""
+    from jobs.replicas import parse_replicas, plan_replicas, task_share
+
+    requested = parse_replicas(cfg.replicas)
+    gpus = int(ray.cluster_resources().get("GPU", 0.0))
+    if gpu_shares(cfg, len(plan.models))[0] == 0:
+        return plan_replicas(plan.models, 0, requested), 0.0
+    if gpus == 0:  # --device cuda before an autoscaler started GPU workers: a whole GPU per actor, as before
+        return {n: [1.0] * len(v) for n, v in plan_replicas(plan.models, 0, requested).items()}, 0.0
+    shares = plan_replicas(plan.models, gpus, requested, gpu_memory=gpu_memory_bytes(), dtype=cfg.dtype,
+                           chunk_tokens=cfg.chunk_tokens, batch_chunks=plan.batch_size)
+    return shares, task_share(shares)
+
+
 class Progress:
     """Per model: chunks done of total, tokens/s and ETA, printed at most every ``every`` seconds.
 
@@ -176,9 +216,9 @@ class Progress:
         return out
 
 
-def run_capture(plan: Plan, store: Store, workers: dict, only: dict | None = None) -> dict:
-    """Stream batches to every model actor with at most ``max_in_flight`` per actor; skip finished
-    parts on --resume. ``only``: the batches to (re)compute per model."""
+def run_capture(plan: Plan, store: Store, workers: ReplicaSet, only: dict | None = None) -> dict:
+    """Stream batches to every model's replicas (one queue per model, at most ``max_in_flight`` per
+    actor; jobs/dispatch.py); skip finished parts on --resume. ``only``: the batches to (re)compute per model."""
     batches = plan.batches()
     todo, skipped = {}, {}
     for m in plan.models:
@@ -198,29 +238,22 @@ def run_capture(plan: Plan, store: Store, workers: dict, only: dict | None = Non
     progress = Progress({m: plan.n_chunks for m in todo}, {m: plan.n_chunks - sum(len(b) for b in todo[m]) for m in todo},
                         plan.cfg.chunk_tokens)
     refs: dict[str, ray.ObjectRef] = {}
-    in_flight: dict[ray.ObjectRef, tuple[str, str, int]] = {}
 
-    def submit(model: str) -> None:
-        chunk_ids = todo[model].pop(0)
+    def payload(chunk_ids: np.ndarray) -> ray.ObjectRef:
         part = part_name(chunk_ids)
         if part not in refs:
             refs[part] = ray.put(Batch.of(chunk_ids, plan.sample_keys, plan.sample_labels))
-        in_flight[workers[model].__call__.remote(refs[part])] = (model, part, len(chunk_ids))
+        return refs[part]
 
-    for model in todo:
-        for _ in range(min(plan.cfg.max_in_flight, len(todo[model]))):
-            submit(model)
-    while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        model, part, n = in_flight.pop(ready[0])
-        result = ray.get(ready[0])
+    def done(model: str, chunk_ids: np.ndarray, result: dict) -> None:
+        part = part_name(chunk_ids)
         needed[part] -= 1
         if needed[part] == 0:
             del refs[part]  # the batch object is freed once every model has it
-        progress.update(model, n, result["tokens"], result["seconds"])
-        if todo[model]:
-            submit(model)
-    ray.get([w.flush.remote() for w in workers.values()])
+        progress.update(model, len(chunk_ids), result["tokens"], result["seconds"])
+
+    dispatch(workers, todo, payload, done, plan.cfg.max_in_flight, log)
+    workers.flush(log)
     return {m: skipped[m] for m in skipped}
 
 
@@ -235,7 +268,7 @@ def missing_parts(plan: Plan, store: Store) -> dict[str, list[np.ndarray]]:
     return missing
 
 
-def capture_until_complete(plan: Plan, store: Store, workers: dict, attempts: int = 3) -> dict:
+def capture_until_complete(plan: Plan, store: Store, workers: ReplicaSet, attempts: int = 3) -> dict:
     """Stream every batch, then recompute any batch whose marker is missing, until none is."""
     skipped = run_capture(plan, store, workers)
     for _ in range(attempts):
@@ -249,9 +282,10 @@ def capture_until_complete(plan: Plan, store: Store, workers: dict, attempts: in
     return skipped
 
 
-def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
+def run_stats(plan: Plan, store: Store, workers: ReplicaSet, task_gpu: float) -> None:
     """Launch every statistics task at once, then wait (no ray.get in the submit loop). The heatmap
-    traces go last: they need the neuron fits and the model actors."""
+    traces go last: they need the neuron fits and the model actors. ``workers[name]`` is the model's
+    replica 0 (MI, rotation sentences, traces); the neuron samples come from every replica."""
     cfg, analyses = plan.cfg, set(plan.cfg.analyses)
     use_gpu = task_gpu > 0
     gpu = {"num_gpus": task_gpu} if use_gpu else {}
@@ -259,11 +293,19 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
     for m in plan.models:
         worker = workers[m.name]
         if "neurons" in analyses:
-            blocks = worker.neuron_blocks.options(num_returns=m.n_layer).remote(plan.sample_keys, plan.batch_size)
-            blocks = blocks if isinstance(blocks, list) else [blocks]
-            task = ray.remote(stats.fit_neurons).options(**gpu)
-            fits[m.name] = [task.remote(store.uri, m.name, layer, block, plan.sample_labels, cfg.alpha, use_gpu)
-                            for layer, block in enumerate(blocks, start=1)]
+            # Each replica holds the samples of the batches it computed: ask each for its own keys (replica 0
+            # also for keys no live replica computed in this run: it recomputes them), and let every layer's
+            # fit put the rows back into sample_keys order.
+            parts = split_by_owner(workers.owner[m.name][plan.sample_keys[:, 0]], workers.live(m.name))
+            per_replica = []
+            for r, pos in parts.items():
+                refs = workers.actors[m.name][r].neuron_blocks.options(num_returns=m.n_layer).remote(
+                    plan.sample_keys[pos], plan.batch_size)
+                per_replica.append(refs if isinstance(refs, list) else [refs])
+            task = ray.remote(stats.fit_neurons_gathered).options(**gpu)
+            fits[m.name] = [task.remote(store.uri, m.name, layer, list(parts.values()), plan.sample_labels, cfg.alpha, use_gpu,
+                                        *[blocks[layer - 1] for blocks in per_replica])
+                            for layer in range(1, m.n_layer + 1)]
         if "mi" in analyses:
             hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(
                 np.arange(plan.mi_chunks), plan.mi_tokens, cfg.mi_bins if cfg.mi_method == "histogram" and cfg.mi_bins <= 256 else None)
@@ -285,20 +327,26 @@ def run_stats(plan: Plan, store: Store, workers: dict, task_gpu: float) -> None:
     ray.get(pending)
 
 
-def start_workers(plan: Plan, store: Store) -> dict:
-    """One ModelWorker actor per model; restarted (and its in-flight batch retried) if its process dies.
-    Each reads its batches' token ids from the corpus table (``CorpusReader``)."""
+def start_workers(plan: Plan, store: Store, shares: dict[str, list[float]]) -> ReplicaSet:
+    """``shares[model]``: one ModelWorker actor per entry, holding that GPU share (0: CPU). Each is
+    restarted (and its in-flight batch retried) if its process dies; after its restarts it is dropped
+    and its model's other replicas take over (jobs/dispatch.py). Each reads its batches' token ids
+    from the corpus table (``CorpusReader``).
+    """
     cfg = plan.cfg
     options = actor_resources(cfg, len(plan.models))
-    share = options["num_gpus"]
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1) // len(plan.models)))
+    n_actors = sum(map(len, shares.values()))
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1) // n_actors))  # actors reserve no CPU: do not oversubscribe
     actor = ray.remote(max_restarts=4, max_task_retries=4)(ModelWorker)
     reader = corpus_stage.CorpusReader(store.uri, plan.corpus.chunk_tokens, plan.corpus.shard_chunks)
-    return {
-        m.name: actor.options(**options, resources=cfg.actor_resources.get(m.name) or None).remote(
-            m, cfg, store.uri, reader, plan.target_id, threads, share)
-        for m in plan.models
+    # Largest model first, so Ray places its replicas first (the order jobs/replicas.placement assumes).
+    order = sorted(plan.models, key=lambda m: -m.n_params)
+    actors = {
+        m.name: [actor.options(**{**options, "num_gpus": share}, resources=cfg.actor_resources.get(m.name) or None).remote(
+            m, cfg, store.uri, reader, plan.target_id, threads, share) for share in shares[m.name]]
+        for m in order
     }
+    return ReplicaSet({m.name: actors[m.name] for m in plan.models}, plan.n_chunks)
 
 
 def mi_tasks(plan: Plan, store: Store, m, hidden: list, gpu: dict) -> list:
@@ -373,11 +421,13 @@ def run(cfg: RunConfig) -> str:
             ray.shutdown()  # the instance this run started (or connected to) is not left to the caller
 
 
-def corpus_and_plan(inputs: Inputs, store: Store, manifest: Manifest, fresh: bool) -> Plan:
-    """The corpus stage, the checks that need the tokens, the neuron sample, then the frozen plan.
+def corpus_and_plan(inputs: Inputs, store: Store, manifest: Manifest, local: bool, fresh: bool) -> tuple[Plan, dict, float]:
+    """The corpus stage, the checks that need the tokens, the neuron sample, the frozen plan and the
+    replicas' GPU shares: (plan, {model: [share per replica]}, share per statistics task).
 
-    A corpus that turns out unusable (no text, shorter than a chunk, no proper nouns, no target) is a
-    UsageError; a fresh run then removes what it wrote, so --out is as it was."""
+    A corpus that turns out unusable (no text, shorter than a chunk, no proper nouns, no target) or
+    GPU slots too small for a model are a UsageError; a fresh run then removes what it wrote, so
+    --out is as it was."""
     cfg = inputs.cfg
     try:
         t0 = time.perf_counter()
@@ -385,17 +435,20 @@ def corpus_and_plan(inputs: Inputs, store: Store, manifest: Manifest, fresh: boo
         corpus = corpus_stage.run_corpus_stage(inputs.source, inputs.tokenizer, inputs.decode, cfg, store, inputs.target_id, log=log)
         check_target(inputs, corpus)
         sample = corpus_stage.draw_sample(corpus, store, cfg.max_samples, cfg.seed) if "neurons" in cfg.analyses else None
+        manifest.set_corpus(corpus)
+        # Batches are fixed per run (part names depend on them): a resumed run keeps the original size.
+        plan = make_plan(inputs, corpus, sample, on_gpu=gpu_shares(cfg, len(inputs.models))[0] > 0,
+                         batch_size=manifest.previous.get("batch_size"))
+        shares, task_gpu = replica_shares(cfg, plan)  # may refuse: GPU slots too small for a model
+        if cfg.actor_resources:  # every replica of a pinned model needs the model's resources
+            wait_for_resources(cfg, local, replicas={m: len(s) for m, s in shares.items()})
     except UsageError:
         if fresh:
             store.remove_all()
         raise
-    manifest.set_corpus(corpus)
     manifest.stage("corpus", "done", time.perf_counter() - t0)
-    # Batches are fixed per run (part names depend on them): a resumed run keeps the original size.
-    plan = make_plan(inputs, corpus, sample, on_gpu=gpu_shares(cfg, len(inputs.models))[0] > 0,
-                     batch_size=manifest.previous.get("batch_size"))
     manifest.data["batch_size"] = plan.batch_size
-    return plan
+    return plan, shares, task_gpu
 
 
 def _run_leased(cfg: RunConfig, inputs: Inputs, store: Store) -> str:
@@ -407,11 +460,12 @@ def _run_leased(cfg: RunConfig, inputs: Inputs, store: Store) -> str:
     manifest.stage("plan", "done")  # the first write: a failure above leaves --out as it was
     stage, plan = "corpus", None
     try:
-        plan = corpus_and_plan(inputs, store, manifest, fresh=not cfg.resume)
+        plan, shares, task_gpu = corpus_and_plan(inputs, store, manifest, local, fresh=not cfg.resume)
         log(plan.describe())
         stage, t0 = "capture", time.perf_counter()
-        workers = start_workers(plan, store)
-        log(f"[capture] {len(plan.models)} model actors, {len(plan.batches())} batches of up to {plan.batch_size} chunks")
+        workers = start_workers(plan, store, shares)
+        per_model = ", ".join(f"{m} x{len(s)}" + (f" ({s[0]:g} GPU each)" if s and s[0] else "") for m, s in shares.items())
+        log(f"[capture] {sum(map(len, shares.values()))} model actors ({per_model}), {len(plan.batches())} batches of up to {plan.batch_size} chunks")
         manifest.stage("capture", "running")
         skipped = capture_until_complete(plan, store, workers)
         removed = store.remove_temporaries()  # every batch has returned and flushed: no writer runs now
@@ -421,8 +475,8 @@ def _run_leased(cfg: RunConfig, inputs: Inputs, store: Store) -> str:
         stage, t1 = "stats", time.perf_counter()
         log(f"[stats] analyses: {', '.join(a for a in cfg.analyses if a != 'path')} (+ path summary)")
         manifest.stage("stats", "running")
-        run_stats(plan, store, workers, gpu_shares(cfg, len(plan.models))[1])
-        for w in workers.values():
+        run_stats(plan, store, workers, task_gpu)
+        for w in workers.all_actors():
             ray.kill(w)
         manifest.stage("stats", "done", time.perf_counter() - t1)
         stage, t2 = "report", time.perf_counter()

@@ -197,3 +197,12 @@ def write_heatmap(store_uri: str, model: str, layer: int, neuron: int, picked, a
     })
     Store(store_uri).write_table("neuron_heatmap", "all", data, model=model)
     return data.num_rows
+
+
+def fit_neurons_gathered(store_uri: str, model: str, layer: int, positions: list, labels: np.ndarray, alpha: float,
+                         use_gpu: bool, *blocks: np.ndarray) -> dict:
+    """fit_neurons on one layer's samples gathered from several replicas: block j (k_j, d_mlp) holds the
+    sample keys at ``positions[j]``; the rows go back into the sample's key order before the fit."""
+    from jobs.replicas import gather_rows
+
+    return fit_neurons(store_uri, model, layer, gather_rows(positions, blocks), labels, alpha, use_gpu)

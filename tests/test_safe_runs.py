@@ -245,7 +245,7 @@ def test_disk_full_is_one_line_with_the_estimate_and_the_run_stays_resumable(sma
 
     monkeypatch.setattr(job, "start_ray", lambda cfg: "a stub")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    monkeypatch.setattr(job, "start_workers", lambda plan, store: ({}, None))
+    monkeypatch.setattr(job, "start_workers", lambda plan, store, shares: ({}, None))
     monkeypatch.setattr(job, "capture_until_complete", full_disk)
     out = str(small["root"] / "full")
     assert main(["run", "--models", small["model"], "--data", small["data"], "--out", out, "--run-id", "full",
