@@ -15,6 +15,7 @@ Shards are fixed by ``chunk_tokens`` alone (``SHARD_TOKENS`` tokens each), so th
 drawn from the per-shard counts (``draw_sample``) and the digest do not depend on how many read tasks ran.
 """
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -227,6 +228,8 @@ def run_corpus_stage(source, tokenizer, decode: list[str], cfg, store: Store, ta
         if index.source_fingerprint == source.fingerprint and index.chunk_tokens == cfg.chunk_tokens:
             log(f"[corpus] reusing the run's corpus table ({index.n_shards} shards)")
             return index
+    # Ray Data logs every execution and its progress at INFO on the console; the stage prints its own lines.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ds = ray.data.from_items([{"unit": u.index} for u in source.units], override_num_blocks=len(source.units))

@@ -40,9 +40,9 @@ def spy(monkeypatch):
     start = job.start_workers
 
     def start_workers(*a, **kw):
-        workers, ref = start(*a, **kw)
+        workers = start(*a, **kw)
         seen["sets"].append(workers)
-        return workers, ref
+        return workers
 
     update = job.Progress.update
 

@@ -243,13 +243,16 @@ def test_disk_full_is_one_line_with_the_estimate_and_the_run_stays_resumable(sma
     def full_disk(*a, **k):
         raise RayTaskError("\x1b[36mModelWorker.__call__()\x1b[39m", "traceback text", OSError(errno.ENOSPC, "No space left on device"))
 
-    monkeypatch.setattr(job, "start_ray", lambda cfg: "a stub")
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    monkeypatch.setattr(job, "start_workers", lambda plan, store, shares: ({}, None))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the corpus stage runs on it
+    capsys.readouterr()
+    monkeypatch.setattr(job, "start_workers", lambda plan, store, shares: {})
     monkeypatch.setattr(job, "capture_until_complete", full_disk)
     out = str(small["root"] / "full")
-    assert main(["run", "--models", small["model"], "--data", small["data"], "--out", out, "--run-id", "full",
-                 "--chunk-tokens", "64", "--analyses", "path"]) == 2
+    try:
+        assert main(["run", "--models", small["model"], "--data", small["data"], "--out", out, "--run-id", "full",
+                     "--chunk-tokens", "64", "--analyses", "path"]) == 2
+    finally:
+        ray.shutdown()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no space left" in err[0] and "GiB for the whole run" in err[0], err
     assert f"probe run --resume --run-id full --out {out}" in err[0]
