@@ -20,7 +20,6 @@ load. Ends with one JSON line.
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys

@@ -89,6 +89,7 @@ def tokenize_units(batch: pa.Table, units, tokenizer, text_column: str, block_ro
     the driver reports the first one in stream order as one line (a raised error would be logged with
     its traceback by Ray Data).
     """
+    from jobs.data import encode_rows
     from jobs.sources import read_unit
 
     # One thread: a Ray task has one CPU, and the Rust tokenizer's own thread pool would fight the other tasks.
@@ -104,11 +105,9 @@ def tokenize_units(batch: pa.Table, units, tokenizer, text_column: str, block_ro
         keep = [i for i, r in enumerate(rows) if r.strip()]
         ids, row_of = [], []
         for lo in range(0, len(keep), block_rows):
-            block = keep[lo: lo + block_rows]
-            encoded = tokenizer([rows[i] for i in block], add_special_tokens=False)["input_ids"]
-            lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
-            ids.append(np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(lengths.sum())))
-            row_of.append(np.repeat(np.asarray(block, dtype=np.int32), lengths))
+            block_ids, block_rows_of = encode_rows(rows, keep[lo: lo + block_rows], tokenizer)
+            ids.append(block_ids)
+            row_of.append(block_rows_of.astype(np.int32))
         ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
         row_of = np.concatenate(row_of) if row_of else np.zeros(0, np.int32)
         out["unit"].append(u)

@@ -61,6 +61,14 @@ def read_rows(spec: str, *, config: str | None = None, split: str | None = None,
     return [row for path in source.files for row in read_file_rows(path, text_column)]
 
 
+def encode_rows(rows: list[str], which: list[int], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize ``rows[i]`` for i in ``which`` (one tokenizer call) -> (ids int32, row index int64 of each token)."""
+    encoded = tokenizer([rows[i] for i in which], add_special_tokens=False)["input_ids"]
+    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+    ids = np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(lengths.sum()))
+    return ids, np.repeat(np.asarray(which, dtype=np.int64), lengths)
+
+
 def tokenize_rows(rows: list[str], tokenizer, source: str, max_tokens: int | None = None, block_rows: int = 4096) -> Corpus:
     """Tokenize each non-blank row once and concatenate into one stream, as the notebooks do.
 
@@ -72,12 +80,10 @@ def tokenize_rows(rows: list[str], tokenizer, source: str, max_tokens: int | Non
         raise UsageError(f"--data {source} has no text (every row is blank)")
     ids, row_of, total = [], [], 0
     for lo in range(0, len(keep), block_rows):
-        block = keep[lo: lo + block_rows]
-        encoded = tokenizer([rows[i] for i in block], add_special_tokens=False)["input_ids"]
-        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
-        ids.append(np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(lengths.sum())))
-        row_of.append(np.repeat(np.asarray(block, dtype=np.int64), lengths))
-        total += int(lengths.sum())
+        block_ids, block_rows_of = encode_rows(rows, keep[lo: lo + block_rows], tokenizer)
+        ids.append(block_ids)
+        row_of.append(block_rows_of)
+        total += len(block_ids)
         if max_tokens is not None and total >= max_tokens:
             break
     token_ids, row_of = np.concatenate(ids), np.concatenate(row_of)

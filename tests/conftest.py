@@ -60,3 +60,15 @@ def tiny_model(tiny_model_dir):
     from transformers import GPT2LMHeadModel
 
     return GPT2LMHeadModel.from_pretrained(tiny_model_dir, use_safetensors=True).eval()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance for the module (2 CPUs, as CI has), started outside the tests' captured
+    output; ``import ray.data`` here too, because Ray Data sets up its log handlers on import."""
+    import ray
+    import ray.data  # noqa: F401
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -11,16 +11,7 @@ from tests.conftest import save_tiny_model
 from tests.corpus import write_corpus
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    """Corpus errors (no text, bad lines, too short, no target) are found by the corpus stage, which runs on
-    Ray: one local instance for the module, started outside the tests' captured output."""
-    import ray
-    import ray.data  # noqa: F401  (Ray Data sets up its log handlers on import: here, not inside a test's capsys)
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_local")  # corpus errors are found by the corpus stage, on Ray
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import os
 import numpy as np
 import polars as pl
 import pytest
-import ray
 
 from jobs import corpus as stage
 from jobs.config import RunConfig, UsageError
@@ -16,13 +15,6 @@ from probe_core.tokens import chunk_stream, decode_table, proper_noun_labels_fro
 from tests.corpus import write_corpus
 
 CHUNK = 16
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import os
 import numpy as np
 import polars as pl
 import pytest
-import ray
 import torch
 from transformers import GPT2LMHeadModel
 
@@ -14,13 +13,6 @@ from jobs.cli import main
 from tests.conftest import build_tokenizer, two_model_inputs
 
 CHUNK = 64
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

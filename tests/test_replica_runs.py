@@ -15,13 +15,6 @@ LAYERS = {"tiny-a": 3, "tiny-b": 2}
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     return two_model_inputs(tmp_path_factory.mktemp("replicas"))
 
