@@ -163,3 +163,30 @@ def test_reader_returns_chunks_across_shards(ray_local, files, gpt2_tokenizer, t
     pick = np.array([0, 4, 2, index.n_chunks - 1, 3])
     assert np.array_equal(reader.ids(pick), chunks[pick])
     assert np.array_equal(stage.ArrayChunks(chunks).ids(pick), chunks[pick])
+
+
+def test_stage_reads_a_streamed_dataset_in_order(ray_local, gpt2_tokenizer, tmp_path, small_shards):
+    """The datasets path through the stage's Ray tasks: a dataset saved as hub-layout Parquet shards,
+    read with --data-split (streamed shards as units), equals the rows read in one process."""
+    import datasets
+
+    texts = [(" = Title = \n" if i % 10 == 0 else "") if i % 3 == 0 else f" {write_names(i)} met her friend in Paris . \n"
+             for i in range(90)]
+    ds = datasets.Dataset.from_dict({"text": texts})
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    for i in range(3):
+        ds.shard(3, i, contiguous=True).to_parquet(str(tmp_path / "ds" / "data" / f"train-{i:05d}-of-00003.parquet"))
+    cfg = RunConfig(models=("unused",), data=str(tmp_path / "ds"), data_split="train", out=str(tmp_path / "run"), chunk_tokens=CHUNK)
+    source = resolve_source(cfg.data, split="train")
+    assert len(source.units) == 3 and {u.kind for u in source.units} == {"hub"}
+    index = stage.run_corpus_stage(source, gpt2_tokenizer, decode_table(gpt2_tokenizer), cfg, Store(cfg.out), None, log=lambda m: None)
+    stream = tokenize_rows(read_rows(cfg.data, split="train"), gpt2_tokenizer, "ref")
+    chunks = chunk_stream(stream.token_ids, CHUNK)
+    got = corpus_table(Store(cfg.out))
+    assert got["token_id"].to_numpy().tolist() == chunks.ravel().tolist()
+    assert got["row"].to_numpy().tolist() == stream.rows[: chunks.size].tolist()
+    assert index.n_rows == len(texts)
+
+
+def write_names(i: int) -> str:
+    return ["Mary", "John", "Alice"][i % 3] + " and " + ["Robert", "Sarah"][i % 2]
