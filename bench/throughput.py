@@ -66,14 +66,14 @@ def make_worker(size: str, model, device: str, dtype: str, store_dir: str, ids: 
     from jobs.config import ANALYSES, RunConfig
     from jobs.corpus import ArrayChunks
     from jobs.models import ModelSpec
-    from jobs.worker import ModelWorker
+    from jobs.worker import ModelWorker, WorkerConfig
 
     c = model.config
     spec = ModelSpec(source=f"random-{size}", name=size, n_layer=c.n_layer, n_embd=c.n_embd, d_mlp=c.n_inner or 4 * c.n_embd,
                      n_positions=c.n_positions, vocab_size=c.vocab_size, config={})
     cfg = RunConfig(analyses=ANALYSES, device=device, dtype=dtype, chunk_tokens=ids.shape[1])
     with mock.patch("jobs.worker.load_model", return_value=model):
-        return ModelWorker(spec, cfg, store_dir, ArrayChunks(ids), target_id, threads=0)
+        return ModelWorker(spec, WorkerConfig.of(cfg), store_dir, ArrayChunks(ids), target_id, threads=0)
 
 
 def metrics_only(worker, batch) -> None:

@@ -15,10 +15,11 @@ from jobs.config import RunConfig, UsageError
 from jobs.dispatch import ReplicaSet, dispatch
 from jobs.manifest import Manifest
 from jobs.plan import Inputs, Plan, check_inputs, check_target, make_plan
+from jobs.schema import block_index, table_layers
 from jobs.store import LEASE, Lease, Store
 from jobs.query import make_report
 from jobs.replicas import split_by_owner
-from jobs.worker import Batch, ModelWorker, part_name
+from jobs.worker import Batch, ModelWorker, WorkerConfig, part_name
 
 
 def log(message: str) -> None:
@@ -304,8 +305,8 @@ def run_stats(plan: Plan, store: Store, workers: ReplicaSet, task_gpu: float) ->
                 per_replica.append(refs if isinstance(refs, list) else [refs])
             task = ray.remote(stats.fit_neurons_gathered).options(**gpu)
             fits[m.name] = [task.remote(store.uri, m.name, layer, list(parts.values()), plan.sample_labels, cfg.alpha, use_gpu,
-                                        *[blocks[layer - 1] for blocks in per_replica])
-                            for layer in range(1, m.n_layer + 1)]
+                                        *[blocks[block_index(layer)] for blocks in per_replica])
+                            for layer in map(int, table_layers(m.n_layer))]
         if "mi" in analyses:
             hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(
                 np.arange(plan.mi_chunks), plan.mi_tokens, cfg.mi_bins if cfg.mi_method == "histogram" and cfg.mi_bins <= 256 else None)
@@ -339,11 +340,12 @@ def start_workers(plan: Plan, store: Store, shares: dict[str, list[float]]) -> R
     threads = max(1, int(ray.cluster_resources().get("CPU", 1) // n_actors))  # actors reserve no CPU: do not oversubscribe
     actor = ray.remote(max_restarts=4, max_task_retries=4)(ModelWorker)
     reader = corpus_stage.CorpusReader(store.uri, plan.corpus.chunk_tokens, plan.corpus.shard_chunks)
+    worker_cfg = WorkerConfig.of(cfg)
     # Largest model first, so Ray places its replicas first (the order jobs/replicas.placement assumes).
     order = sorted(plan.models, key=lambda m: -m.n_params)
     actors = {
         m.name: [actor.options(**{**options, "num_gpus": share}, resources=cfg.actor_resources.get(m.name) or None).remote(
-            m, cfg, store.uri, reader, plan.target_id, threads, share) for share in shares[m.name]]
+            m, worker_cfg, store.uri, reader, plan.target_id, threads, share) for share in shares[m.name]]
         for m in order
     }
     return ReplicaSet({m.name: actors[m.name] for m in plan.models}, plan.n_chunks)

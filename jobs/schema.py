@@ -1,5 +1,6 @@
 """The one schema of every Parquet table. Partition columns (``model``, and ``layer`` for activations)
 live in the hive folder names, not inside the files; readers get them back from the path."""
+import numpy as np
 import pyarrow as pa
 
 PARTITIONS = {"activations": ("model", "layer"), "corpus": ("shard",)}
@@ -79,3 +80,15 @@ def file_schema(table: str, d_mlp: int | None = None, values_dtype: str = "float
         field = pa.field("values", pa.list_(VALUE_TYPES[values_dtype], d_mlp))
         schema = schema.set(schema.get_field_index("values"), field)
     return schema
+
+
+def table_layers(n_layer: int) -> np.ndarray:
+    """The layer numbers tables store for per-block values: blocks 1..n_layer (int16). ``layer_metrics``
+    layer l compares hidden_states[l-1] with hidden_states[l]; ``mi.layer`` is the hidden_states index
+    itself (0..n_layer) and does not go through here."""
+    return np.arange(1, n_layer + 1, dtype=np.int16)
+
+
+def block_index(layer: int) -> int:
+    """A table layer (block 1..n_layer) -> the block's index in ``model.transformer.h`` (0-based)."""
+    return int(layer) - 1

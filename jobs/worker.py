@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from jobs.models import ModelSpec, load_model
-from jobs.schema import VALUE_TYPES
+from jobs.schema import VALUE_TYPES, block_index, table_layers
 from jobs.store import Store
 from probe_core.metrics import forward_metrics
 from probe_core.rotation import rotation_angles, target_occurrences
@@ -77,10 +77,30 @@ def part_name(chunks: np.ndarray) -> str:
     return f"part-{int(chunks[0]):06d}-{int(chunks[-1]):06d}"
 
 
-class ModelWorker:
-    """chunks: a chunk source with ``ids(chunk_indices) -> (B, T)`` (``jobs.corpus.CorpusReader`` or ``ArrayChunks``)."""
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The settings a model actor uses: a small picklable subset of ``RunConfig`` (``WorkerConfig.of``)."""
 
-    def __init__(self, spec: ModelSpec, cfg, store_uri: str, chunks, target_id: int | None, threads: int = 0,
+    analyses: tuple[str, ...]
+    chunk_tokens: int
+    final_hidden: str
+    seed: int
+    target: str
+    activations_dtype: str
+    device: str
+    dtype: str
+    allow_pickle: bool
+
+    @classmethod
+    def of(cls, cfg) -> "WorkerConfig":
+        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
+
+
+class ModelWorker:
+    """cfg: a ``WorkerConfig``; chunks: a chunk source with ``ids(chunk_indices) -> (B, T)``
+    (``jobs.corpus.CorpusReader`` or ``ArrayChunks``)."""
+
+    def __init__(self, spec: ModelSpec, cfg: WorkerConfig, store_uri: str, chunks, target_id: int | None, threads: int = 0,
                  gpu_share: float = 0.0):
         if threads:
             torch.set_num_threads(threads)
@@ -179,7 +199,7 @@ class ModelWorker:
         pos = np.tile(np.arange(t, dtype=np.int32), b)
         if n_layer is None:
             return chunks, pos
-        return np.repeat(chunks, n_layer), np.repeat(pos, n_layer), np.tile(np.arange(1, n_layer + 1, dtype=np.int16), b * t)
+        return np.repeat(chunks, n_layer), np.repeat(pos, n_layer), np.tile(table_layers(n_layer), b * t)
 
     def _tokens(self, batch: Batch, out) -> pa.Table:
         """The model's own token columns; the corpus columns (token, row, label) are in the corpus table."""
@@ -207,7 +227,7 @@ class ModelWorker:
         for kind in KINDS:
             columns["chunk"].append(np.repeat(np.asarray(chunk_ids, dtype=np.int32)[b_idx], n_layer))
             columns["pos"].append(np.repeat(t_idx.astype(np.int32), n_layer))
-            columns["layer"].append(np.tile(np.arange(1, n_layer + 1, dtype=np.int16), n))
+            columns["layer"].append(np.tile(table_layers(n_layer), n))
             columns["kind"].append(np.full(n * n_layer, kind, dtype=object))
             columns["angle_rad"].append(np.asarray(angles[kind], dtype=np.float32).reshape(-1))
         data = {k: np.concatenate(v) for k, v in columns.items()}
@@ -222,11 +242,11 @@ class ModelWorker:
             self.samples[key] = mlp[:, i]
         d_mlp, dtype = mlp.shape[-1], self.cfg.activations_dtype
         writes = []
-        for layer in range(mlp.shape[0]):
-            flat = mlp[layer].reshape(-1).astype(dtype)  # storage only: the fits use self.samples
+        for index, layer in enumerate(table_layers(mlp.shape[0])):
+            flat = mlp[index].reshape(-1).astype(dtype)  # storage only: the fits use self.samples
             values = pa.FixedSizeListArray.from_arrays(pa.array(flat, VALUE_TYPES[dtype]), d_mlp)
             data = pa.table({"chunk": chunks, "pos": pos, "label": labels, "values": values})
-            writes.append(("activations", data, {"d_mlp": d_mlp, "values_dtype": dtype, "layer": layer + 1}))
+            writes.append(("activations", data, {"d_mlp": d_mlp, "values_dtype": dtype, "layer": int(layer)}))
         return writes
 
     def neuron_blocks(self, keys: np.ndarray, batch_size: int = 1) -> tuple:
@@ -264,8 +284,8 @@ class ModelWorker:
         import pyarrow.dataset as ds
 
         per_layer = []
-        for layer in range(1, self.spec.n_layer + 1):
-            folder = self.store.table_dir("activations", model=self.spec.name, layer=layer)
+        for layer in table_layers(self.spec.n_layer):
+            folder = self.store.table_dir("activations", model=self.spec.name, layer=int(layer))
             try:
                 dataset = ds.dataset(folder, filesystem=self.store.fs, format="parquet")
             except (FileNotFoundError, OSError):
@@ -339,9 +359,10 @@ class ModelWorker:
 
         with torch.inference_mode():
             ids = device_tensor(self.chunks.ids(chunk_ids), self.device)
-            with hooks.capture(self.model, {hooks.mlp_pre(layer - 1): lambda a: a[..., neuron].float()}) as cache:
+            point = hooks.mlp_pre(block_index(layer))
+            with hooks.capture(self.model, {point: lambda a: a[..., neuron].float()}) as cache:
                 self.model.transformer(input_ids=ids)
-            return cache[hooks.mlp_pre(layer - 1)].cpu().numpy()
+            return cache[point].cpu().numpy()
 
     def sentence_rotation(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> int:
         """Rotation angles of --sentences (right-padded with EOS, with their mask); returns rows written."""

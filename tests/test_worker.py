@@ -8,7 +8,7 @@ from jobs.config import RunConfig
 from jobs.corpus import ArrayChunks
 from jobs.models import resolve_model
 from jobs.store import Store
-from jobs.worker import Batch, ModelWorker
+from jobs.worker import Batch, ModelWorker, WorkerConfig
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def batch():
 def make_worker(tiny_model_dir, chunks, out):
     cfg = RunConfig(models=(tiny_model_dir,), analyses=("path", "rotation", "neurons", "attn_ar"), device="cpu", out=str(out),
                     chunk_tokens=10)
-    return ModelWorker(resolve_model(tiny_model_dir), cfg, str(out), ArrayChunks(chunks), 607)
+    return ModelWorker(resolve_model(tiny_model_dir), WorkerConfig.of(cfg), str(out), ArrayChunks(chunks), 607)
 
 
 def test_split_batch_rebases_samples(batch):
@@ -158,7 +158,7 @@ def test_gpu_slot_caps_process_memory(tmp_path, tiny_model_dir, chunks, monkeypa
     monkeypatch.setattr(worker_module, "load_model", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, *a: calls.append(fraction))
     cfg = RunConfig(models=(tiny_model_dir,), device="cpu", out=str(tmp_path))
-    ModelWorker(resolve_model(tiny_model_dir), cfg, str(tmp_path), ArrayChunks(chunks), 607, gpu_share=share)
+    ModelWorker(resolve_model(tiny_model_dir), WorkerConfig.of(cfg), str(tmp_path), ArrayChunks(chunks), 607, gpu_share=share)
     assert calls == capped
 
 
