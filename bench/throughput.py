@@ -120,6 +120,7 @@ def worker_pipelined(worker, batch, calls: int) -> float:
 
 def host_breakdown(worker, batch, repeats: int, cuda: bool) -> dict:
     """Median milliseconds of each piece of ``ModelWorker.__call__`` on this batch, writes included."""
+    from jobs import analyses
     from probe_core.metrics import forward_metrics
 
     ids = torch.as_tensor(worker.chunks.ids(batch.chunk), dtype=torch.long, device=worker.device)
@@ -129,12 +130,12 @@ def host_breakdown(worker, batch, repeats: int, cuda: bool) -> dict:
     with torch.inference_mode():
         out = forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True, mlp_rows=rows)
         mlp = out["mlp_pre"].to(torch.float16).cpu().numpy()
+        ctx = analyses.BatchContext(batch.chunk, worker.chunks.ids(batch.chunk), out, worker.spec.n_layer, worker.cfg, worker.target_id)
         pieces = {
             "forward_metrics": lambda: forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True, mlp_rows=rows),
-            "tokens_table": lambda: worker._tokens(batch, out),
-            "layer_metrics_table": lambda: worker._layer_metrics(batch, out),
-            "attn_norms_table": lambda: worker._attn_norms(batch, out),
-            "rotation_table": lambda: worker._rotation(batch.chunk, worker.chunks.ids(batch.chunk), out["hidden"], None, "corpus"),
+            "path_tables": lambda: analyses.path.batch_tables(ctx),
+            "attn_norms_table": lambda: analyses.attn_ar.batch_tables(ctx),
+            "rotation_table": lambda: analyses.rotation.batch_tables(ctx),
             "activations_tables": lambda: worker._keep_samples(batch, mlp),
             "parquet_writes": lambda: worker._write(part, writes, {"tokens": int(ids.numel()), "seconds": 0.0}),
         }

@@ -66,19 +66,12 @@ class Plan:
         return [np.arange(i, min(i + self.batch_size, self.n_chunks)) for i in range(0, self.n_chunks, self.batch_size)]
 
     def disk_estimate(self) -> dict[str, int]:
-        """Rough uncompressed bytes per model's tables, and the corpus table (Parquet with zstd usually writes less)."""
-        n_tok = self.corpus.n_tokens
-        est = {"corpus": n_tok * 40}
-        for m in self.models:
-            a = set(self.cfg.analyses)
-            est[m.name] = n_tok * (12 + 14 * m.n_layer)  # tokens + layer_metrics
-            if "attn_ar" in a:
-                est[m.name] += n_tok * 10 * m.n_layer
-            if "neurons" in a:
-                est[m.name] += len(self.sample_keys) * m.n_layer * (m.d_mlp * 2 + 12)
-            if "mi" in a:
-                est[m.name] += (m.n_layer + 1) * m.n_embd * (m.n_embd - 1) // 2 * 18
-        return est
+        """Rough uncompressed bytes per model's tables (each analysis's ``disk_bytes``), and the corpus table's
+        (Parquet with zstd usually writes less)."""
+        from jobs import analyses
+
+        chosen = analyses.selected(self.cfg.analyses)
+        return {"corpus": self.corpus.n_tokens * 40, **{m.name: sum(a.disk_bytes(self, m) for a in chosen) for m in self.models}}
 
     def describe(self) -> str:
         est, c = self.disk_estimate(), self.corpus

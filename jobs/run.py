@@ -9,16 +9,14 @@ import time
 import numpy as np
 import ray
 
+from jobs import analyses
 from jobs import corpus as corpus_stage
-from jobs import stats
 from jobs.config import RunConfig, UsageError
 from jobs.dispatch import ReplicaSet, dispatch
 from jobs.manifest import Manifest
 from jobs.plan import Inputs, Plan, check_inputs, check_target, make_plan
-from jobs.schema import block_index, table_layers
 from jobs.store import LEASE, Lease, Store
 from jobs.query import make_report
-from jobs.replicas import split_by_owner
 from jobs.worker import Batch, ModelWorker, WorkerConfig, part_name
 
 
@@ -284,47 +282,12 @@ def capture_until_complete(plan: Plan, store: Store, workers: ReplicaSet, attemp
 
 
 def run_stats(plan: Plan, store: Store, workers: ReplicaSet, task_gpu: float) -> None:
-    """Launch every statistics task at once, then wait (no ray.get in the submit loop). The heatmap
-    traces go last: they need the neuron fits and the model actors. ``workers[name]`` is the model's
-    replica 0 (MI, rotation sentences, traces); the neuron samples come from every replica."""
-    cfg, analyses = plan.cfg, set(plan.cfg.analyses)
-    use_gpu = task_gpu > 0
-    gpu = {"num_gpus": task_gpu} if use_gpu else {}
-    pending, fits = [], {}
-    for m in plan.models:
-        worker = workers[m.name]
-        if "neurons" in analyses:
-            # Each replica holds the samples of the batches it computed: ask each for its own keys (replica 0
-            # also for keys no live replica computed in this run: it recomputes them), and let every layer's
-            # fit put the rows back into sample_keys order.
-            parts = split_by_owner(workers.owner[m.name][plan.sample_keys[:, 0]], workers.live(m.name))
-            per_replica = []
-            for r, pos in parts.items():
-                refs = workers.actors[m.name][r].neuron_blocks.options(num_returns=m.n_layer).remote(
-                    plan.sample_keys[pos], plan.batch_size)
-                per_replica.append(refs if isinstance(refs, list) else [refs])
-            task = ray.remote(stats.fit_neurons_gathered).options(**gpu)
-            fits[m.name] = [task.remote(store.uri, m.name, layer, list(parts.values()), plan.sample_labels, cfg.alpha, use_gpu,
-                                        *[blocks[block_index(layer)] for blocks in per_replica])
-                            for layer in map(int, table_layers(m.n_layer))]
-        if "mi" in analyses:
-            hidden = worker.hidden_for.options(num_returns=m.n_layer + 1).remote(
-                np.arange(plan.mi_chunks), plan.mi_tokens, cfg.mi_bins if cfg.mi_method == "histogram" and cfg.mi_bins <= 256 else None)
-            pending += mi_tasks(plan, store, m, hidden, gpu)
-        if "rotation" in analyses:
-            # Sentences first: the t-tests read every occurrence, corpus and sentences.
-            first = [worker.sentence_rotation.remote(*plan.sentences)] if plan.sentences is not None else []
-            pending.append(ray.remote(stats.model_rotation).remote(store.uri, m.name, cfg.alpha, *first))
-        if "attn_ar" in analyses:
-            pending.append(ray.remote(stats.model_attn_ar).remote(store.uri, m.name, cfg.alpha))
-        pending.append(ray.remote(stats.model_path_summary).remote(store.uri, m.name, m.n_layer))
-    picked = stats.heatmap_chunks(plan.sample_keys, plan.n_chunks)
-    for name, refs in fits.items():
-        ray.get(refs)
-        best = stats.best_neuron(store.uri, name)
-        if best and picked:
-            trace = workers[name].neuron_trace.remote(np.array([c for c, _ in picked]), *best)
-            pending.append(ray.remote(stats.write_heatmap).remote(store.uri, name, *best, picked, trace, plan.sample_keys))
+    """Launch every analysis's statistics tasks for every model at once (jobs/analyses), then the ones
+    that need those done (the neuron heatmap traces, which also need the model actors), then wait."""
+    ctx = analyses.StatsContext(plan, store, workers, {"num_gpus": task_gpu} if task_gpu > 0 else {})
+    chosen = analyses.selected(plan.cfg.analyses)
+    pending = [ref for m in plan.models for a in chosen for ref in a.launch_stats(ctx, m)]
+    pending += [ref for m in plan.models for a in chosen for ref in a.finish_stats(ctx, m)]
     ray.get(pending)
 
 
@@ -349,21 +312,6 @@ def start_workers(plan: Plan, store: Store, shares: dict[str, list[float]]) -> R
         for m in order
     }
     return ReplicaSet({m.name: actors[m.name] for m in plan.models}, plan.n_chunks)
-
-
-def mi_tasks(plan: Plan, store: Store, m, hidden: list, gpu: dict) -> list:
-    """One histogram task per layer, or for KSG (about 1 s a column) tasks over blocks of columns."""
-    cfg = plan.cfg
-    if cfg.mi_method == "histogram":
-        task = ray.remote(stats.layer_mi).options(**gpu)
-        return [task.remote(store.uri, m.name, layer, h, cfg.mi_bins, bool(gpu), cfg.seed) for layer, h in enumerate(hidden)]
-    d, refs = m.n_embd, []
-    block = min(stats.KSG_COLUMNS_PER_TASK, math.ceil((d - 1) / 8))  # at least 8 tasks a layer
-    columns, write = ray.remote(stats.ksg_columns), ray.remote(stats.write_ksg)
-    for layer, h in enumerate(hidden):
-        parts = [columns.remote(h, range(lo, min(lo + block, d - 1)), cfg.seed) for lo in range(0, d - 1, block)]
-        refs.append(write.remote(store.uri, m.name, layer, plan.mi_tokens, d, *parts))
-    return refs
 
 
 def innermost_cause(e: BaseException) -> BaseException:

@@ -5,7 +5,6 @@ In the job it runs as a Ray actor (resources declared by the driver); in tests i
 source (the run's corpus table, ``jobs.corpus.CorpusReader``), so the object store carries ranges.
 """
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -13,14 +12,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from jobs import analyses
+from jobs.analyses import rotation
 from jobs.models import ModelSpec, load_model
 from jobs.schema import VALUE_TYPES, block_index, table_layers
 from jobs.store import Store
 from probe_core.metrics import forward_metrics
-from probe_core.rotation import rotation_angles, target_occurrences
-
-KINDS = ("target", "previous", "shuffled")
-
 
 def pick_device(requested: str) -> str:
     if requested == "auto":
@@ -34,11 +31,6 @@ def device_tensor(array, device: str) -> torch.Tensor:
     """A long tensor copied from an array: arrays from Ray's object store are read-only, and torch.tensor
     copies them without as_tensor's non-writable warning."""
     return torch.tensor(np.asarray(array), dtype=torch.long, device=device)
-
-
-def sequence_seeds(seed: int, chunks: np.ndarray, salt: str = "corpus") -> np.ndarray:
-    """One seed per sequence from (run seed, chunk, salt): random draws do not depend on batching."""
-    return np.array([zlib.crc32(f"{seed}:{salt}:{int(c)}".encode()) for c in chunks], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -174,64 +166,17 @@ class ModelWorker:
         return tables, np.concatenate(parts, axis=1) if parts else None
 
     def _compute(self, batch: Batch):
-        """(tables, mlp): the per-token tables of a batch and the sampled pre-activations (L, n, d_mlp) or None."""
-        analyses = set(self.cfg.analyses)
+        """(tables, mlp): the per-token tables the run's analyses build from this batch (jobs/analyses) and the
+        sampled pre-activations (L, n, d_mlp) float32 or None."""
+        chosen = analyses.selected(self.cfg.analyses)
         input_ids = self.chunks.ids(batch.chunk)
-        ids = device_tensor(input_ids, self.device)
-        want_mlp = "neurons" in analyses and len(batch.sample_b) > 0
+        options = {k: v for a in chosen for k, v in a.forward_options(batch).items()}
         with torch.inference_mode():
-            out = forward_metrics(
-                self.model, ids, final_hidden=self.cfg.final_hidden, attn_norms="attn_ar" in analyses,
-                mlp_rows=(batch.sample_b, batch.sample_t) if want_mlp else None,
-            )
-            tables = {"tokens": self._tokens(batch, out), "layer_metrics": self._layer_metrics(batch, out)}
-            if "attn_ar" in analyses:
-                tables["attn_norms"] = self._attn_norms(batch, out)
-            if "rotation" in analyses:
-                tables["rotation_angles"] = self._rotation(batch.chunk, input_ids, out["hidden"], None, "corpus")
-            mlp = out["mlp_pre"].float().cpu().numpy() if want_mlp else None
+            out = forward_metrics(self.model, device_tensor(input_ids, self.device), final_hidden=self.cfg.final_hidden, **options)
+            ctx = analyses.BatchContext(batch.chunk, input_ids, out, self.spec.n_layer, self.cfg, self.target_id)
+            tables = {name: table for a in chosen for name, table in a.batch_tables(ctx).items()}
+            mlp = out["mlp_pre"].float().cpu().numpy() if "mlp_pre" in out else None
         return tables, mlp
-
-    def _grid(self, batch: Batch, n_layer: int | None = None):
-        chunk = np.asarray(batch.chunk, dtype=np.int32)
-        b, t = len(chunk), self.cfg.chunk_tokens
-        chunks = np.repeat(chunk, t)
-        pos = np.tile(np.arange(t, dtype=np.int32), b)
-        if n_layer is None:
-            return chunks, pos
-        return np.repeat(chunks, n_layer), np.repeat(pos, n_layer), np.tile(table_layers(n_layer), b * t)
-
-    def _tokens(self, batch: Batch, out) -> pa.Table:
-        """The model's own token columns; the corpus columns (token, row, label) are in the corpus table."""
-        b, t = len(batch.chunk), self.cfg.chunk_tokens
-        chunks, pos = self._grid(batch)
-        logits = np.concatenate([out["next_logit"].cpu().numpy(), np.zeros((b, 1), np.float32)], axis=1).ravel()
-        return pa.table({"chunk": chunks, "pos": pos, "next_token_logit": pa.array(logits, mask=pos == t - 1)})
-
-    def _layer_metrics(self, batch, out) -> pa.Table:
-        chunks, pos, layer = self._grid(batch, self.spec.n_layer)
-        # (L, B, T) -> (B, T, L) so rows are ordered chunk, pos, layer.
-        flat = {k: out[k].permute(1, 2, 0).reshape(-1).cpu().numpy() for k in ("path_step", "path_cum", "angle_rad")}
-        return pa.table({"chunk": chunks, "pos": pos, "layer": layer, **flat})
-
-    def _attn_norms(self, batch, out) -> pa.Table:
-        chunks, pos, layer = self._grid(batch, self.spec.n_layer)
-        return pa.table({"chunk": chunks, "pos": pos, "layer": layer, "log_norm": out["log_norm"].permute(1, 2, 0).reshape(-1).cpu().numpy()})
-
-    def _rotation(self, chunk_ids, input_ids, hidden, attention_mask, source: str) -> pa.Table:
-        b_idx, t_idx = target_occurrences(input_ids, self.target_id, attention_mask)
-        seeds = sequence_seeds(self.cfg.seed, np.asarray(chunk_ids), source)
-        angles = rotation_angles(hidden, b_idx, t_idx, seeds, attention_mask)
-        n, n_layer = len(b_idx), self.spec.n_layer
-        columns = {"chunk": [], "pos": [], "layer": [], "kind": [], "angle_rad": []}
-        for kind in KINDS:
-            columns["chunk"].append(np.repeat(np.asarray(chunk_ids, dtype=np.int32)[b_idx], n_layer))
-            columns["pos"].append(np.repeat(t_idx.astype(np.int32), n_layer))
-            columns["layer"].append(np.tile(table_layers(n_layer), n))
-            columns["kind"].append(np.full(n * n_layer, kind, dtype=object))
-            columns["angle_rad"].append(np.asarray(angles[kind], dtype=np.float32).reshape(-1))
-        data = {k: np.concatenate(v) for k, v in columns.items()}
-        return pa.table({"target": np.full(len(data["chunk"]), self.cfg.target, dtype=object), "source": np.full(len(data["chunk"]), source, dtype=object), **data})
 
     def _keep_samples(self, batch: Batch, mlp: np.ndarray) -> list:
         """Keep sampled pre-activations in memory for the fit stage; return their ``activations`` writes."""
@@ -370,7 +315,8 @@ class ModelWorker:
             ids = device_tensor(input_ids, self.device)
             mask = device_tensor(attention_mask, self.device)
             hidden = forward_metrics(self.model, ids, final_hidden=self.cfg.final_hidden, attention_mask=mask)["hidden"]
-            data = self._rotation(np.arange(len(input_ids)), input_ids, hidden, attention_mask, "sentences")
+            data = rotation.angles_table(np.arange(len(input_ids)), input_ids, hidden, attention_mask, "sentences",
+                                         self.spec.n_layer, self.cfg, self.target_id)
         if data.num_rows:
             self.store.write_table("rotation_angles", "sentences", data, model=self.spec.name)
         return data.num_rows
