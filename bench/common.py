@@ -223,6 +223,8 @@ def actor_compute(out_dir: str) -> dict:
     busy = {}
     root = os.path.join(out_dir, "_progress")
     for folder in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if not folder.startswith("model="):  # _progress/corpus holds the corpus stage's markers
+            continue
         seconds = {}
         for name in sorted(os.listdir(os.path.join(root, folder))):
             if name.endswith(".json"):
