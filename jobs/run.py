@@ -431,7 +431,9 @@ def _run_leased(cfg: RunConfig, inputs: Inputs, store: Store) -> str:
         manifest.stage("stats", "done", time.perf_counter() - t1)
         stage, t2 = "report", time.perf_counter()
         log("[report] figures and report.html")
-        make_report(store, manifest.data)
+        # A task, not the driver: the summaries and figures read whole tables, so their memory grows with the
+        # corpus, and the driver's must not (it may be a small head node).
+        ray.get(ray.remote(num_cpus=1)(make_report).remote(store, manifest.data))
         manifest.stage("report", "done", time.perf_counter() - t2)
     except UsageError:
         raise
