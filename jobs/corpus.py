@@ -215,8 +215,8 @@ def run_corpus_stage(source, tokenizer, decode: list[str], cfg, store: Store, ta
     """Tokenize ``source`` on the cluster and write the corpus table; returns the driver's index.
 
     A finished stage (``_progress/corpus.json``) is reused on --resume; otherwise shards whose marker
-    verifies are kept and only the others are written. Raises UsageError for a corpus with no text or
-    fewer tokens than one chunk (after removing what it wrote, so --out is as it was).
+    verifies are kept and only the others are written. Raises UsageError for bad content in a unit, a
+    corpus with no text or fewer tokens than one chunk (the caller then restores --out).
     read_tasks: at most this many tokenize tasks at once (default: Ray Data decides).
     """
     import ray
@@ -229,11 +229,10 @@ def run_corpus_stage(source, tokenizer, decode: list[str], cfg, store: Store, ta
             return index
     # Ray Data logs every execution and its progress at INFO on the console; the stage prints its own lines.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
     ds = ray.data.from_items([{"unit": u.index} for u in source.units], override_num_blocks=len(source.units))
     # Ray Data reads, tokenizes and schedules; the units come from jobs.sources because read_text/read_json
     # neither number rows across files nor apply the BOM/CRLF/line-end rules that make the stream exact.
+    # Each output row names its unit, so the blocks' order does not matter.
     tokenized = ds.map_batches(tokenize_units, batch_size=1, batch_format="pyarrow", num_cpus=1,
                                concurrency=read_tasks,
                                fn_kwargs={"units": source.units, "tokenizer": tokenizer, "text_column": cfg.text_column}
@@ -293,7 +292,7 @@ def run_corpus_stage(source, tokenizer, decode: list[str], cfg, store: Store, ta
             spans.append((ref_index[blk], int(where[u, 1]), int(lo), int(hi), int(row_start[u]), f))
         pending.append(task.remote(store.uri, s, spans, a > 0, s * sc, t, vocab_ref, names, sample_chunks,
                                    target_id, source.fingerprint, *refs))
-    stats = {**{s: m for s, m in done.items()}, **{r["shard"]: r for r in ray.get(pending)}}
+    stats = {**done, **{r["shard"]: r for r in ray.get(pending)}}
     if done:
         log(f"[corpus] {len(done)} of {n_shards} shards already written, skipped")
     ordered = [stats[s] for s in range(n_shards)]
