@@ -1,6 +1,7 @@
 """Benchmark: vectorized all-pairs histogram MI vs the notebook's per-pair loop.
 
     python bench/mi.py [--dims 768] [--tokens 128,1024] [--device cpu] [--pairs 300] [--bins 15] [--threads N] [--layers 13]
+                       [--kernel auto|bincount|onehot]
 
 Data: float32 Gaussian "hidden states" where a third of the dims are noisy mixtures of others
 (so MI is not all near zero) plus a few heavy-tailed dims. The notebook function runs on a random
@@ -9,7 +10,9 @@ Both timings are the best of --repeats runs (the machine may be shared). When ot
 the cores, torch's 2-thread OpenMP GEMM stalls at every block (~5-10 ms each); --threads 1 (what a
 Ray task with num_cpus=1 gets) is then several times faster. ``--layers L`` also times the kernel over L
 distinct layers of the largest token count in a row, as the job's MI stage for one model (gpt2: 13
-hidden_states, the GPU target). Ends with one JSON line.
+hidden_states, the GPU target). ``--kernel`` forces how a CPU counts joint tables: ``bincount`` (what a
+CPU without a fast int8 GEMM runs) or ``onehot`` (one-hot products: int8 where fast, else float32);
+``auto`` is the job's choice on this CPU. Ends with one JSON line.
 """
 import argparse
 import json
@@ -20,6 +23,7 @@ import torch
 
 from probe_core.mutual_info import histogram_mi_matrix, notebook_pair_mi
 from jobs.stats import NULL_PAIRS, _histogram_null
+from probe_core import mutual_info
 from probe_core.mutual_info import bin_codes, bin_edges, histogram_mi_codes
 
 
@@ -82,10 +86,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--layers", type=int, default=1, help="also time this many layers in a row (gpt2: 13)")
+    ap.add_argument("--kernel", choices=("auto", "bincount", "onehot"), default="auto",
+                    help="CPU joint counts: the job's choice, or force bincount / one-hot products")
     args = ap.parse_args()
+    if args.kernel != "auto":
+        mutual_info._use_bincount = lambda device, n, force=args.kernel == "bincount": device.type == "cpu" and force
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
+    kernel = "bincount" if mutual_info._use_bincount(torch.device(args.device), 2**16) else "one-hot"
+    if kernel == "one-hot" and args.device == "cpu":
+        kernel += " int8" if mutual_info._cpu_int8_gemm_is_fast() else " float32"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, joint counts by {kernel}")
     summary = {"bench": "mi"}
     diffs = []
     for n in (int(t) for t in args.tokens.split(",")):
@@ -107,7 +119,7 @@ def main() -> None:
               f"max |diff| vs notebook on 20 pairs of layer 0: {layer_diff:.2e}; null mean layer 0: {out[0][2].mean():.4f} bits")
         summary[f"seconds_{args.layers}_layers_{n}"] = round(t_layers, 4)
     summary.update(max_abs_diff=max(diffs), dims=args.dims, device=args.device, bins=args.bins, pairs=args.pairs,
-                   threads=torch.get_num_threads())
+                   threads=torch.get_num_threads(), kernel=kernel)
     print(json.dumps(summary))
 
 

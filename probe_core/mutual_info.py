@@ -3,9 +3,11 @@
 Histogram MI (the notebook's estimator): each dimension is cut into ``bins`` equal-width bins over its
 own min..max exactly as ``np.histogram2d`` does, and MI = H(x) + H(y) - H(x, y) in bits. The vectorized
 ``histogram_mi_matrix`` gets the joint count tables of all pairs at once from one-hot matrix products
-(``onehot.T @ onehot``), blocked over dimensions, in torch so it also runs on a GPU. Counts are exact
-integers (int8 GEMM -> int32 on CPU, float32 on GPU), entropies are summed as c ln c in float64, so
-every entry equals the per-pair numpy result to ~1e-14 bits.
+(``onehot.T @ onehot``), blocked over dimensions, in torch so it also runs on a GPU; on a CPU without a
+fast int8 GEMM they come from ``np.bincount`` of combined codes instead (N increments a pair, not the
+product's N * bins^2 multiply-adds). Counts are exact integers on every path (int8 GEMM -> int32 or
+bincount on CPU, float32 on GPU), entropies are summed as c ln c in float64, so every entry equals the
+per-pair numpy result to ~1e-14 bits.
 
 KSG MI: ``sklearn.feature_selection.mutual_info_regression`` (k-nearest-neighbour estimator), in bits.
 """
@@ -24,6 +26,11 @@ _EXACT_F32 = 2**24  # float32 holds every integer count up to here exactly (GPU 
 _CPU_BLOCK_ELEMS = 1024
 _GPU_BLOCK_ELEMS = 8192
 _ONEHOT_BYTES = 256 * 2**20  # most one-hot memory held at once; beyond it blocks are built per token chunk
+# bincount path: a 32 x 32 block's counts (1024 pairs x 225 cells, int64) stay in L2 and its int64 keys
+# for 4096 tokens are 32 MiB; measured faster than 16 or 68 dims on the AVX2 dev CPU.
+_BINCOUNT_BLOCK_DIMS = 32
+_BINCOUNT_KEY_BYTES = 32 * 2**20
+_XLOGX_TABLE_MAX = 2**21  # tokens up to which c ln c is a lookup table (16 MiB of float64)
 
 
 def notebook_pair_mi(x, y, bins: int = 15) -> float:
@@ -56,7 +63,7 @@ def histogram_mi_matrix(x, bins: int = 15, device=None, block_dims: int | None =
     marg = torch.zeros(d, bins, dtype=torch.int64, device=xt.device).scatter_add_(1, codes, torch.ones_like(codes))
     h_marg = (log_n - _sum_xlogx(marg.view(d, 1, 1, bins))[:, 0] / n) / _LN2  # (d,) entropies in bits
     out = torch.zeros(d, d, dtype=torch.float64, device=xt.device)
-    for i0, j0, s_joint in _joint_block_sums(codes, bins, _block_dims(block_dims, bins, xt.device)):
+    for i0, j0, s_joint in _joint_block_sums(codes, bins, _block_dims(block_dims, bins, xt.device, n)):
         i1, j1 = i0 + s_joint.shape[0], j0 + s_joint.shape[1]
         mi = h_marg[i0:i1, None] + h_marg[None, j0:j1] - (log_n - s_joint / n) / _LN2
         out[i0:i1, j0:j1] = mi
@@ -65,8 +72,10 @@ def histogram_mi_matrix(x, bins: int = 15, device=None, block_dims: int | None =
     return np.triu(res) + np.triu(res, 1).T
 
 
-def _block_dims(block_dims: int | None, bins: int, device: torch.device) -> int:
+def _block_dims(block_dims: int | None, bins: int, device: torch.device, n: int = 0) -> int:
     if block_dims is None:
+        if _use_bincount(device, n):
+            return _BINCOUNT_BLOCK_DIMS
         return max(1, (_CPU_BLOCK_ELEMS if device.type == "cpu" else _GPU_BLOCK_ELEMS) // bins)
     if isinstance(block_dims, bool) or not isinstance(block_dims, (int, np.integer)) or block_dims < 1:
         raise ValueError(f"block_dims must be an integer >= 1, got {block_dims!r}")
@@ -83,6 +92,9 @@ def _joint_block_sums(codes: torch.Tensor, bins: int, block_dims: int, occupied:
     A Python loop over a handful of dimension blocks only, never over pairs.
     """
     d, n = codes.shape
+    if _use_bincount(codes.device, n):
+        yield from _bincount_block_sums(codes.numpy(), bins, block_dims, occupied)
+        return
     dtype = _onehot_dtype(codes.device, n)
     item = torch.empty(0, dtype=dtype).element_size()
     full = _onehot(codes, bins, dtype) if n * d * bins * item <= _ONEHOT_BYTES else None
@@ -103,6 +115,58 @@ def _joint_block_sums(codes: torch.Tensor, bins: int, block_dims: int, occupied:
                 yield i0, j0, _sum_xlogx(view), (view > 0).sum(dim=(1, 3)).to(torch.float64)
             else:
                 yield i0, j0, _sum_xlogx(view)
+
+
+def _use_bincount(device: torch.device, n: int) -> bool:
+    """CPU without a fast int8 GEMM: count with bincount (float32 one-hot products were ~5x slower there)."""
+    return device.type == "cpu" and not (n < 2**31 and _cpu_int8_gemm_is_fast())
+
+
+def _bincount_block_sums(codes: np.ndarray, bins: int, block_dims: int, occupied: bool):
+    """``_joint_block_sums`` by bincount: codes (d, n) integer bin indices, same yields."""
+    d, n = codes.shape
+    # c ln c of every count 0..n looked up, not recomputed per cell: the same float64 values (so the
+    # same sums), one gather instead of a log per cell, which dominated at a few hundred tokens
+    xlogx = _xlogx_np(np.arange(n + 1)) if n <= _XLOGX_TABLE_MAX else None
+    starts = range(0, d, block_dims)
+    for i0 in starts:
+        for j0 in starts[i0 // block_dims:]:
+            counts = pair_block_counts(codes[i0:i0 + block_dims], codes[j0:j0 + block_dims], bins)
+            cells = xlogx[counts] if xlogx is not None else _xlogx_np(counts)
+            s_joint = torch.from_numpy(cells.sum(-1))
+            if occupied:
+                yield i0, j0, s_joint, torch.from_numpy((counts > 0).sum(-1).astype(np.float64))
+            else:
+                yield i0, j0, s_joint
+
+
+def pair_block_counts(codes_i: np.ndarray, codes_j: np.ndarray, bins: int) -> np.ndarray:
+    """Joint count tables of every pair of a block: (a, n), (b, n) bin codes -> (a, b, bins * bins) int64;
+    cell p * bins + q counts the tokens with codes_i[x] == p and codes_j[y] == q.
+
+    One ``np.bincount`` over keys (x * b + y) * bins^2 + p * bins + q per chunk of tokens: a key array
+    bounded by ``_BINCOUNT_KEY_BYTES``, consecutive keys in one pair's 225 cells (cache-local), N
+    increments a pair. Written by hand because no library offers a batched 2-D bincount; torch's
+    scatter_add_ and bincount were measured 2-4x slower than this on CPU."""
+    a, n = codes_i.shape
+    b = codes_j.shape[0]
+    b2 = bins * bins
+    counts = np.zeros(a * b * b2, np.int64)
+    if a == 0 or b == 0:
+        return counts.reshape(a, b, b2)
+    chunk = max(1, _BINCOUNT_KEY_BYTES // (8 * a * b))
+    keys = np.empty(a * b * min(chunk, n), np.intp)
+    row_i = (np.arange(a, dtype=np.intp) * (b * b2))[:, None]
+    row_j = (np.arange(b, dtype=np.intp) * b2)[:, None]
+    for t0 in range(0, n, chunk):
+        ci = codes_i[:, t0:t0 + chunk].astype(np.intp) * bins + row_i  # (a, t)
+        cj = codes_j[:, t0:t0 + chunk].astype(np.intp) + row_j  # (b, t)
+        k = keys[: a * b * ci.shape[1]].reshape(a, b, ci.shape[1])
+        np.add(ci[:, None, :], cj[None, :, :], out=k)  # one pass writes the keys, no temporaries
+        if n <= chunk:
+            return np.bincount(k.ravel(), minlength=counts.size).reshape(a, b, b2)
+        counts += np.bincount(k.ravel(), minlength=counts.size)
+    return counts.reshape(a, b, b2)
 
 
 def _onehot_dtype(device: torch.device, n: int) -> torch.dtype:
@@ -354,7 +418,7 @@ def histogram_mi_codes(codes, bins: int = 15, block_dims: int | None = None, dev
     k_marg = (marg > 0).sum(1).double()
     out = torch.zeros(d, d, dtype=torch.float64, device=ct.device)
     occ = torch.zeros(d, d, dtype=torch.float64, device=ct.device)
-    for i0, j0, s_joint, k_joint in _joint_block_sums(ct, bins, _block_dims(block_dims, bins, ct.device), occupied=True):
+    for i0, j0, s_joint, k_joint in _joint_block_sums(ct, bins, _block_dims(block_dims, bins, ct.device, n), occupied=True):
         i1, j1 = i0 + s_joint.shape[0], j0 + s_joint.shape[1]
         out[i0:i1, j0:j1] = h_marg[i0:i1, None] + h_marg[None, j0:j1] - (log_n - s_joint / n) / _LN2
         occ[i0:i1, j0:j1] = k_joint
@@ -391,22 +455,35 @@ def null_codes(codes, seed: int = 0) -> np.ndarray:
 def pair_mi_codes(codes, dim_i, dim_j, bins: int = 15, pair_block: int = 256) -> np.ndarray:
     """Plug-in MI in bits of the listed pairs from (n, d) codes via np.bincount: (p,), (p,) -> (p,).
 
-    One bincount over combined codes code_i * B + code_j + pair * B^2 per block of pairs: N ops a pair,
-    used for the null's sample of pairs (the one-hot product suits all pairs)."""
+    Bincount over combined codes pair * B^2 + code_i * B + code_j per block of pairs and chunk of
+    tokens: N increments a pair, used for the null's sample of pairs."""
     bins = _check_bins(bins)
     c = np.asarray(codes)
     n = c.shape[0]
     dim_i, dim_j = np.asarray(dim_i, np.int64), np.asarray(dim_j, np.int64)
-    ct = np.ascontiguousarray(c.T).astype(np.int64)  # (d, n)
+    ct = np.ascontiguousarray(c.T)  # (d, n)
     d = ct.shape[0]
-    marg = np.bincount((ct + (np.arange(d) * bins)[:, None]).ravel(), minlength=d * bins).reshape(d, bins)
+    marg = np.bincount((ct.astype(np.intp) + (np.arange(d) * bins)[:, None]).ravel(), minlength=d * bins).reshape(d, bins)
     h = (math.log(n) - _xlogx_np(marg).sum(1) / n) / _LN2
+    b2 = bins * bins
+    # the cell index code_i * B + code_j in the smallest dtype that holds it: the gathers and the
+    # multiply-add run on 1-byte values, and one pass widens to the bincount key
+    small = np.uint8 if b2 <= 2**8 else np.uint16 if b2 <= 2**16 else np.intp
+    ct = ct.astype(small, copy=False)
+    chunk = max(1, _BINCOUNT_KEY_BYTES // (8 * pair_block))
     out = np.empty(len(dim_i), np.float64)
+    keys = np.empty(min(pair_block, len(dim_i)) * min(chunk, n), np.intp)
     for p0 in range(0, len(dim_i), pair_block):
         a, b = dim_i[p0:p0 + pair_block], dim_j[p0:p0 + pair_block]
-        comb = ct[a] * bins + ct[b] + (np.arange(len(a)) * bins * bins)[:, None]
-        joint = np.bincount(comb.ravel(), minlength=len(a) * bins * bins).reshape(len(a), bins * bins)
-        out[p0:p0 + len(a)] = h[a] + h[b] - (math.log(n) - _xlogx_np(joint).sum(1) / n) / _LN2
+        offs = (np.arange(len(a), dtype=np.intp) * b2)[:, None]
+        joint = np.zeros(len(a) * b2, np.int64)
+        for t0 in range(0, n, chunk):
+            cell = ct[a, t0:t0 + chunk] * small(bins)
+            cell += ct[b, t0:t0 + chunk]
+            key = keys[: cell.size].reshape(cell.shape)
+            np.add(cell, offs, out=key)
+            joint += np.bincount(key.ravel(), minlength=joint.size)
+        out[p0:p0 + len(a)] = h[a] + h[b] - (math.log(n) - _xlogx_np(joint.reshape(len(a), b2)).sum(1) / n) / _LN2
     return out
 
 

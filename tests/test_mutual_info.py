@@ -88,6 +88,8 @@ def test_gpu_code_path_and_int8_fallback_on_cpu(monkeypatch):
         raise RuntimeError("no int8 GEMM here")
 
     monkeypatch.setattr(torch, "_int_mm", no_int_mm)
+    monkeypatch.setattr(mi, "_use_bincount", lambda device, n: False)  # the one-hot paths on any CPU
+    monkeypatch.setattr(mi, "_onehot_dtype", lambda device, n: torch.int8)
     np.testing.assert_allclose(histogram_mi_matrix(x, block_dims=6), ref, atol=1e-9)
     # what a GPU runs: float32 one-hot products and the torch float64 entropy sums
     monkeypatch.setattr(mi, "_onehot_dtype", lambda device, n: torch.float32)
@@ -269,9 +271,40 @@ def test_blocked_accumulation_equals_one_shot(monkeypatch):
     np.testing.assert_array_equal(blk_mm, one_mm)
 
 
-def test_pair_bincount_equals_matrix():
+@pytest.mark.parametrize("key_bytes", [None, 8 * 6 * 5 * 7])  # default, and token chunks of 7
+def test_bincount_path_equals_notebook_and_onehot(monkeypatch, key_bytes):
+    """The CPU path without a fast int8 GEMM (bincount of combined codes), whatever this CPU has."""
+    x = _dependent(n=301, d=13)
+    codes = mi.bin_codes(x, mi.bin_edges(x.min(0), x.max(0), 15))
+    monkeypatch.setattr(mi, "_use_bincount", lambda device, n: False)
+    one_plug, one_mm = mi.histogram_mi_codes(codes, 15)
+    monkeypatch.setattr(mi, "_use_bincount", lambda device, n: True)
+    if key_bytes:
+        monkeypatch.setattr(mi, "_BINCOUNT_KEY_BYTES", key_bytes)
+    for block in (None, 5, 6):
+        plug, mm = mi.histogram_mi_codes(codes, 15, block_dims=block)
+        np.testing.assert_allclose(plug, one_plug, atol=1e-12)
+        np.testing.assert_allclose(mm, one_mm, atol=1e-12)
+    np.testing.assert_allclose(histogram_mi_matrix(x, block_dims=4), pairwise_reference(x), atol=1e-9)
+
+
+def test_pair_block_counts_equal_numpy_histogram2d():
+    rng = np.random.default_rng(3)
+    ci, cj = rng.integers(0, 4, size=(3, 50)), rng.integers(0, 4, size=(2, 50)).astype(np.uint8)
+    counts = mi.pair_block_counts(ci, cj, 4)
+    assert counts.shape == (3, 2, 16) and counts.dtype == np.int64
+    for a in range(3):
+        for b in range(2):
+            ref, _, _ = np.histogram2d(ci[a], cj[b], bins=4, range=[[0, 4], [0, 4]])
+            np.testing.assert_array_equal(counts[a, b].reshape(4, 4), ref)
+
+
+@pytest.mark.parametrize("key_bytes", [None, 8 * 7 * 9])  # default, and token chunks of 9
+def test_pair_bincount_equals_matrix(monkeypatch, key_bytes):
     from probe_core.mutual_info import bin_codes, bin_edges, histogram_mi_codes, pair_mi_codes
 
+    if key_bytes:
+        monkeypatch.setattr(mi, "_BINCOUNT_KEY_BYTES", key_bytes)
     x = _dependent()
     codes = bin_codes(x, bin_edges(x.min(0), x.max(0), 15))
     i, j = np.triu_indices(x.shape[1], 1)
