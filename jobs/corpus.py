@@ -135,13 +135,13 @@ def block_counts(block: pa.Table) -> tuple[list[int], list[int], list[int], list
 class Vocab:
     """Per vocabulary id: decoded text and the two facts the proper-noun rule needs (see probe_core.tokens)."""
 
-    decode: np.ndarray  # (V,) object
+    decode: pa.Array  # (V,) string: a shard's token column is one ``take``, no Python string per token
     looks_proper: np.ndarray  # (V,) bool: longer than 2 characters, first non-space character upper-case
     ends_sentence: np.ndarray  # (V,) bool: ends (trailing whitespace stripped) in . ! ? :
 
     @classmethod
     def of(cls, decode: list[str]) -> "Vocab":
-        return cls(np.asarray(decode, dtype=object),
+        return cls(pa.array(decode, pa.string()),
                    np.array([len(t) > 2 and t.lstrip()[:1].isupper() for t in decode], dtype=bool),
                    np.array([t.rstrip().endswith(SENTENCE_END) for t in decode], dtype=bool))
 
@@ -159,14 +159,12 @@ def shard_table(ids: np.ndarray, rows: np.ndarray, files: np.ndarray, prev_id: i
     pos = np.tile(np.arange(chunk_tokens, dtype=np.int32), n // chunk_tokens)
     next_ids = np.zeros(n, np.int32)
     next_ids[:-1] = ids[1:]
-    names = np.empty(max(file_names) + 1, dtype=object)
-    for i, name in file_names.items():
-        names[i] = name
+    names = pa.array([file_names.get(i) for i in range(max(file_names) + 1)], pa.string())
     return pa.table({
         "chunk": np.repeat(np.arange(first_chunk, first_chunk + n // chunk_tokens, dtype=np.int32), chunk_tokens),
-        "pos": pos, "row": rows.astype(np.int64), "token_id": ids.astype(np.int32), "token": vocab.decode[ids].tolist(),
+        "pos": pos, "row": rows.astype(np.int64), "token_id": ids.astype(np.int32), "token": vocab.decode.take(ids),
         "next_token_id": pa.array(next_ids, mask=pos == chunk_tokens - 1), "is_proper_noun": labels,
-        "source_file": names[files].tolist(),
+        "source_file": names.take(files),
     })
 
 

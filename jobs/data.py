@@ -63,7 +63,14 @@ def read_rows(spec: str, *, config: str | None = None, split: str | None = None,
 
 def encode_rows(rows: list[str], which: list[int], tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize ``rows[i]`` for i in ``which`` (one tokenizer call) -> (ids int32, row index int64 of each token)."""
-    encoded = tokenizer([rows[i] for i in which], add_special_tokens=False)["input_ids"]
+    texts = [rows[i] for i in which]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast") and backend.padding is None and backend.truncation is None:
+        # the Rust tokenizer that tokenizer(...) calls, minus what we discard: character offsets and
+        # the attention-mask lists; the same ids
+        encoded = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    else:
+        encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
     ids = np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(lengths.sum()))
     return ids, np.repeat(np.asarray(which, dtype=np.int64), lengths)

@@ -82,6 +82,23 @@ def test_blocked_tokenization_equals_one_pass(gpt2_tokenizer):
     np.testing.assert_array_equal(capped.token_ids, whole.token_ids[:23])
 
 
+def test_encode_rows_gives_the_tokenizers_own_ids(gpt2_tokenizer):
+    """encode_rows calls the Rust tokenizer directly (no offsets): the ids of tokenizer(...), whatever
+    padding state the tokenizer was left in."""
+    rows = [" = Café Müller = \n", "  two  spaces\tand tab\n", " naïve 日本語 emoji 🙂 ' s\n", "x" * 300 + "\n",
+            " Mary met her friend in London .\n", "\n", " end"]
+    which = [0, 1, 2, 3, 4, 6]
+    want = gpt2_tokenizer([rows[i] for i in which], add_special_tokens=False)["input_ids"]
+    ids, row_of = data.encode_rows(rows, which, gpt2_tokenizer)
+    np.testing.assert_array_equal(ids, np.concatenate(want))
+    np.testing.assert_array_equal(row_of, np.repeat(which, [len(w) for w in want]))
+    try:
+        gpt2_tokenizer.backend_tokenizer.enable_padding(pad_id=gpt2_tokenizer.eos_token_id)  # left by a padded call
+        np.testing.assert_array_equal(data.encode_rows(rows, which, gpt2_tokenizer)[0], np.concatenate(want))
+    finally:
+        gpt2_tokenizer.backend_tokenizer.no_padding()
+
+
 def test_bom_crlf_and_jsonl_are_normalised(tmp_path):
     (tmp_path / "unix.txt").write_bytes(b" = Title = \n\n Mary met her friend . \n")
     (tmp_path / "dos.txt").write_bytes(b"\xef\xbb\xbf = Title = \r\n\r\n Mary met her friend . \r\n")

@@ -265,10 +265,14 @@ def test_blocked_accumulation_equals_one_shot(monkeypatch):
     x = _dependent(n=301)
     codes = np.concatenate([mi.bin_codes(x[a:a + 50], mi.bin_edges(x.min(0), x.max(0), 15)) for a in range(0, 301, 50)])
     one_plug, one_mm = mi.histogram_mi_codes(codes, 15)
-    monkeypatch.setattr(mi, "_ONEHOT_BYTES", 15 * 3 * 40)  # forces token chunks of a few tens of tokens
-    blk_plug, blk_mm = mi.histogram_mi_codes(codes, 15, block_dims=3)
-    np.testing.assert_array_equal(blk_plug, one_plug)
-    np.testing.assert_array_equal(blk_mm, one_mm)
+    monkeypatch.setattr(mi, "_use_bincount", lambda device, n: False)  # the one-hot path on any CPU
+    monkeypatch.setattr(mi, "_onehot_dtype", lambda device, n: torch.float32)
+    for onehot_bytes in (15 * 3 * 40 * 4,  # token chunks of 40 tokens
+                         301 * 15 * 3 * 4 * 2):  # one token chunk, but not all dims: block one-hots reused
+        monkeypatch.setattr(mi, "_ONEHOT_BYTES", onehot_bytes)
+        blk_plug, blk_mm = mi.histogram_mi_codes(codes, 15, block_dims=3)
+        np.testing.assert_allclose(blk_plug, one_plug, atol=1e-12)
+        np.testing.assert_allclose(blk_mm, one_mm, atol=1e-12)
 
 
 @pytest.mark.parametrize("key_bytes", [None, 8 * 6 * 5 * 7])  # default, and token chunks of 7
