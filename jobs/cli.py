@@ -3,7 +3,9 @@ import argparse
 import os
 import sys
 
-from jobs.config import ANALYSES, UsageError, build_config
+from jobs import analyses
+from jobs.config import build_config
+from jobs.errors import UsageError
 
 
 def _int(text: str) -> int:
@@ -36,7 +38,7 @@ def run_parser(sub) -> None:
     a("--text-column", help="the .jsonl field, Parquet column or dataset column holding the text; default text")
     a("--out", help="the run folder: a local path or a pyarrow filesystem URI such as s3://bucket/prefix; default: results/<run-id>")
     a("--run-id", help="name of the run; default: a UTC timestamp")
-    a("--analyses", help=f"comma list of {','.join(ANALYSES)}; default: all")
+    a("--analyses", help=f"comma list of {','.join(analyses.names())}; default: all")
     a("--max-tokens", type=_int, help="use only the first N tokens of the corpus")
     a("--chunk-tokens", type=_int, help="tokens per chunk (at most the model's n_positions); default 1024")
     a("--batch-size", type=_int, help="chunks per forward pass; default: chosen from memory")
@@ -46,14 +48,7 @@ def run_parser(sub) -> None:
     a("--seed", type=_int, help="seed of every random draw (samples, shuffled baseline, KSG jitter); default 0")
     a("--final-hidden", help="hf (last hidden state after ln_f, as HF returns it) or pre_ln_f (last block output); default hf")
     a("--tokenizer", help="tokenizer hub id or folder; default: the first model's")
-    a("--target", help="rotation target, one BPE token; default ' her'")
-    a("--sentences", help="rotation: a file of extra sentences, one per line (run as a right-padded batch)")
-    a("--max-samples", type=_int, help="neurons: at most this many proper nouns (and as many other tokens), drawn from every chunk but the last (held out for the token heatmap); default 1000")
-    a("--mi-tokens", type=_int, help="mi: the first N tokens of the stream; default: 16 chunks for histogram (fewer where the corpus has fewer), the first chunk for ksg")
-    a("--mi-method", help="mi: histogram (15 equal-width bins, bits) or ksg (sklearn mutual_info_regression); default histogram")
-    a("--mi-bins", type=_int, help="mi: histogram bins per dimension; default 15")
     a("--alpha", type=float, help="family-wise significance level before Bonferroni; default 0.05")
-    a("--activations-dtype", help="neurons: float16|float32 storage of the activations table (the fits always use the model's float32 values); default float16")
     a("--max-in-flight", type=_int, help="batches queued per model actor; default 2")
     a("--replicas", help='actors per model: auto (on GPUs, slots in proportion to each model\'s n_params, so the largest '
       'model is not the straggler; one per model on CPUs), N for every model, or JSON such as \'{"gpt2-xl": 3}\' '
@@ -62,6 +57,10 @@ def run_parser(sub) -> None:
     a("--actor-resources", help='JSON: extra Ray resources per model actor, e.g. \'{"gpt2-xl": {"node_b": 1}}\' to place actors on nodes')
     a("--resume", action="store_true", default=None, help="finish an interrupted run (same --run-id/--out): only missing shards are computed")
     a("--allow-pickle", action="store_true", default=None, help="allow pickle (.bin) weights; default: safetensors only")
+    for analysis in analyses.REGISTRY.values():
+        for option in analysis.options:
+            kwargs = {**option.kwargs, "type": _int} if option.kwargs.get("type") is int else option.kwargs
+            a(f"--{option.field.replace('_', '-')}", **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-ANALYSES = ("path", "rotation", "neurons", "mi", "attn_ar")
+from jobs import analyses
+from jobs.errors import UsageError
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -17,10 +19,6 @@ ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9._\[\]:-]+:\d{1,5}|https?
 # pyarrow filesystems --out may name (pyarrow.fs.FileSystem.from_uri).
 OUT_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 MAX_SEED = 2**32 - 1  # sklearn's random_state (KSG jitter) takes at most this
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line with exit code 2, before any heavy work."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,7 @@ class RunConfig:
     text_column: str = "text"  # the .jsonl field, Parquet column or dataset column holding the text
     out: str = ""  # default: results/<run_id>
     run_id: str = ""  # default: a UTC timestamp
-    analyses: tuple[str, ...] = ANALYSES
+    analyses: tuple[str, ...] = field(default_factory=analyses.names)  # default: every registered analysis
     max_tokens: int | None = None
     chunk_tokens: int = 1024
     batch_size: int | None = None  # None: chosen from memory
@@ -62,7 +60,7 @@ class RunConfig:
     def __post_init__(self):
         check_types(self)
         check = _Checker()
-        check.choice("analyses", self.analyses, ANALYSES, many=True)
+        check.choice("analyses", self.analyses, analyses.names(), many=True)
         check.choice("device", self.device, DEVICES)
         check.choice("dtype", self.dtype, DTYPES)
         check.choice("activations_dtype", self.activations_dtype, ("float16", "float32"))
@@ -95,8 +93,9 @@ class RunConfig:
         if "://" in self.out and self.out.split("://", 1)[0].lower() not in OUT_SCHEMES:
             raise UsageError(f"--out {self.out}: unknown URI scheme {self.out.split('://', 1)[0]!r} (use a local path or one of "
                              f"{', '.join(s + '://' for s in OUT_SCHEMES)})")
-        if self.sentences is not None and "rotation" not in self.analyses:
-            raise UsageError("--sentences feeds the rotation analysis, which is not in --analyses: add rotation or drop --sentences")
+        for analysis in analyses.REGISTRY.values():
+            if analysis.check:
+                analysis.check(self)
         if not self.models:
             raise UsageError("--models is empty: give a comma list of hub ids or local model folders")
         if len(set(self.models)) != len(self.models):

@@ -23,10 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.config import UsageError
-from jobs.store import Store
+from jobs.errors import UsageError
+from jobs.store import Store, Table
 from probe_core.tokens import SENTENCE_END
 
+# Once per run, shared by every model; ``probe query`` joins it into the ``tokens`` view.
+CORPUS = Table("corpus", pa.schema([
+    ("chunk", pa.int32()), ("pos", pa.int32()), ("row", pa.int64()), ("token_id", pa.int32()),
+    ("token", pa.string()), ("next_token_id", pa.int32()), ("is_proper_noun", pa.bool_()), ("source_file", pa.string()),
+]), partitions=("shard",))
 SHARD_TOKENS = 65_536  # tokens per corpus shard (rounded down to whole chunks): a ~1 MB Parquet file
 INDEX = "_progress/corpus.json"  # the finished stage's per-shard counts: a resumed run skips the stage
 
@@ -188,7 +193,7 @@ def write_shard(store_uri: str, shard: int, spans: list, blocks: list, has_prev:
     if has_prev:
         ids, rows, files = ids[1:], rows[1:], files[1:]
     table = shard_table(ids, rows, files, prev_id, first_chunk, chunk_tokens, vocab, file_names)
-    path = Store(store_uri).write_table("corpus", "corpus", table, shard=shard)
+    path = Store(store_uri).write_table(CORPUS, "corpus", table, shard=shard)
     return shard_stats(shard, table, sample_chunks, target_id, path)
 
 
@@ -335,7 +340,7 @@ class CorpusReader:
         if s not in self._cache:
             if self._store is None:
                 self._store = Store(self.store_uri)
-            folder = self._store.table_dir("corpus", shard=s)
+            folder = self._store.table_dir(CORPUS, shard=s)
             table = pq.read_table(f"{folder}/corpus.parquet", columns=["chunk", "pos", "token_id"], filesystem=self._store.fs)
             table = table.sort_by([("chunk", "ascending"), ("pos", "ascending")])
             ids = table.column("token_id").to_numpy().astype(np.int64).reshape(-1, self.chunk_tokens)
@@ -386,7 +391,7 @@ def draw_in_shard(store_uri: str, shard: int, k_proper: int, k_other: int, sampl
     """Ray task: (k_proper + k_other, 3) int64 rows (chunk, pos, label) drawn uniformly without replacement
     from the shard's sampling range, by ``default_rng([seed, shard])``."""
     store = Store(store_uri)
-    table = pq.read_table(f"{store.table_dir('corpus', shard=shard)}/corpus.parquet", columns=["chunk", "pos", "is_proper_noun"],
+    table = pq.read_table(f"{store.table_dir(CORPUS, shard=shard)}/corpus.parquet", columns=["chunk", "pos", "is_proper_noun"],
                           filesystem=store.fs).sort_by([("chunk", "ascending"), ("pos", "ascending")])
     chunk, pos = table.column("chunk").to_numpy(), table.column("pos").to_numpy()
     label = table.column("is_proper_noun").to_numpy(zero_copy_only=False) & (chunk < sample_chunks)

@@ -3,7 +3,8 @@ import os
 import platform
 import subprocess
 
-from jobs.config import FIELDS, UsageError
+from jobs.config import FIELDS
+from jobs.errors import UsageError
 from jobs.store import Store
 
 # Settings that change only speed or location, never a result; every other RunConfig field (also any

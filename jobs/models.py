@@ -4,7 +4,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from jobs.config import UsageError
+from jobs.errors import UsageError
 
 WEIGHT_FILES_SAFE = ("model.safetensors", "model.safetensors.index.json")
 WEIGHT_FILES_PICKLE = ("pytorch_model.bin", "pytorch_model.bin.index.json")

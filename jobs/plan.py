@@ -1,20 +1,20 @@
 """What the driver checks and decides: inputs before Ray starts (``check_inputs``), then, once the corpus
-stage has counted the tokens, the frozen ``Plan`` (chunks, sample, batch size, MI tokens, disk)."""
+stage has counted the tokens, the frozen ``Plan`` (chunks, batch size, each analysis's part, disk)."""
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from jobs.config import RunConfig, UsageError
+from jobs import analyses
+from jobs.analyses.base import PlanContext
+from jobs.config import RunConfig
+from jobs.errors import UsageError
 from jobs.corpus import CorpusIndex
-from jobs.data import read_sentences
 from jobs.models import ModelSpec, load_tokenizer, resolve_model
 from jobs.sources import Source, resolve_source
 from jobs.replicas import parse_replicas, requested_counts
 from jobs.store import LEASE, Lease, Store
 from probe_core.tokens import decode_table
-
-MI_DEFAULT_CHUNKS = 16  # --mi-tokens default for histogram MI, in chunks
 
 
 def _size(b: float) -> str:
@@ -30,8 +30,7 @@ class Inputs:
     source: Source
     tokenizer: object
     decode: list[str]
-    target_id: int | None
-    sentences: tuple[np.ndarray, np.ndarray] | None  # (ids, mask), right-padded with EOS
+    parts: dict  # {analysis: its checked inputs} (``Analysis.inputs``)
 
     def describe(self) -> str:
         lines = [f"plan: run {self.cfg.run_id} -> {self.cfg.out}",
@@ -49,13 +48,8 @@ class Plan:
     cfg: RunConfig
     models: list[ModelSpec]
     corpus: CorpusIndex
-    target_id: int | None
-    sentences: tuple[np.ndarray, np.ndarray] | None
-    sample_keys: np.ndarray  # (n, 2) (chunk, pos) of the neuron sample, sorted
-    sample_labels: np.ndarray  # (n,) bool
+    parts: dict  # {analysis: its part of the plan} (``Analysis.plan``), what its actors and tasks read
     batch_size: int
-    mi_chunks: int  # leading chunks whose tokens feed MI
-    mi_tokens: int
 
     @property
     def n_chunks(self) -> int:
@@ -68,9 +62,7 @@ class Plan:
     def disk_estimate(self) -> dict[str, int]:
         """Rough uncompressed bytes per model's tables (each analysis's ``disk_bytes``), and the corpus table's
         (Parquet with zstd usually writes less)."""
-        from jobs import analyses
-
-        chosen = analyses.selected(self.cfg.analyses)
+        chosen = [a for a in analyses.selected(self.cfg.analyses) if a.disk_bytes]
         return {"corpus": self.corpus.n_tokens * 40, **{m.name: sum(a.disk_bytes(self, m) for a in chosen) for m in self.models}}
 
     def describe(self) -> str:
@@ -82,13 +74,9 @@ class Plan:
         ]
         for m in self.models:
             lines.append(f"  model {m.name} writes ~{_size(est[m.name])}")
-        if "neurons" in self.cfg.analyses:
-            acts = sum(len(self.sample_keys) * m.n_layer * m.d_mlp * 2 for m in self.models)
-            held = f", chunk {self.n_chunks - 1} held out" if self.n_chunks > 1 else ""
-            lines.append(f"  neurons: {len(self.sample_keys)} sampled tokens ({int(self.sample_labels.sum())} proper nouns{held}); "
-                         f"activations (float16, every layer): {_size(acts)} in the object store and on disk")
-        if "mi" in self.cfg.analyses:
-            lines.append(f"  mi: {self.cfg.mi_method}, the first {self.mi_tokens} tokens ({self.mi_chunks} chunks)")
+        for a in analyses.selected(self.cfg.analyses):
+            if a.describe:
+                lines += a.describe(self, self.parts.get(a.name))
         lines.append(f"  disk: ~{_size(sum(est.values()))} in all")
         return "\n".join(lines)
 
@@ -136,24 +124,6 @@ def auto_batch_size(cfg: RunConfig, models: list[ModelSpec], on_gpu: bool = Fals
     return int(max(1, min(32 if on_gpu else 16, budget // per_seq)))
 
 
-def single_token(tokenizer, text: str) -> int:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise UsageError(f"--target {text!r} is {len(ids)} BPE tokens ({pieces}), not one: choose a single-token target such as ' her'")
-    return ids[0]
-
-
-def pad_sentences(tokenizer, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    encoded = tokenizer(sentences, add_special_tokens=False)["input_ids"]
-    width = max(len(e) for e in encoded)
-    ids = np.full((len(encoded), width), tokenizer.eos_token_id, dtype=np.int64)
-    mask = np.zeros((len(encoded), width), dtype=np.int64)
-    for i, e in enumerate(encoded):
-        ids[i, : len(e)], mask[i, : len(e)] = e, 1
-    return ids, mask
-
-
 def check_inputs(cfg: RunConfig) -> Inputs:
     """Validate every input that can be checked without tokenizing the corpus; raises UsageError, loads no weights."""
     check_output(cfg)
@@ -173,35 +143,15 @@ def check_inputs(cfg: RunConfig) -> Inputs:
         if len(tokenizer) > m.vocab_size:
             raise UsageError(f"tokenizer has {len(tokenizer)} tokens but {m.name} only {m.vocab_size}: pass the matching --tokenizer")
     source = resolve_source(cfg.data, config=cfg.data_config, split=cfg.data_split, text_column=cfg.text_column)
-    target_id, sentences = None, None
-    if "rotation" in cfg.analyses:
-        target_id = single_token(tokenizer, cfg.target)
-        if cfg.sentences:
-            sentences = pad_sentences(tokenizer, read_sentences(cfg.sentences))
-    return Inputs(cfg=cfg, models=models, source=source, tokenizer=tokenizer, decode=decode_table(tokenizer),
-                  target_id=target_id, sentences=sentences)
+    parts = {a.name: a.inputs(cfg, tokenizer) for a in analyses.selected(cfg.analyses) if a.inputs}
+    return Inputs(cfg=cfg, models=models, source=source, tokenizer=tokenizer, decode=decode_table(tokenizer), parts=parts)
 
 
-def check_target(inputs: Inputs, corpus: CorpusIndex) -> None:
-    """The rotation target must occur after another token, in the corpus or in --sentences."""
-    if inputs.target_id is None:
-        return
-    in_sentences = inputs.sentences is not None and (inputs.sentences[0][:, 1:] == inputs.target_id).any()
-    if not sum(corpus.target) and not in_sentences:
-        raise UsageError(f"--target {inputs.cfg.target!r} never occurs after another token in the corpus: choose another target")
-
-
-def make_plan(inputs: Inputs, corpus: CorpusIndex, sample: tuple[np.ndarray, np.ndarray] | None, on_gpu: bool,
-              batch_size: int | None = None) -> Plan:
-    """Freeze the run. sample: the neuron sample's (keys, labels) (``jobs.corpus.draw_sample``) or None;
-    batch_size: a resumed run's own, else chosen from memory (``auto_batch_size``)."""
+def make_plan(inputs: Inputs, corpus: CorpusIndex, store: Store, on_gpu: bool, batch_size: int | None = None) -> Plan:
+    """Freeze the run: each selected analysis's ``plan`` (which may refuse the corpus: UsageError) and the batch
+    size (a resumed run's own, else chosen from memory: ``auto_batch_size``)."""
     cfg = inputs.cfg
-    keys, labels = sample if sample is not None else (np.zeros((0, 2), np.int64), np.zeros(0, bool))
-    # Histogram MI defaults to MI_DEFAULT_CHUNKS chunks: its plug-in bias falls as 1/N (about 0.12 bits at
-    # 1024 tokens, 0.008 at 16,384), and its cost is linear in N. KSG is superlinear: one chunk.
-    default_mi = MI_DEFAULT_CHUNKS * cfg.chunk_tokens if cfg.mi_method == "histogram" else cfg.chunk_tokens
-    mi_tokens = min(cfg.mi_tokens or default_mi, corpus.n_tokens)
-    return Plan(cfg=cfg, models=inputs.models, corpus=corpus, target_id=inputs.target_id, sentences=inputs.sentences,
-                sample_keys=keys, sample_labels=labels,
-                batch_size=batch_size or auto_batch_size(cfg, inputs.models, on_gpu),
-                mi_chunks=-(-mi_tokens // cfg.chunk_tokens), mi_tokens=mi_tokens)
+    parts = {a.name: a.plan(PlanContext(inputs, inputs.parts.get(a.name), corpus, store))
+             for a in analyses.selected(cfg.analyses) if a.plan}
+    return Plan(cfg=cfg, models=inputs.models, corpus=corpus, parts=parts,
+                batch_size=batch_size or auto_batch_size(cfg, inputs.models, on_gpu))

@@ -1,4 +1,5 @@
-"""Shared figure helpers: model order, lazy sampling/binning of large tables, panel grids and line collections.
+"""Shared figure and summary helpers: model order, lazy sampling/binning of large tables, panel grids, line
+collections, the across-sizes lines on relative depth and the report's per-model summary heads.
 
 Every table helper takes polars LazyFrames and collects only what is drawn (tables can hold 10^7+ rows).
 """
@@ -13,9 +14,12 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 N_BINS = 60
+HEAD_ROWS = 50  # rows of a report table
+DEPTH = "relative depth (layer / n_layer)"
 _SIZE_RANK = {"distilgpt2": 0, "gpt2": 1, "gpt2-medium": 2, "gpt2-large": 3, "gpt2-xl": 4}
 
 
@@ -151,3 +155,60 @@ def density_panels(lf: pl.LazyFrame, col: str, lo_q: float, hi_q: float, xlabel:
         ax.set(title=f"{m} (values in quantiles {lo_q:g}-{hi_q:g})", xlabel=xlabel, ylabel=ylabel)
     fig.suptitle(title)
     return fig
+
+
+def by_model(caption: str, df: pl.DataFrame, *cols: str) -> tuple[str, pl.DataFrame]:
+    """(caption, frame) sorted by model size then ``cols``; each model keeps an equal share of the HEAD_ROWS."""
+    models = sorted(df["model"].unique().to_list(), key=model_sort_key)
+    share = max(1, HEAD_ROWS // max(len(models), 1))
+    head = (df.with_columns(_r=pl.col("model").replace_strict({m: i for i, m in enumerate(models)}))
+            .sort("_r", *cols).group_by("_r", maintain_order=True).head(share).drop("_r"))
+    if head.height < df.height:
+        caption += f" (first {share} rows per model: {head.height} of {df.height} shown)"
+    return caption, head
+
+
+# ---------------------------------------------------------------- across sizes: one line per model on relative depth
+def with_depth(df: pl.DataFrame, n_layers: dict[str, int] | None) -> pl.DataFrame:
+    """``df`` plus n_layer (from ``n_layers``, else the model's largest layer in ``df``) and rel_depth."""
+    known = {m: int(v) for m, v in (n_layers or {}).items() if v}
+    df = df.with_columns(n_layer=pl.col("model").replace_strict(known, default=None, return_dtype=pl.Int64)
+                         .fill_null(pl.col("layer").max().over("model").cast(pl.Int64)))
+    return df.with_columns(rel_depth=pl.col("layer") / pl.col("n_layer")).sort("model", "layer")
+
+
+def _by_depth(df: pl.DataFrame) -> list[str]:
+    """Models by depth then name (smallest first)."""
+    depth = dict(df.group_by("model").agg(pl.col("n_layer").first()).iter_rows())
+    return sorted(depth, key=lambda m: (depth[m], model_sort_key(m)))
+
+
+def depth_lines(ax, df: pl.DataFrame, y: str, band: tuple[str, str] | None = None, marks: str | None = None) -> None:
+    """One line per model over rel_depth; optional CI band and filled markers where ``marks`` is true."""
+    for m in _by_depth(df):
+        d = df.filter(pl.col("model") == m)
+        (line,) = ax.plot(d["rel_depth"], d[y], marker="o", mfc="white", label=f"{m} ({d['n_layer'][0]} layers)")
+        if band and band[0] in d.columns and band[1] in d.columns:
+            ax.fill_between(d["rel_depth"], d[band[0]], d[band[1]], color=line.get_color(), alpha=0.15, lw=0)
+        if marks and marks in d.columns:
+            s = d.filter(pl.col(marks).fill_null(False))
+            ax.scatter(s["rel_depth"], s[y], color=line.get_color(), s=40, zorder=3)
+    ax.set_xlabel(DEPTH)
+    ax.set_xlim(-0.03, 1.03)
+
+
+def depth_legend(ax, mark_label: str | None = None) -> None:
+    handles = ax.get_legend_handles_labels()[0]
+    if mark_label:
+        handles.append(Line2D([], [], marker="o", ls="", color="grey", label=mark_label))
+    ax.legend(handles=handles, fontsize=8)
+
+
+def best_layer(lf: pl.LazyFrame, score: pl.Expr, layer: int | None) -> dict[str, int]:
+    """Per model: ``layer`` if given (models lacking it dropped), else the layer maximising ``score`` (ties: lowest)."""
+    scores = lf.group_by("model", "layer").agg(score.alias("_s")).collect()
+    if layer is not None:
+        scores = scores.filter(pl.col("layer") == layer)
+    best = scores.sort(["model", "_s", "layer"], descending=[False, True, False]).group_by(
+        "model", maintain_order=True).first()
+    return {m: int(lay) for m, lay in best.select("model", "layer").iter_rows()}

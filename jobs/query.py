@@ -3,9 +3,10 @@ import os
 import tempfile
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from jobs.config import UsageError
-from jobs.schema import partition_keys
+from jobs.errors import UsageError
 from jobs.store import Store
 
 HIVE_TYPES = {"model": pl.String, "layer": pl.Int16, "shard": pl.Int32}
@@ -17,26 +18,28 @@ def scan_tables(store: Store) -> dict[str, pl.LazyFrame]:
     """Each table that has files, as a lazy scan with its hive partition columns (model, layer, shard).
 
     ``tokens`` is a view: each model's own columns (next_token_logit) joined on (chunk, pos) with the
-    run's ``corpus`` table (token_id, token, row, next_token_id, is_proper_noun), so queries written
-    for the full tokens table work unchanged.
+    run's ``corpus`` table (token_id, token, row, next_token_id, is_proper_noun).
 
-    ``activations.values`` is a fixed-size list of d_mlp in the files; d_mlp differs between models,
-    so that table is scanned per model and exposed as a variable-length list.
+    A fixed-size list column (``activations.values``: d_mlp values) differs in size between models, so
+    such a table is scanned per model and the column exposed as a variable-length list.
     """
     tables = {}
     for table in store.tables():
-        hive = {k: HIVE_TYPES[k] for k in partition_keys(table)}
-        if table == "activations":
-            models = sorted({f.split("/model=")[1].split("/")[0] for f in store.list_files(table)})
-            scans = [store.scan(f"{table}/model={m}", **hive) for m in models]
-            # float16 unless every model was stored in float32 (--activations-dtype), so nothing is rounded.
-            inner = {s.collect_schema()["values"].inner for s in scans}
-            dtype = pl.Float32 if inner == {pl.Float32} else pl.Float16
-            tables[table] = pl.concat([s.with_columns(pl.col("values").cast(pl.List(dtype))) for s in scans])
-        else:
+        files = store.list_files(table)
+        hive = {k: HIVE_TYPES[k] for k in (p.split("=")[0] for p in files[0][len(store.path(table)):].split("/") if "=" in p)}
+        fixed = [f for f in pq.read_schema(files[0], filesystem=store.fs) if pa.types.is_fixed_size_list(f.type)]
+        if not fixed:
             tables[table] = store.scan(table, **hive)
-    if "tokens" in tables and "corpus" in tables and "token_id" not in tables["tokens"].collect_schema().names():
-        # Runs before the corpus stage stored every column in tokens; since, the shared ones live in corpus.
+            continue
+        models = sorted({f.split("/model=")[1].split("/")[0] for f in files})
+        scans = [store.scan(f"{table}/model={m}", **hive) for m in models]
+        for column in fixed:
+            # float16 unless every model stored float32 (--activations-dtype), so nothing is rounded.
+            inner = {s.collect_schema()[column.name].inner for s in scans}
+            dtype = pl.Float32 if inner == {pl.Float32} else pl.Float16
+            scans = [s.with_columns(pl.col(column.name).cast(pl.List(dtype))) for s in scans]
+        tables[table] = pl.concat(scans)
+    if "tokens" in tables and "corpus" in tables:
         tables["tokens"] = tables["tokens"].join(tables["corpus"].drop("shard", "source_file"), on=["chunk", "pos"],
                                                  how="left").select(TOKEN_COLUMNS)
     return tables

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jobs.config import UsageError
+from jobs.errors import UsageError
 
 AUTO = "auto"
 GiB = 2**30

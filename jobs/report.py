@@ -9,20 +9,19 @@ import os
 
 import polars as pl
 
+from jobs import analyses
 from jobs.across_sizes import summary_table
-from jobs.figures import model_sort_key
+from jobs.plotting import HEAD_ROWS
 
-HEAD_ROWS = 50
-SECTIONS = [  # (key, heading, what it shows)
-    ("across", "Across model sizes", "Each model's headline statistics side by side; per-layer figures on relative "
-                                     "depth (layer / n_layer), one line per model."),
-    ("path", "Path length", "Hidden-state path length across layers and its relation to the next-token logit."),
-    ("rotation", "Rotation", "Residual-stream rotation angles of target tokens vs previous and shuffled tokens."),
-    ("neurons", "Proper-noun neurons", "Per-neuron logistic regression of the proper-noun label on pre-GELU MLP "
-                                       "activations."),
-    ("mi", "Mutual information", "Pairwise mutual information between hidden dimensions per layer."),
-    ("attn_ar", "Attention-norm autoregression", "AR(2) models of log attention-output norms along positions."),
-]
+ACROSS = ("across", "Across model sizes", "Each model's headline statistics side by side; per-layer figures on relative "
+                                          "depth (layer / n_layer), one line per model.")
+
+
+def sections() -> list[tuple[str, str, str]]:
+    """(key, heading, what it shows): the across-sizes overview, then one per analysis."""
+    return [ACROSS] + [(a.name, a.heading, a.blurb) for a in analyses.REGISTRY.values()]
+
+
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;
 color:#222;line-height:1.4}
@@ -63,55 +62,17 @@ def _table(columns: list[str], rows: list, caption: str = "") -> str:
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
 
 
-def _by_model(caption: str, df: pl.DataFrame, *cols: str) -> tuple[str, pl.DataFrame]:
-    """(caption, frame) sorted by model size then ``cols``; each model keeps an equal share of the HEAD_ROWS."""
-    models = sorted(df["model"].unique().to_list(), key=model_sort_key)
-    share = max(1, HEAD_ROWS // max(len(models), 1))
-    head = (df.with_columns(_r=pl.col("model").replace_strict({m: i for i, m in enumerate(models)}))
-            .sort("_r", *cols).group_by("_r", maintain_order=True).head(share).drop("_r"))
-    if head.height < df.height:
-        caption += f" (first {share} rows per model: {head.height} of {df.height} shown)"
-    return caption, head
-
-
 def _summaries(key: str, t: dict[str, pl.LazyFrame], manifest: dict | None = None) -> list[tuple[str, pl.DataFrame]]:
     """(caption, small frame) summary tables of one section; large tables are reduced lazily before collecting."""
     out = []
-    if key == "across":
+    if key == ACROSS[0]:
         df = summary_table(t, manifest)
         if df.width > 3 or any(v is not None for v in df["params"]):
             out.append(("One row per model (params: GPT-2 weights, tied LM head once; n_neurons: neurons x layers "
                         "fitted; mi_excess_bits and mean_ar_b1: means over layers)", df))
-    if key == "path" and "path_summary" in t:
-        out.append(_by_model("Path length vs next-token logit", t["path_summary"].collect()))
-    if key == "rotation" and "rotation" in t:
-        rot = t["rotation"].collect()
-        keys = [c for c in ("target", "source", "layer") if c in rot.columns]
-        out.append(_by_model("Rotation tests per layer", rot, *keys))
-    if key == "neurons" and "neuron_logit" in t:
-        top = (t["neuron_logit"].filter(pl.col("significant")).sort("p", pl.col("z").abs(), descending=[False, True])
-               .group_by("model", "layer", maintain_order=True).head(3)
-               .select("model", "layer", "neuron", "n", "beta", "se", "z", "p", "q_bh", "status").collect())
-        out.append(_by_model("Top 3 significant neurons per model and layer (smallest p)", top, "layer", "p"))
-    if key == "mi" and "mi_summary" in t:
-        ms = t["mi_summary"].collect()
-        out.append(_by_model(_mi_bias_sentence(ms), ms, "layer"))
-    if key == "attn_ar" and "attn_ar" in t:
-        pooled = t["attn_ar"].filter(pl.col("chunk").is_null()).drop("chunk").collect()
-        out.append(_by_model("AR(2) pooled over chunks", pooled, "layer"))
+    elif analyses.REGISTRY[key].summaries:
+        out = analyses.REGISTRY[key].summaries(t, manifest or {})
     return [(c, df) for c, df in out if df.height]
-
-
-def _mi_bias_sentence(ms: pl.DataFrame) -> str:
-    """The plug-in bias at the run's N in one sentence: theory (B-1)^2/(2N ln 2) at 15 bins and the measured null."""
-    from probe_core.mutual_info import plugin_bias_bits
-
-    n = int(ms["n_tokens"].max()) if ms.height else 0
-    null = ms["null_mean_bits"].drop_nans().mean() if "null_mean_bits" in ms.columns else None
-    measured = f"; the measured null (dimensions permuted independently) averages {null:.4f} bits" if null is not None else ""
-    return (f"MI per layer (bits; layer = hidden_states index). At N = {n} tokens the plug-in estimator's bias for "
-            f"independent dimensions is (B−1)²/(2N ln 2) = {plugin_bias_bits(max(n, 1)):.4f} bits at 15 bins{measured}; "
-            "mi_bits_mm and excess_mean_bits correct for it.")
 
 
 def _figure(fig: dict, run_dir: str) -> str:
@@ -162,7 +123,7 @@ def _header(run_dir: str, manifest: dict) -> str:
     meta.update({k.replace("_", " "): manifest[k] for k in ("created", "git_commit", "versions") if k in manifest})
     items = "".join(f"<dt>{html.escape(k)}</dt><dd>{_meta_value(v)}</dd>"
                     for k, v in meta.items() if v not in (None, ""))
-    nav = "".join(f'<a href="#{k}">{html.escape(h)}</a>' for k, h, _ in SECTIONS)
+    nav = "".join(f'<a href="#{k}">{html.escape(h)}</a>' for k, h, _ in sections())
     return (f"<header><h1>gpt2-probe report: {html.escape(str(run_id))}</h1><dl class=\"meta\">{items}</dl>"
             f"{_stages(manifest.get('stages'))}<nav>{nav}</nav></header>")
 
@@ -171,7 +132,7 @@ def _section(key: str, heading: str, blurb: str, figs: list[dict], tables: list,
     parts = [f'<section id="{key}"><h2>{html.escape(heading)}</h2><p>{html.escape(blurb)}</p>']
     figs_html = [_figure(f, run_dir) for f in figs]
     tables_html = [_table(df.columns, df.rows(), cap) for cap, df in tables]
-    parts += tables_html + figs_html if key == "across" else figs_html + tables_html  # overview: table first
+    parts += tables_html + figs_html if key == ACROSS[0] else figs_html + tables_html  # overview: table first
     if not figs and not tables:
         parts.append('<p class="empty">Not run: its tables are absent or empty.</p>')
     return "".join(parts) + "</section>"
@@ -185,7 +146,7 @@ def write_report(run_dir_local: str, manifest: dict, tables: dict[str, pl.LazyFr
     manifest = manifest or {}
     present = {k: v for k, v in tables.items() if v is not None}
     body = [_header(run_dir_local, manifest)]
-    for key, heading, blurb in SECTIONS:
+    for key, heading, blurb in sections():
         figs = [f for f in figures if f.get("section") == key]
         body.append(_section(key, heading, blurb, figs, _summaries(key, present, manifest), run_dir_local))
     title = html.escape(f"gpt2-probe report: {manifest.get('run_id', '')}")

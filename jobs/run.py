@@ -10,14 +10,16 @@ import numpy as np
 import ray
 
 from jobs import analyses
+from jobs.analyses.base import StatsContext
 from jobs import corpus as corpus_stage
-from jobs.config import RunConfig, UsageError
+from jobs.config import RunConfig
+from jobs.errors import UsageError
 from jobs.dispatch import ReplicaSet, dispatch
 from jobs.manifest import Manifest
-from jobs.plan import Inputs, Plan, check_inputs, check_target, make_plan
+from jobs.plan import Inputs, Plan, check_inputs, make_plan
 from jobs.store import LEASE, Lease, Store
 from jobs.query import make_report
-from jobs.worker import Batch, ModelWorker, WorkerConfig, part_name
+from jobs.worker import ModelWorker, WorkerConfig, part_name
 
 
 def log(message: str) -> None:
@@ -241,7 +243,7 @@ def run_capture(plan: Plan, store: Store, workers: ReplicaSet, only: dict | None
     def payload(chunk_ids: np.ndarray) -> ray.ObjectRef:
         part = part_name(chunk_ids)
         if part not in refs:
-            refs[part] = ray.put(Batch.of(chunk_ids, plan.sample_keys, plan.sample_labels))
+            refs[part] = ray.put(np.asarray(chunk_ids, np.int64))
         return refs[part]
 
     def done(model: str, chunk_ids: np.ndarray, result: dict) -> None:
@@ -282,13 +284,9 @@ def capture_until_complete(plan: Plan, store: Store, workers: ReplicaSet, attemp
 
 
 def run_stats(plan: Plan, store: Store, workers: ReplicaSet, task_gpu: float) -> None:
-    """Launch every analysis's statistics tasks for every model at once (jobs/analyses), then the ones
-    that need those done (the neuron heatmap traces, which also need the model actors), then wait."""
-    ctx = analyses.StatsContext(plan, store, workers, {"num_gpus": task_gpu} if task_gpu > 0 else {})
-    chosen = analyses.selected(plan.cfg.analyses)
-    pending = [ref for m in plan.models for a in chosen for ref in a.launch_stats(ctx, m)]
-    pending += [ref for m in plan.models for a in chosen for ref in a.finish_stats(ctx, m)]
-    ray.get(pending)
+    """Launch every analysis's statistics tasks for every model at once, then wait for all of them."""
+    ctx = StatsContext(plan, store, workers, {"num_gpus": task_gpu} if task_gpu > 0 else {})
+    ray.get([ref for m in plan.models for a in analyses.selected(plan.cfg.analyses) if a.stats for ref in a.stats(ctx, m)])
 
 
 def start_workers(plan: Plan, store: Store, shares: dict[str, list[float]]) -> ReplicaSet:
@@ -308,7 +306,7 @@ def start_workers(plan: Plan, store: Store, shares: dict[str, list[float]]) -> R
     order = sorted(plan.models, key=lambda m: -m.n_params)
     actors = {
         m.name: [actor.options(**{**options, "num_gpus": share}, resources=cfg.actor_resources.get(m.name) or None).remote(
-            m, worker_cfg, store.uri, reader, plan.target_id, threads, share) for share in shares[m.name]]
+            m, worker_cfg, store.uri, reader, plan.parts, threads, share) for share in shares[m.name]]
         for m in order
     }
     return ReplicaSet({m.name: actors[m.name] for m in plan.models}, plan.n_chunks)
@@ -382,12 +380,10 @@ def corpus_and_plan(inputs: Inputs, store: Store, manifest: Manifest, local: boo
     try:
         t0 = time.perf_counter()
         manifest.stage("corpus", "running")
-        corpus = corpus_stage.run_corpus_stage(inputs.source, inputs.tokenizer, inputs.decode, cfg, store, inputs.target_id, log=log)
-        check_target(inputs, corpus)
-        sample = corpus_stage.draw_sample(corpus, store, cfg.max_samples, cfg.seed) if "neurons" in cfg.analyses else None
+        corpus = corpus_stage.run_corpus_stage(inputs.source, inputs.tokenizer, inputs.decode, cfg, store, None, log=log)
         manifest.set_corpus(corpus)
         # Batches are fixed per run (part names depend on them): a resumed run keeps the original size.
-        plan = make_plan(inputs, corpus, sample, on_gpu=gpu_shares(cfg, len(inputs.models))[0] > 0,
+        plan = make_plan(inputs, corpus, store, on_gpu=gpu_shares(cfg, len(inputs.models))[0] > 0,
                          batch_size=manifest.previous.get("batch_size"))
         shares, task_gpu = replica_shares(cfg, plan)  # may refuse: GPU slots too small for a model
         if cfg.actor_resources:  # every replica of a pinned model needs the model's resources
@@ -423,7 +419,7 @@ def _run_leased(cfg: RunConfig, inputs: Inputs, store: Store) -> str:
             log(f"[capture] removed {removed} temporaries left by interrupted writers")
         manifest.stage("capture", "done", time.perf_counter() - t0, skipped_batches=skipped)
         stage, t1 = "stats", time.perf_counter()
-        log(f"[stats] analyses: {', '.join(a for a in cfg.analyses if a != 'path')} (+ path summary)")
+        log(f"[stats] analyses: {', '.join(a.name for a in analyses.selected(cfg.analyses) if a.stats)}")
         manifest.stage("stats", "running")
         run_stats(plan, store, workers, task_gpu)
         for w in workers.all_actors():

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from jobs.config import UsageError
+from jobs.errors import UsageError
 
 UNIT_BYTES = 32 * 2**20  # text/jsonl files larger than this are split into byte ranges at line boundaries
 BOM = b"\xef\xbb\xbf"

@@ -8,12 +8,21 @@ import os
 import posixpath
 import sys
 import uuid
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.schema import TABLES, file_schema, partition_keys
+
+
+@dataclass(frozen=True)
+class Table:
+    """One Parquet table: its file schema and the hive partition keys of its folders."""
+
+    name: str
+    schema: pa.Schema
+    partitions: tuple[str, ...] = ("model",)
 
 
 def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -73,17 +82,16 @@ class Store:
             if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
                 self.fs.delete_file(tmp)
 
-    def table_dir(self, table: str, **partitions) -> str:
-        keys = partition_keys(table)
-        missing = [k for k in keys if k not in partitions]
+    def table_dir(self, table, **partitions) -> str:
+        """The folder of one partition of ``table``."""
+        missing = [k for k in table.partitions if k not in partitions]
         if missing:
-            raise ValueError(f"table {table} needs partition values for {missing}")
-        return self.path(table, *[f"{k}={partitions[k]}" for k in keys])
+            raise ValueError(f"table {table.name} needs partition values for {missing}")
+        return self.path(table.name, *[f"{k}={partitions[k]}" for k in table.partitions])
 
-    def write_table(self, table: str, part: str, data: pa.Table, d_mlp: int | None = None, values_dtype: str = "float16",
-                    **partitions) -> str:
-        """Cast ``data`` to the table's schema and write it as ``<part>.parquet`` in its partition."""
-        schema = file_schema(table, d_mlp, values_dtype)
+    def write_table(self, table, part: str, data: pa.Table, schema: pa.Schema | None = None, **partitions) -> str:
+        """Cast ``data`` to the table's schema (or ``schema``) and write it as ``<part>.parquet`` in its partition."""
+        schema = schema or table.schema
         data = data.select(schema.names).cast(schema)
         final = posixpath.join(self.table_dir(table, **partitions), f"{part}.parquet")
         self._atomic_write(final, lambda p: pq.write_table(data, p, filesystem=self.fs, compression="zstd"))
@@ -177,8 +185,15 @@ class Store:
         return pl.scan_parquet(self.urls(folder_rel), hive_partitioning=bool(hive_schema), hive_schema=hive_schema or None,
                                storage_options=self.storage_options())
 
+    def scan_model(self, table, model: str) -> "pl.LazyFrame":
+        """One model's partition of ``table`` as a lazy scan, without the partition columns."""
+        return self.scan(f"{table.name}/model={model}")
+
     def tables(self) -> list[str]:
-        return [t for t in TABLES if self.list_files(t)]
+        """The tables that have files: top-level folders holding Parquet files (``_progress``, ``figures`` do not)."""
+        top = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False, allow_not_found=True))
+        names = sorted(posixpath.basename(i.path) for i in top if i.type == pafs.FileType.Directory)
+        return [n for n in names if not n.startswith(("_", ".")) and self.list_files(n)]
 
     def list_files(self, table: str) -> list[str]:
         selector = pafs.FileSelector(self.path(table), recursive=True, allow_not_found=True)
@@ -245,7 +260,7 @@ class Lease:
         return self._read_tagged()[0]
 
     def acquire(self) -> None:
-        from jobs.config import UsageError
+        from jobs.errors import UsageError
 
         self.store.fs.create_dir(self.store.root, recursive=True)
         for _ in range(3):
@@ -263,7 +278,7 @@ class Lease:
 
     def check_free(self, held: dict | None = None) -> None:
         """Raise a UsageError naming the holder if another run holds a live lease on the folder."""
-        from jobs.config import UsageError
+        from jobs.errors import UsageError
 
         held = self._read() if held is None else held
         if held is not None and self.clock() - float(held.get("refreshed", 0)) < LEASE_STALE_S and not self._holder_dead(held):
@@ -370,7 +385,7 @@ class _S3Key:
     """
 
     def __init__(self, store: Store):
-        from jobs.config import UsageError
+        from jobs.errors import UsageError
 
         try:
             import boto3

@@ -1,5 +1,6 @@
-"""Token heatmap of the best proper-noun neuron: a chunk's text with each token's box coloured by that neuron's
-pre-GELU activation (table ``neuron_heatmap``), token text from table ``tokens``.
+"""Figures of the proper-noun neurons: logistic-regression coefficients, significant neurons per layer (and
+across sizes), and the token heatmap of the best neuron: a chunk's text with each token's box coloured by that
+neuron's pre-GELU activation (table ``neuron_heatmap``), token text from table ``tokens``.
 
 ``neuron_heatmap`` holds, per model, one neuron (layer = block index 1..n_layer) over up to two chunks: one
 from the neuron sample (``in_sample_chunk``; its sampled tokens have ``sampled``) and one held out.
@@ -12,12 +13,22 @@ import polars as pl
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
-from jobs.plotting import NoData, collect, models_of, pick, safe
+from jobs.analyses.base import FigureSpec
+from jobs.plotting import (NoData, best_layer, collect, depth_legend, depth_lines, int_x, models_of, panels, pick, safe,
+                           with_depth)
 
 HEATMAP_TITLES = {
     "token_heatmap_in_sample": "Token heatmap of the best proper-noun neuron: a chunk from the neuron sample",
     "token_heatmap_held_out": "Token heatmap of the best proper-noun neuron: a held-out chunk (no sampled tokens)",
+}
+TITLES = {
+    "neurons_beta": "Proper-noun neurons: logistic-regression coefficients in one layer",
+    "neurons_per_layer": "Proper-noun neurons: significant neurons per layer",
+    **HEATMAP_TITLES,
+    "across_neurons_frac": "Across sizes: fraction of significant proper-noun neurons per layer",
 }
 _MONO_ADVANCE = 0.602  # DejaVu Sans Mono glyph advance in em: fixes the layout without measuring text
 _HM_COLS = ["model", "layer", "neuron", "chunk", "pos", "activation", "sampled"]
@@ -144,3 +155,76 @@ def fig_token_heatmap(neuron_heatmap: pl.LazyFrame, tokens: pl.LazyFrame, neuron
         ax.set_title(_panel_title(m, d, fits.get(m), in_sample), fontsize=10)
     fig.suptitle(HEATMAP_TITLES[heatmap_name(in_sample)])
     return fig
+
+
+def neuron_layers(neuron_logit: pl.LazyFrame, layer: int | None = None) -> dict[str, int]:
+    """Layer to show per model: ``layer`` if given, else the layer with most significant neurons."""
+    return best_layer(neuron_logit, pl.col("significant").sum(), layer)
+
+
+def fig_neuron_betas(neuron_logit: pl.LazyFrame, layer: int | None = None) -> Figure:
+    """Per model: beta by neuron index and beta vs -log10 p for one layer, significant neurons in red."""
+    layers = neuron_layers(neuron_logit, layer)
+    sel = pick(layers, "layer")
+    df = collect(neuron_logit.filter(sel & pl.col("beta").is_finite() & pl.col("p").is_not_null())
+                 .select("model", "neuron", "beta", "p", "significant"), "neuron betas")
+    models = models_of(df)
+    fig, axes = panels(2 * len(models), ncols=2, w=5.5)
+    for i, m in enumerate(models):
+        d = df.filter(pl.col("model") == m).sort("significant")  # significant drawn last, on top
+        sig = d["significant"].to_numpy()
+        colors = np.where(sig, "tab:red", "tab:gray")
+        nlp = -np.log10(np.clip(d["p"].to_numpy(), 1e-300, 1.0))
+        ax_b, ax_v = axes[2 * i], axes[2 * i + 1]
+        ax_b.scatter(d["neuron"], d["beta"], s=4, c=colors, rasterized=True)
+        ax_b.axhline(0, color="black", lw=0.8)
+        ax_b.set(title=f"{m}, layer {layers[m]}: {int(sig.sum())} of {len(sig)} significant",
+                 xlabel="neuron index (MLP c_fc)", ylabel="β (log-odds per activation unit)")
+        ax_v.scatter(d["beta"], nlp, s=4, c=colors, rasterized=True)
+        ax_v.set(title=f"{m}, layer {layers[m]}: volcano", xlabel="β (log-odds per activation unit)",
+                 ylabel="−log10 p (Wald)")
+        ax_v.legend(handles=[Line2D([], [], marker="o", ls="", color="tab:red", label="significant"),
+                             Line2D([], [], marker="o", ls="", color="tab:gray", label="not significant")], fontsize=8)
+    fig.suptitle(TITLES["neurons_beta"])
+    return fig
+
+
+def fig_neurons_per_layer(neuron_logit: pl.LazyFrame) -> Figure:
+    """Number of significant neurons per layer, one line per model."""
+    df = collect(neuron_logit.group_by("model", "layer").agg(pl.col("significant").sum().alias("n_sig"))
+                 .sort("layer"), "significant neurons per layer")
+    fig, (ax,) = panels(1, w=7.0, h=4.2)
+    for m in models_of(df):
+        d = df.filter(pl.col("model") == m)
+        ax.plot(d["layer"], d["n_sig"], marker="o", label=m)
+    ax.set(ylabel="significant neurons (count)", ylim=(0, None), title="neurons with significant = true")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    int_x(ax)
+    ax.legend()
+    fig.suptitle(TITLES["neurons_per_layer"])
+    return fig
+
+
+def fig_neurons_frac(neuron_logit: pl.LazyFrame, n_layers: dict[str, int] | None = None) -> Figure:
+    """Across sizes: fraction of the layer's neurons with significant = true."""
+    df = with_depth(collect(neuron_logit.group_by("model", "layer").agg(
+        pl.col("significant").cast(pl.Float64).mean().alias("frac")), "significant neurons"), n_layers)
+    fig, (ax,) = panels(1, w=7.0, h=4.2)
+    depth_lines(ax, df, "frac")
+    ax.set(ylabel="significant neurons (fraction of the layer)", ylim=(0, None))
+    depth_legend(ax)
+    fig.suptitle(TITLES["across_neurons_frac"])
+    return fig
+
+
+def _spec(name: str, needs: tuple[str, ...], draw) -> FigureSpec:
+    return FigureSpec(name, TITLES[name], needs, draw)
+
+
+FIGURES = (
+    _spec("neurons_beta", ("neuron_logit",), lambda t, n_layers: fig_neuron_betas(t["neuron_logit"])),
+    _spec("neurons_per_layer", ("neuron_logit",), lambda t, n_layers: fig_neurons_per_layer(t["neuron_logit"])),
+    *[_spec(heatmap_name(flag), ("neuron_heatmap", "tokens"), lambda t, n_layers, flag=flag: fig_token_heatmap(
+        t["neuron_heatmap"], t["tokens"], t.get("neuron_logit"), in_sample=flag)) for flag in (True, False)],
+)
+ACROSS_FIGURES = (_spec("across_neurons_frac", ("neuron_logit",), lambda t, n_layers: fig_neurons_frac(t["neuron_logit"], n_layers)),)
