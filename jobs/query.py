@@ -6,7 +6,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.errors import UsageError
+from jobs.errors import UsageError, one_line
+from jobs.schema import all_tables
 from jobs.store import Store
 
 HIVE_TYPES = {"model": pl.String, "layer": pl.Int16, "shard": pl.Int32}
@@ -66,16 +67,22 @@ def open_run(uri: str) -> Store:
 
 
 def check_footers(store: Store) -> None:
-    """UsageError naming the first Parquet file whose footer cannot be read (a truncated shard)."""
-    import pyarrow.parquet as pq
-
+    """The one check of a run's files where a run is opened: UsageError naming the first Parquet file whose
+    footer cannot be read (a truncated shard), or whose columns are not the ones this version writes (a run
+    written by an older version, whose layout is not read: rerunning it is the upgrade)."""
+    known = all_tables()
     for table in store.tables():
         for path in store.list_files(table):
             try:
-                pq.read_metadata(path, filesystem=store.fs)
+                columns = set(pq.read_metadata(path, filesystem=store.fs).schema.names)
             except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a cut-short file
-                raise UsageError(f"{path} is damaged ({str(e).splitlines()[0]}): finish the run again with "
+                raise UsageError(f"{path} is damaged ({one_line(e)}): finish the run again with "
                                  f"probe run --resume --run-id <id> --out {store.uri}") from None
+            want = set(known[table].schema.names) if table in known else columns
+            if columns != want:
+                diff = ", ".join([f"lacks {c}" for c in sorted(want - columns)] + [f"has {c}" for c in sorted(columns - want)])
+                raise UsageError(f"{store.uri} was written by another version of gpt2-probe (table {table} {diff}): "
+                                 f"rerun it with this version into a new --out")
 
 
 def run_query(uri: str, sql: str) -> pl.DataFrame:

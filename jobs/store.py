@@ -125,11 +125,11 @@ class Store:
 
     def verified_parts(self, folder_rel: str) -> set[str]:
         """The markers in ``folder_rel`` whose listed shards all exist with a readable footer and the
-        recorded row count; a marker without a shard list (older runs) counts as verified."""
+        recorded row count."""
         good = set()
         for part in self.list_parts(folder_rel, ".json"):
             try:
-                shards = self.read_json(f"{folder_rel}/{part}.json").get("shards", {})
+                shards = self.read_json(f"{folder_rel}/{part}.json")["shards"]
                 if all(pq.read_metadata(self.path(rel), filesystem=self.fs).num_rows == rows for rel, rows in shards.items()):
                     good.add(part)
             except Exception:  # a missing or truncated shard or marker: the batch is recomputed

@@ -5,10 +5,12 @@ import polars as pl
 import pytest
 
 from jobs import across_sizes, figures
+from jobs.analyses.neurons import figures as neuron_figures
 from jobs.report import write_report
 from tests.test_figures import MODELS, make_tables
 
 PARAMS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168}
+ACROSS_NAMES = ["across_path_r", "across_rotation_t", "across_neurons_frac", "across_mi_excess", "across_attn_ar"]
 
 
 def with_new_columns(frames: dict, seed: int = 1) -> dict:
@@ -56,16 +58,12 @@ def test_summary_table_matches_the_per_model_tables(new_frames):
         assert len(ar) == c["n_layer"] and row["mean_ar_b1"] == pytest.approx(np.mean(ar["b1"].to_numpy()))
 
 
-def test_old_runs_leave_cells_out(new_frames):
-    new = ("r_ci_low", "r_ci_high", "null_mean_bits", "null_p95_bits", "excess_mean_bits", "mean_bits_mm")
-    old = {k: v.drop(new, strict=False) for k, v in make_tables().items()}  # an older run: cells vanish, no crash
-    t = {k: v.lazy() for k, v in old.items() if k != "attn_ar"}
-    got = across_sizes.summary_table(t, {})
-    assert "r_ci_low" not in got.columns and "mi_excess_bits" not in got.columns and "mean_ar_b1" not in got.columns
+def test_summary_table_without_manifest_or_tables(new_frames):
+    t = {k: v.lazy() for k, v in new_frames.items() if k != "attn_ar"}
+    got = across_sizes.summary_table(t, {})  # an analysis not run: its cells vanish, no crash
+    assert "mean_ar_b1" not in got.columns and "mi_excess_bits" in got.columns
     assert dict(zip(got["model"], got["n_layer"])) == {m: c["n_layer"] for m, c in MODELS.items()}  # from the tables
     assert got["params"].null_count() == 2
-    with pytest.raises(figures.NoData, match="excess"):
-        across_sizes.fig_mi_excess(old["mi_summary"].lazy())
     assert across_sizes.summary_table({}, {}).height == 0
 
 
@@ -74,10 +72,10 @@ def test_figures_use_relative_depth(new_frames, tmp_path):
     n_layers = {m: c["n_layer"] for m, c in MODELS.items()}
     entries = figures.render_all(t, str(tmp_path), n_layers=n_layers)
     names = [e["name"] for e in entries if e["section"] == "across"]
-    assert names == list(across_sizes.TITLES)
+    assert names == list(ACROSS_NAMES)
     for e in entries[:5]:
         assert open(e["png"], "rb").read(8).startswith(b"\x89PNG") and open(e["svg"], "rb").read(2000).find(b"<svg") >= 0
-    fig = across_sizes.fig_neurons_frac(t["neuron_logit"], n_layers)
+    fig = neuron_figures.fig_neurons_frac(t["neuron_logit"], n_layers)
     (ax,) = fig.axes
     lines = [ln for ln in ax.get_lines() if ln.get_label().startswith("gpt2")]
     for ln, (m, c) in zip(lines, MODELS.items()):
@@ -219,7 +217,7 @@ def test_across_table_of_a_real_run_matches_its_per_model_tables(e2e_run):
     with open(f"{e2e_run['out']}/report.html", encoding="utf-8") as f:
         page = f.read()
     sec = page[page.index('<section id="across">'):].split("</section>")[0]
-    assert sec.count("<figure") == len(across_sizes.TITLES)
+    assert sec.count("<figure") == len(ACROSS_NAMES)
     head, body = _html_table(sec)
     assert head == E2E_COLUMNS and [r[0] for r in body] == order
     for cells in body:

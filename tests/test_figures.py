@@ -7,7 +7,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from jobs import figures, plotting, token_heatmap
+from jobs import figures, plotting
+from jobs.analyses import attn_ar, path, rotation
+from jobs.analyses.mi import figures as mi_figures
+from jobs.analyses.neurons import figures as token_heatmap
+from jobs.plotting import NoData
 from jobs.report import write_report
 
 MODELS = {"gpt2": dict(n_layer=3, n_embd=6, d_mlp=10), "gpt2-medium": dict(n_layer=4, n_embd=7, d_mlp=12)}
@@ -58,10 +62,10 @@ def _rotation_tables(model, n_layer, rng):
     occ = [(t, s, c, p) for t in (" Paris", "<script>") for s in ("corpus", "sentences") for c, p in [(0, 3), (1, 5)]]
     ra = pl.DataFrame([dict(model=model, target=t, source=s, chunk=c, pos=p, layer=lay, kind=k,
                             angle_rad=float(rng.uniform(0, 2)))
-                       for t, s, c, p in occ for lay in range(1, n_layer + 1) for k in figures.KIND_COLORS],
+                       for t, s, c, p in occ for lay in range(1, n_layer + 1) for k in rotation.KIND_COLORS],
                       schema_overrides=dict(chunk=I32, pos=I32, layer=I16, angle_rad=pl.Float32))
     means = [pl.col("angle_rad").filter(pl.col("kind") == k).mean().cast(pl.Float64).alias(f"mean_{k}_rad")
-             for k in figures.KIND_COLORS]
+             for k in rotation.KIND_COLORS]
     rot = ra.group_by("model", "target", "source", "layer", maintain_order=True).agg(
         (pl.len() // 3).cast(I32).alias("n"), *means)
     rot = rot.with_columns(t=pl.Series(rng.normal(0, 3, rot.height)), p=pl.Series(rng.uniform(0, 0.1, rot.height)))
@@ -167,13 +171,13 @@ def test_default_layers_follow_the_data(frames):
         d = nl.filter(pl.col("model") == model)
         counts = {lay: int(d.filter(pl.col("layer") == lay)["significant"].sum()) for lay in d["layer"].unique()}
         top = max(counts.values())
-        assert figures.neuron_layers(nl.lazy())[model] == min(k for k, v in counts.items() if v == top)
+        assert token_heatmap.neuron_layers(nl.lazy())[model] == min(k for k, v in counts.items() if v == top)
     mi = frames["mi"]
     means = mi.group_by("model", "layer").agg(pl.col("mi_bits").mean())
-    for model, layer in figures.mi_layers(mi.lazy()).items():
+    for model, layer in mi_figures.mi_layers(mi.lazy()).items():
         m = means.filter(pl.col("model") == model)
         assert layer == m.sort("mi_bits", descending=True)["layer"][0]
-    assert figures.mi_layers(mi.lazy(), layer=2) == {"gpt2": 2, "gpt2-medium": 2}
+    assert mi_figures.mi_layers(mi.lazy(), layer=2) == {"gpt2": 2, "gpt2-medium": 2}
 
 
 def test_binned_density_matches_numpy_histogram(frames):
@@ -227,14 +231,14 @@ def test_token_heatmap_draws_the_chunk_text_coloured_by_the_neuron(frames, in_sa
 
 def test_path_title_has_r(frames):
     lazy = {k: v.lazy() for k, v in frames.items()}
-    fig = figures.fig_logit_vs_step(lazy["tokens"], lazy["layer_metrics"], lazy["path_summary"])
+    fig = path.fig_logit_vs_step(lazy["tokens"], lazy["layer_metrics"], lazy["path_summary"])
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert [f"r = {r:.3f}" in t for r, t in zip(frames["path_summary"]["r_path_logit"], titles)] == [True, True]
 
 
 def test_figure_rejects_empty_input(frames):
-    with pytest.raises(figures.NoData, match="no rows"):
-        figures.fig_attn_ar_coefs(frames["attn_ar"].lazy().filter(pl.col("chunk").is_not_null()))
+    with pytest.raises(NoData, match="no rows"):
+        attn_ar.fig_attn_ar_coefs(frames["attn_ar"].lazy().filter(pl.col("chunk").is_not_null()))
 
 
 def test_write_report_is_self_contained(frames, rendered, tmp_path):
@@ -269,16 +273,16 @@ def test_write_report_without_tables(tmp_path):
 
 
 def test_synthetic_tables_match_the_parquet_schema(frames):
-    from jobs.schema import TABLES, file_schema
+    from jobs.schema import all_tables
 
     from jobs.query import TOKEN_COLUMNS
 
     # The figures see tables as scan_tables gives them: ``tokens`` is the view joined with the corpus table.
     assert sorted(frames["tokens"].columns) == sorted(TOKEN_COLUMNS)
-    for name in TABLES:  # activations: the models' fixed-size lists concatenate to a plain list
+    for name, table in all_tables().items():  # activations: the models' fixed-size lists concatenate to a plain list
         if name == "corpus":  # once per run, no model column: the tokens frame stands for it (above)
             continue
-        expected = pl.from_arrow(file_schema(name).empty_table()).schema
+        expected = pl.from_arrow(table.schema.empty_table()).schema
         got = frames[name].filter(pl.col("model") == "gpt2").select(list(expected)).schema
         assert {c: str(t) for c, t in got.items()} == {c: str(t) for c, t in expected.items()}, name
         assert frames[name].schema["model"] == pl.String
@@ -289,11 +293,9 @@ def test_attn_ar_markers_follow_the_significant_columns(frames):
     pooled = frames["attn_ar"].filter(pl.col("chunk").is_null())
 
     def filled(df):
-        fig = figures.fig_attn_ar_coefs(df.lazy())
+        fig = attn_ar.fig_attn_ar_coefs(df.lazy())
         return [sum(len(c.get_offsets()) for c in ax.collections) for ax in fig.axes[:2]]
 
     none = pooled.with_columns(significant1=False, significant2=False)
     every = pooled.with_columns(significant1=True, significant2=True)
     assert filled(none) == [0, 0] and filled(every) == [pooled.height, pooled.height]
-    legacy = pooled.drop("significant1", "significant2").with_columns(p1=pl.lit(0.0), p2=pl.lit(1.0))
-    assert filled(legacy) == [pooled.height, 0]  # old tables: p < alpha / layers

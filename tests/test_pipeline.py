@@ -115,24 +115,25 @@ def test_tokens_rows_and_labels(run_dir, inputs):
 def test_every_file_has_the_documented_schema(run_dir):
     import pyarrow.parquet as pq
 
-    from jobs.schema import TABLES, file_schema
+    from jobs.analyses.neurons import activations_schema
+    from jobs.schema import all_tables
     from jobs.store import Store
 
     store = Store(run_dir)
-    assert set(store.tables()) == set(TABLES)
-    for name in TABLES:
+    assert set(store.tables()) == set(all_tables())
+    for name, table in all_tables().items():
         for path in store.list_files(name):
             schema = pq.read_schema(path)
-            expected = file_schema(name, d_mlp=schema.field("values").type.list_size if name == "activations" else None)
+            expected = activations_schema(schema.field("values").type.list_size, "float16") if name == "activations" else table.schema
             assert schema.remove_metadata().equals(expected), (name, path)
 
 
 def test_readme_documents_every_column():
-    from jobs.schema import TABLES
+    from jobs.schema import all_tables
 
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     schema_part = readme[readme.index("## Schema"):]
-    for name, schema in TABLES.items():
+    for name, schema in ((n, t.schema) for n, t in all_tables().items()):
         assert f"| {name} |" in schema_part, name
         for column in schema.names:
             assert column in schema_part, (name, column)

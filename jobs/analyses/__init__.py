@@ -1,6 +1,14 @@
 """The registry of analyses: each lives in its own module or folder and exports ``ANALYSIS``
 (``jobs.analyses.base.Analysis``). Everything else iterates ``REGISTRY`` and never names an analysis.
-Adding one: a module here and one line below."""
+
+Adding one: a module here and one line below, or, from outside the package, a module named in the
+environment variable ``PROBE_ANALYSES`` (comma list of importable modules, each exporting ``ANALYSIS``),
+which the driver and every Ray worker import (a local Ray instance inherits the driver's environment;
+on a cluster set it in the job's ``runtime_env``).
+"""
+import importlib
+import os
+
 from jobs.analyses import attn_ar, mi, neurons, path, rotation
 from jobs.analyses.base import Analysis, Table
 
@@ -8,8 +16,12 @@ REGISTRY: dict[str, Analysis] = {m.ANALYSIS.name: m.ANALYSIS for m in (path, rot
 
 
 def register(analysis: Analysis) -> None:
-    """Add an analysis (an extension package, or a test's toy analysis) after the built-in ones."""
+    """Add an analysis after the built-in ones."""
     REGISTRY[analysis.name] = analysis
+
+
+for _module in filter(None, (m.strip() for m in os.environ.get("PROBE_ANALYSES", "").split(","))):
+    register(importlib.import_module(_module).ANALYSIS)
 
 
 def names() -> tuple[str, ...]:
