@@ -8,6 +8,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+import yaml
+
+from jobs.errors import UsageError, one_line
+
 ANALYSES = ("path", "rotation", "neurons", "mi", "attn_ar")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -17,10 +21,6 @@ ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9._\[\]:-]+:\d{1,5}|https?
 # pyarrow filesystems --out may name (pyarrow.fs.FileSystem.from_uri).
 OUT_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 MAX_SEED = 2**32 - 1  # sklearn's random_state (KSG jitter) takes at most this
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line with exit code 2, before any heavy work."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,7 @@ class RunConfig:
         for name in ("data_config", "data_split"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise UsageError(f"--{name.replace('_', '-')} is empty: drop it or give a value")
-        from jobs.replicas import parse_replicas  # here: jobs.replicas imports UsageError from this module
-
+        from jobs.replicas import parse_replicas  # here: it imports numpy, which would triple probe --help's start-up
         parse_replicas(self.replicas)
         if self.seed > MAX_SEED:
             raise UsageError(f"--seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
@@ -205,15 +204,13 @@ def _coerce(name: str, value):
 
 def load_yaml(path: str) -> dict:
     """Read a YAML config: a mapping of RunConfig keys (dashes or underscores). Unknown keys are refused."""
-    import yaml
-
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file") from None
     except yaml.YAMLError as e:
-        raise UsageError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"--config {path} is not valid YAML: {one_line(e)}") from None
     if not isinstance(raw, dict):
         raise UsageError(f"--config {path} must hold a mapping of option: value")
     out = {}

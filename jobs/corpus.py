@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.config import UsageError
+from jobs.errors import UsageError
 from jobs.store import Store
 from probe_core.tokens import SENTENCE_END
 

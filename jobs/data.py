@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jobs import sources
-from jobs.config import UsageError
+from jobs.errors import UsageError
 
 
 @dataclass(frozen=True)

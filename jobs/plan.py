@@ -5,12 +5,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jobs.config import RunConfig, UsageError
+from jobs import analyses
+from jobs.config import RunConfig
 from jobs.corpus import CorpusIndex
 from jobs.data import read_sentences
+from jobs.errors import UsageError
 from jobs.models import ModelSpec, load_tokenizer, resolve_model
-from jobs.sources import Source, resolve_source
+from jobs.query import open_store
 from jobs.replicas import parse_replicas, requested_counts
+from jobs.sources import Source, resolve_source
 from jobs.store import LEASE, Lease, Store
 from probe_core.tokens import decode_table
 
@@ -68,8 +71,6 @@ class Plan:
     def disk_estimate(self) -> dict[str, int]:
         """Rough uncompressed bytes per model's tables (each analysis's ``disk_bytes``), and the corpus table's
         (Parquet with zstd usually writes less)."""
-        from jobs import analyses
-
         chosen = analyses.selected(self.cfg.analyses)
         return {"corpus": self.corpus.n_tokens * 40, **{m.name: sum(a.disk_bytes(self, m) for a in chosen) for m in self.models}}
 
@@ -106,8 +107,6 @@ def check_local_out(out: str) -> None:
 
 
 def check_output(cfg: RunConfig) -> Store:
-    from jobs.query import open_store
-
     store = open_store(cfg.out, "--out")
     if store.is_local:
         check_local_out(store.root)

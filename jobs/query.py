@@ -3,8 +3,10 @@ import os
 import tempfile
 
 import polars as pl
+import pyarrow.parquet as pq
 
-from jobs.config import UsageError
+from jobs.errors import UsageError, one_line
+from jobs.manifest import read_manifest
 from jobs.schema import partition_keys
 from jobs.store import Store
 
@@ -36,7 +38,8 @@ def scan_tables(store: Store) -> dict[str, pl.LazyFrame]:
         else:
             tables[table] = store.scan(table, **hive)
     if "tokens" in tables and "corpus" in tables and "token_id" not in tables["tokens"].collect_schema().names():
-        # Runs before the corpus stage stored every column in tokens; since, the shared ones live in corpus.
+        # tokens files without token_id: the columns all models share live in the corpus table, join them back
+        # (a run whose tokens files hold every column is read as it is).
         tables["tokens"] = tables["tokens"].join(tables["corpus"].drop("shard", "source_file"), on=["chunk", "pos"],
                                                  how="left").select(TOKEN_COLUMNS)
     return tables
@@ -47,16 +50,13 @@ def open_store(uri: str, what: str) -> Store:
     try:
         return Store(uri)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for URIs it cannot open
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"{what} {uri} cannot be opened ({first[:200]})") from None
+        raise UsageError(f"{what} {uri} cannot be opened ({one_line(e)[:200]})") from None
 
 
 def open_run(uri: str) -> Store:
     store = open_store(uri, "the run folder")
     if not store.exists("manifest.json"):
         raise UsageError(f"{uri} holds no run (no manifest.json): give the --out folder of a probe run")
-    from jobs.manifest import read_manifest
-
     read_manifest(store)
     check_footers(store)
     return store
@@ -64,14 +64,12 @@ def open_run(uri: str) -> Store:
 
 def check_footers(store: Store) -> None:
     """UsageError naming the first Parquet file whose footer cannot be read (a truncated shard)."""
-    import pyarrow.parquet as pq
-
     for table in store.tables():
         for path in store.list_files(table):
             try:
                 pq.read_metadata(path, filesystem=store.fs)
             except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a cut-short file
-                raise UsageError(f"{path} is damaged ({str(e).splitlines()[0]}): finish the run again with "
+                raise UsageError(f"{path} is damaged ({one_line(e)}): finish the run again with "
                                  f"probe run --resume --run-id <id> --out {store.uri}") from None
 
 
@@ -82,11 +80,12 @@ def run_query(uri: str, sql: str) -> pl.DataFrame:
         return context.execute(sql).collect()
     except Exception as e:  # polars raises several error types for bad SQL or unknown tables
         names = ", ".join(sorted(context.tables()))
-        raise UsageError(f"query failed: {str(e).splitlines()[0]} (tables: {names})") from None
+        raise UsageError(f"query failed: {one_line(e)} (tables: {names})") from None
 
 
 def make_report(store: Store, manifest: dict | None = None) -> str:
     """Render every figure under OUT/figures and write OUT/report.html; returns the report's path."""
+    # Here, not at the top: matplotlib is only for the report, and probe query should not pay its import.
     from jobs.across_sizes import model_info
     from jobs.figures import render_all
     from jobs.report import write_report

@@ -6,13 +6,18 @@ Layout: ``OUT/<table>/model=<name>[/layer=<l>]/<part>.parquet``, ``OUT/manifest.
 import json
 import os
 import posixpath
+import socket
 import sys
+import threading
+import time
 import uuid
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from jobs.errors import UsageError
 from jobs.schema import TABLES, file_schema, partition_keys
 
 
@@ -90,13 +95,7 @@ class Store:
         return final
 
     def write_json(self, rel: str, obj) -> None:
-        payload = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
-
-        def write(p):
-            with self.fs.open_output_stream(p) as f:
-                f.write(payload)
-
-        self._atomic_write(self.path(rel), write)
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
     def read_json(self, rel: str):
         with self.fs.open_input_stream(self.path(rel)) as f:
@@ -117,7 +116,7 @@ class Store:
 
     def verified_parts(self, folder_rel: str) -> set[str]:
         """The markers in ``folder_rel`` whose listed shards all exist with a readable footer and the
-        recorded row count; a marker without a shard list (older runs) counts as verified."""
+        recorded row count; a marker without a shard list (a run written before markers listed them) counts as verified."""
         good = set()
         for part in self.list_parts(folder_rel, ".json"):
             try:
@@ -171,9 +170,7 @@ class Store:
             opts["aws_allow_http"] = "true"
         return opts
 
-    def scan(self, folder_rel: str, **hive_schema) -> "pl.LazyFrame":
-        import polars as pl
-
+    def scan(self, folder_rel: str, **hive_schema) -> pl.LazyFrame:
         return pl.scan_parquet(self.urls(folder_rel), hive_partitioning=bool(hive_schema), hive_schema=hive_schema or None,
                                storage_options=self.storage_options())
 
@@ -211,9 +208,6 @@ class Lease:
     """
 
     def __init__(self, store: Store, clock=None):
-        import socket
-        import time
-
         self.store, self.clock = store, clock or time.time
         self.token = uuid.uuid4().hex
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": self.clock(), "token": self.token}
@@ -245,8 +239,6 @@ class Lease:
         return self._read_tagged()[0]
 
     def acquire(self) -> None:
-        from jobs.config import UsageError
-
         self.store.fs.create_dir(self.store.root, recursive=True)
         for _ in range(3):
             if self._create():
@@ -263,8 +255,6 @@ class Lease:
 
     def check_free(self, held: dict | None = None) -> None:
         """Raise a UsageError naming the holder if another run holds a live lease on the folder."""
-        from jobs.config import UsageError
-
         held = self._read() if held is None else held
         if held is not None and self.clock() - float(held.get("refreshed", 0)) < LEASE_STALE_S and not self._holder_dead(held):
             raise UsageError(
@@ -328,8 +318,6 @@ class Lease:
         return self._etag is not None
 
     def _start_refresh(self) -> None:
-        import threading
-
         self._stop = threading.Event()
 
         def refresh():
@@ -370,9 +358,7 @@ class _S3Key:
     """
 
     def __init__(self, store: Store):
-        from jobs.config import UsageError
-
-        try:
+        try:  # here, not at the top: only s3:// needs boto3, which takes a while to import
             import boto3
             import botocore.config
             import botocore.exceptions
@@ -432,8 +418,6 @@ def _s3_code(e) -> str | None:
 
 
 def _utc(t) -> str:
-    import time
-
     try:
         return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
     except (TypeError, ValueError):

@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from jobs.cli import main
-from jobs.config import RunConfig, UsageError
+from jobs.config import RunConfig
+from jobs.errors import UsageError
 from tests.conftest import save_tiny_model
 from tests.corpus import write_corpus
 
