@@ -1,6 +1,8 @@
-"""The ``probe`` command: ``probe run``, ``probe query``, ``probe report``."""
+"""The ``probe`` command: ``probe run``, ``probe query``, ``probe report``. Each command imports what it needs
+(Ray and torch through ``jobs.run`` take seconds; polars), so ``probe --help`` and a bad flag answer at once."""
 import argparse
 import os
+import signal
 import sys
 
 from jobs import analyses
@@ -97,8 +99,6 @@ def _on_sigterm(signum, frame):
 
 
 def cmd_run(args) -> int:
-    import signal
-
     from jobs.run import run
 
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "config")}

@@ -8,8 +8,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+import yaml
+
 from jobs import analyses
-from jobs.errors import UsageError
+from jobs.errors import UsageError, one_line
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -78,8 +80,7 @@ class RunConfig:
         for name in ("data_config", "data_split"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise UsageError(f"--{name.replace('_', '-')} is empty: drop it or give a value")
-        from jobs.replicas import parse_replicas  # here: jobs.replicas imports UsageError from this module
-
+        from jobs.replicas import parse_replicas  # here: it imports numpy, which would triple probe --help's start-up
         parse_replicas(self.replicas)
         if self.seed > MAX_SEED:
             raise UsageError(f"--seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
@@ -204,15 +205,13 @@ def _coerce(name: str, value):
 
 def load_yaml(path: str) -> dict:
     """Read a YAML config: a mapping of RunConfig keys (dashes or underscores). Unknown keys are refused."""
-    import yaml
-
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file") from None
     except yaml.YAMLError as e:
-        raise UsageError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"--config {path} is not valid YAML: {one_line(e)}") from None
     if not isinstance(raw, dict):
         raise UsageError(f"--config {path} must hold a mapping of option: value")
     out = {}

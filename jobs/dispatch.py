@@ -45,9 +45,6 @@ class ReplicaSet:
     def all_actors(self) -> list:
         return [a for actors in self.actors.values() for a in actors]
 
-    def count(self) -> int:
-        return sum(map(len, self.actors.values()))
-
     def mark_dead(self, model: str, replica: int, error: BaseException, log: Callable[[str], None]) -> None:
         if self.alive[model][replica]:
             self.alive[model][replica] = False

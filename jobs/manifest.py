@@ -4,7 +4,7 @@ import platform
 import subprocess
 
 from jobs.config import FIELDS
-from jobs.errors import UsageError
+from jobs.errors import UsageError, one_line
 from jobs.store import Store
 
 # Settings that change only speed or location, never a result; every other RunConfig field (also any
@@ -32,7 +32,7 @@ def read_manifest(store: Store) -> dict:
     try:
         data = store.read_json("manifest.json")
     except ValueError as e:
-        raise UsageError(f"{store.path('manifest.json')} is damaged ({str(e).splitlines()[0]}): "
+        raise UsageError(f"{store.path('manifest.json')} is damaged ({one_line(e)}): "
                          "the run cannot be resumed or read; start it again with a new --out") from None
     if not isinstance(data, dict):
         raise UsageError(f"{store.path('manifest.json')} is damaged (not a JSON object): start the run again with a new --out")
@@ -63,7 +63,7 @@ class Manifest:
         if previous and old != inputs.source.fingerprint:
             raise UsageError("--resume: the data differ from the run being resumed (files, sizes or times changed); use the same inputs")
         if previous:
-            # The run's own settings: old manifests lack some keys, which then are not compared.
+            # The run's own settings; a setting added after the manifest was written has no key there and is not compared.
             changed = differing_settings(previous.get("config", {}), self.data["config"])
             if changed:
                 raise UsageError("--resume with settings that change results: " + "; ".join(changed)
@@ -88,6 +88,7 @@ class Manifest:
 
 
 def versions() -> dict:
+    # Here, not at the top: torch and transformers take seconds to import, and probe query reads manifests.
     import polars
     import ray
     import pyarrow

@@ -1,10 +1,15 @@
-"""Resolving model ids and folders to GPT-2 configs, and loading weights safely."""
+"""Resolving model ids and folders to GPT-2 configs, and loading weights safely.
+
+transformers and torch are imported by the functions that load a model or tokenizer: they take seconds to
+import, and every Ray task that unpickles a ModelSpec imports this module."""
 import json
 import os
 import re
 from dataclasses import dataclass
 
-from jobs.errors import UsageError
+from safetensors import SafetensorError, safe_open
+
+from jobs.errors import UsageError, one_line
 
 WEIGHT_FILES_SAFE = ("model.safetensors", "model.safetensors.index.json")
 WEIGHT_FILES_PICKLE = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -56,9 +61,8 @@ def resolve_model(source: str, allow_pickle: bool = False) -> ModelSpec:
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(
-            f"cannot load model {source!r} ({first[:200]}); offline, pass a local folder saved with save_pretrained()"
+            f"cannot load model {source!r} ({one_line(e)[:200]}); offline, pass a local folder saved with save_pretrained()"
         ) from None
     if getattr(config, "model_type", None) != "gpt2":
         raise UsageError(f"model {source!r} is a {getattr(config, 'model_type', 'unknown')!r} model, not GPT-2")
@@ -94,16 +98,13 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
 def safetensors_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header; the library checks the header and that the tensors'
     data offsets cover the file exactly (a truncated or padded file fails). Reads no tensor data."""
-    from safetensors import SafetensorError, safe_open
-
     if os.path.getsize(path) == 0:
         raise UsageError(f"{path} is empty: save the model again with save_pretrained()")
     try:
         with safe_open(path, "np") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"{path} is not a complete safetensors file ({first[:160]}): copy or save it again") from None
+        raise UsageError(f"{path} is not a complete safetensors file ({one_line(e)[:160]}): copy or save it again") from None
 
 
 def check_safetensors(folder: str, expected: dict[str, tuple[int, ...]]) -> None:
@@ -155,8 +156,7 @@ def load_tokenizer(source: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"cannot load a tokenizer from {source!r} ({first[:200]}); pass --tokenizer FOLDER") from None
+        raise UsageError(f"cannot load a tokenizer from {source!r} ({one_line(e)[:200]}); pass --tokenizer FOLDER") from None
     if tokenizer.eos_token_id is None:
         raise UsageError(f"tokenizer {source!r} has no end-of-text token: not a GPT-2 tokenizer")
     if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:

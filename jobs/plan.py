@@ -8,11 +8,12 @@ import numpy as np
 from jobs import analyses
 from jobs.analyses.base import PlanContext
 from jobs.config import RunConfig
-from jobs.errors import UsageError
 from jobs.corpus import CorpusIndex
+from jobs.errors import UsageError
 from jobs.models import ModelSpec, load_tokenizer, resolve_model
-from jobs.sources import Source, resolve_source
+from jobs.query import open_store
 from jobs.replicas import parse_replicas, requested_counts
+from jobs.sources import Source, resolve_source
 from jobs.store import LEASE, Lease, Store
 from probe_core.tokens import decode_table
 
@@ -94,8 +95,6 @@ def check_local_out(out: str) -> None:
 
 
 def check_output(cfg: RunConfig) -> Store:
-    from jobs.query import open_store
-
     store = open_store(cfg.out, "--out")
     if store.is_local:
         check_local_out(store.root)

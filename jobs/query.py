@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.errors import UsageError, one_line
+from jobs.manifest import read_manifest
 from jobs.schema import all_tables
 from jobs.store import Store
 
@@ -51,16 +52,13 @@ def open_store(uri: str, what: str) -> Store:
     try:
         return Store(uri)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for URIs it cannot open
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"{what} {uri} cannot be opened ({first[:200]})") from None
+        raise UsageError(f"{what} {uri} cannot be opened ({one_line(e)[:200]})") from None
 
 
 def open_run(uri: str) -> Store:
     store = open_store(uri, "the run folder")
     if not store.exists("manifest.json"):
         raise UsageError(f"{uri} holds no run (no manifest.json): give the --out folder of a probe run")
-    from jobs.manifest import read_manifest
-
     read_manifest(store)
     check_footers(store)
     return store
@@ -74,7 +72,7 @@ def check_footers(store: Store) -> None:
     for table in store.tables():
         for path in store.list_files(table):
             try:
-                columns = set(pq.read_metadata(path, filesystem=store.fs).schema.names)
+                columns = set(pq.read_metadata(path, filesystem=store.fs).schema.to_arrow_schema().names)
             except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a cut-short file
                 raise UsageError(f"{path} is damaged ({one_line(e)}): finish the run again with "
                                  f"probe run --resume --run-id <id> --out {store.uri}") from None
@@ -92,11 +90,12 @@ def run_query(uri: str, sql: str) -> pl.DataFrame:
         return context.execute(sql).collect()
     except Exception as e:  # polars raises several error types for bad SQL or unknown tables
         names = ", ".join(sorted(context.tables()))
-        raise UsageError(f"query failed: {str(e).splitlines()[0]} (tables: {names})") from None
+        raise UsageError(f"query failed: {one_line(e)} (tables: {names})") from None
 
 
 def make_report(store: Store, manifest: dict | None = None) -> str:
     """Render every figure under OUT/figures and write OUT/report.html; returns the report's path."""
+    # Here, not at the top: matplotlib is only for the report, and probe query should not pay its import.
     from jobs.across_sizes import model_info
     from jobs.figures import render_all
     from jobs.report import write_report

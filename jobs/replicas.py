@@ -10,8 +10,8 @@ GPU rule (``--replicas auto`` on GPUs). Every actor gets the same share 1/k of a
 Ray may then place any actor in any free slot without fragmenting GPUs), and one slot of the cluster
 stays free for the statistics tasks, which run while the actors are alive. The G*k - 1 actor slots go
 to the models in proportion to their cost (D'Hondt: each next slot to the model with the largest cost
-per replica, every model at least one). k runs from today's ``ceil((models + 1) / G)`` up to the
-largest k whose slot still holds the memory floor of every model (``memory_need`` at the run's batch
+per replica, every model at least one). k runs from ``gpu_shares``' ``ceil((models + 1) / G)`` up to
+the largest k whose slot still holds the memory floor of every model (``memory_need`` at the run's batch
 size), at most ``MAX_ACTORS_PER_GPU``; the smallest k whose predicted makespan is within
 ``MAKESPAN_TOLERANCE`` (5%) of the best k's wins: every extra actor costs a process, a CUDA context,
 a copy of the weights and their loading time, which the fluid model leaves out.
@@ -130,7 +130,7 @@ def plan_replicas(models: Sequence, n_gpus: int, requested: str | int | dict, *,
     floor_one = {m.name: memory_need(m, dtype, chunk_tokens, 1) for m in models}
     floor_batch = max(memory_need(m, dtype, chunk_tokens, batch_chunks) for m in models)
     if counts is not None:
-        k = math.ceil((sum(counts.values()) + 1) / n_gpus)  # today's rule, over actors instead of models
+        k = math.ceil((sum(counts.values()) + 1) / n_gpus)  # gpu_shares' rule, over actors instead of models
     else:
         k_min = math.ceil((len(models) + 1) / n_gpus)
         k_max = max(k_min, min(MAX_ACTORS_PER_GPU, int(gpu_memory // floor_batch)))

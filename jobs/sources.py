@@ -13,14 +13,18 @@ import os
 import re
 from dataclasses import dataclass
 
-from jobs.errors import UsageError
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from jobs.errors import UsageError, one_line
 
 UNIT_BYTES = 32 * 2**20  # text/jsonl files larger than this are split into byte ranges at line boundaries
 BOM = b"\xef\xbb\xbf"
 KINDS = {".txt": "text", ".raw": "text", ".tokens": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 # The WikiText shorthand: the canonical hub id (the bare "wikitext" is a redirect to it) and its config.
 HUB_DATASETS = {"wikitext-2-raw-v1": ("Salesforce/wikitext", "wikitext-2-raw-v1"), "wikitext-103-raw-v1": ("Salesforce/wikitext", "wikitext-103-raw-v1")}
-WIKITEXT_SPLIT = "test"  # the shorthand's split, as before
+WIKITEXT_SPLIT = "test"  # the shorthand's split: the default --data is WikiText-2's test set
 DEFAULT_SPLIT = "train"  # any other dataset: the split most datasets have (often the only one)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 GLOB_CHARS = "*?["
@@ -125,8 +129,6 @@ def column_rows(values, name: str, text_column: str) -> list[str]:
 
 def parquet_check(path: str, schema, text_column: str) -> None:
     """Refuse a Parquet schema without ``text_column`` or whose column is not strings."""
-    import pyarrow as pa
-
     if text_column not in schema.names:
         raise UsageError(f"{path} has no {text_column!r} column (columns: {', '.join(schema.names)}): pass --text-column")
     kind = schema.field(text_column).type
@@ -138,13 +140,11 @@ def parquet_check(path: str, schema, text_column: str) -> None:
 
 def open_parquet(path: str, text_column: str):
     """A ``pyarrow.parquet.ParquetFile`` (footer read only), its schema checked; UsageError if unreadable."""
-    import pyarrow.parquet as pq
-
     fs, inner = filesystem(path)
     try:
         pf = pq.ParquetFile(inner, filesystem=fs)  # opened by pyarrow, so closing pf closes the file
     except Exception as e:  # pyarrow raises several types for a non-Parquet file
-        raise UsageError(f"{path} is not a readable Parquet file: {_first_line(e)}") from None
+        raise UsageError(f"{path} is not a readable Parquet file: {one_line(e)}") from None
     parquet_check(path, pf.schema_arrow, text_column)
     return pf
 
@@ -158,12 +158,8 @@ def parquet_rows(path: str, text_column: str = "text", row_groups: range | None 
             column = pf.read_row_groups(list(groups), columns=[text_column]).column(text_column)
     except Exception as e:  # corrupt pages or footers: pyarrow raises OSError, ArrowInvalid, ...
         part = "" if row_groups is None else f" (row groups {groups.start}-{groups.stop - 1})"
-        raise UsageError(f"{path}: the {text_column!r} column cannot be read{part} ({_first_line(e)[:200]}): the file is damaged") from None
+        raise UsageError(f"{path}: the {text_column!r} column cannot be read{part} ({one_line(e)[:200]}): the file is damaged") from None
     return column_rows(column.to_pylist(), path, text_column)
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,13 +168,11 @@ def _first_line(e: BaseException) -> str:
 
 def filesystem(path: str):
     """(pyarrow filesystem, path inside it) for a local path or a URI such as ``s3://bucket/key``."""
-    import pyarrow.fs as pafs
-
     if "://" in path:
         try:
             return pafs.FileSystem.from_uri(path)
         except Exception as e:
-            raise UsageError(f"--data {path} cannot be opened: {_first_line(e)}") from None
+            raise UsageError(f"--data {path} cannot be opened: {one_line(e)}") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
@@ -202,21 +196,19 @@ def kind_of(path: str) -> str | None:
 
 def list_files(spec: str):
     """(sorted [(path or URI, FileInfo)], what) for a file, folder or glob; ``what`` says which of the three."""
-    import pyarrow.fs as pafs
-
     prefix, path, query = _split_uri(spec)
     if any(c in path for c in GLOB_CHARS):
         first = min(path.index(c) for c in GLOB_CHARS if c in path)
         base = path[:first].rsplit("/", 1)[0] if "/" in path[:first] else ""
         if prefix:
-            import fsspec.utils
+            import fsspec.utils  # comes with datasets, not a dependency of its own; only remote globs need it
 
             fs, root = filesystem(prefix + base + query)
             pattern = re.compile(fsspec.utils.glob_translate(root.rstrip("/") + "/" + path[len(base):].lstrip("/")))
             try:
                 infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
             except Exception as e:
-                raise UsageError(f"--data {spec} cannot be listed: {_first_line(e)}") from None
+                raise UsageError(f"--data {spec} cannot be listed: {one_line(e)}") from None
             found = [i for i in infos if i.type == pafs.FileType.File and pattern.match(i.path)]
         else:  # the local glob walks only what the pattern needs, never all of the base folder
             fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(base or "."))
@@ -296,7 +288,7 @@ def hub_target(spec: str, config: str | None, split: str | None) -> tuple[str, s
 def load_hub(path: str, config: str | None, split: str, streaming: bool):
     """The split as a datasets (Iterable)Dataset; UsageError saying what to do when it cannot be loaded."""
     try:
-        import datasets
+        import datasets  # about a second to import; only dataset ids and folders need it
 
         if _is_saved_dataset(path):
             ds = datasets.load_from_disk(path)
@@ -313,10 +305,10 @@ def load_hub(path: str, config: str | None, split: str, streaming: bool):
     except Exception as e:
         where = f"{path}" + (f" config {config}" if config else "") + f" split {split}"
         if os.path.isdir(path):
-            raise UsageError(f"cannot load dataset {where} ({_first_line(e)[:200]})") from None
+            raise UsageError(f"cannot load dataset {where} ({one_line(e)[:200]})") from None
         # A mistyped local path also lands here (it looks like a hub id): say it is not local either.
         local = "" if path in {p for p, _ in HUB_DATASETS.values()} else ", and it is no local file or folder"
-        raise UsageError(f"cannot load dataset {where} from the hub ({_first_line(e)[:200]}){local}; "
+        raise UsageError(f"cannot load dataset {where} from the hub ({one_line(e)[:200]}){local}; "
                          f"offline, pass a local file, folder or glob: --data wiki.test.raw") from None
 
 

@@ -6,14 +6,19 @@ Layout: ``OUT/<table>/model=<name>[/layer=<l>]/<part>.parquet``, ``OUT/manifest.
 import json
 import os
 import posixpath
+import socket
 import sys
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from jobs.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -98,13 +103,7 @@ class Store:
         return final
 
     def write_json(self, rel: str, obj) -> None:
-        payload = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
-
-        def write(p):
-            with self.fs.open_output_stream(p) as f:
-                f.write(payload)
-
-        self._atomic_write(self.path(rel), write)
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
     def read_json(self, rel: str):
         with self.fs.open_input_stream(self.path(rel)) as f:
@@ -179,9 +178,7 @@ class Store:
             opts["aws_allow_http"] = "true"
         return opts
 
-    def scan(self, folder_rel: str, **hive_schema) -> "pl.LazyFrame":
-        import polars as pl
-
+    def scan(self, folder_rel: str, **hive_schema) -> pl.LazyFrame:
         return pl.scan_parquet(self.urls(folder_rel), hive_partitioning=bool(hive_schema), hive_schema=hive_schema or None,
                                storage_options=self.storage_options())
 
@@ -226,9 +223,6 @@ class Lease:
     """
 
     def __init__(self, store: Store, clock=None):
-        import socket
-        import time
-
         self.store, self.clock = store, clock or time.time
         self.token = uuid.uuid4().hex
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": self.clock(), "token": self.token}
@@ -260,8 +254,6 @@ class Lease:
         return self._read_tagged()[0]
 
     def acquire(self) -> None:
-        from jobs.errors import UsageError
-
         self.store.fs.create_dir(self.store.root, recursive=True)
         for _ in range(3):
             if self._create():
@@ -278,8 +270,6 @@ class Lease:
 
     def check_free(self, held: dict | None = None) -> None:
         """Raise a UsageError naming the holder if another run holds a live lease on the folder."""
-        from jobs.errors import UsageError
-
         held = self._read() if held is None else held
         if held is not None and self.clock() - float(held.get("refreshed", 0)) < LEASE_STALE_S and not self._holder_dead(held):
             raise UsageError(
@@ -343,8 +333,6 @@ class Lease:
         return self._etag is not None
 
     def _start_refresh(self) -> None:
-        import threading
-
         self._stop = threading.Event()
 
         def refresh():
@@ -385,9 +373,7 @@ class _S3Key:
     """
 
     def __init__(self, store: Store):
-        from jobs.errors import UsageError
-
-        try:
+        try:  # here, not at the top: only s3:// needs boto3, which takes a while to import
             import boto3
             import botocore.config
             import botocore.exceptions
@@ -447,8 +433,6 @@ def _s3_code(e) -> str | None:
 
 
 def _utc(t) -> str:
-    import time
-
     try:
         return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
     except (TypeError, ValueError):

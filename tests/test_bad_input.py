@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from jobs.cli import main
-from jobs.config import RunConfig, UsageError
+from jobs.config import RunConfig
+from jobs.errors import UsageError
 from tests.conftest import save_tiny_model
 from tests.corpus import write_corpus
 
@@ -154,7 +155,8 @@ def test_query_output_errors(capsys, setup, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"chunk": pa.array([0], pa.int32()), "values": pa.array([[1.0, 2.0]], pa.list_(pa.float16(), 2))}),
+    pq.write_table(pa.table({"chunk": pa.array([0], pa.int32()), "pos": pa.array([0], pa.int32()), "label": [True],
+                             "values": pa.array([[1.0, 2.0]], pa.list_(pa.float16(), 2))}),
                    run / "activations" / "model=m" / "layer=1" / "p.parquet")
     assert "does not exist" in one_line(capsys, ["query", str(run), "SELECT 1 AS x", "--output", str(tmp_path / "no" / "x.csv")])
     out = tmp_path / "x.csv"
@@ -166,3 +168,19 @@ def test_query_and_report_on_a_non_run(capsys, tmp_path):
     assert "no manifest.json" in one_line(capsys, ["query", str(tmp_path), "SELECT 1"])
     assert "no manifest.json" in one_line(capsys, ["report", str(tmp_path)])
     assert "cannot be opened" in one_line(capsys, ["query", "foo://x", "SELECT 1"])
+
+
+def test_a_run_of_another_layout_is_refused_where_it_is_opened(capsys, tmp_path):
+    """One check where a run is opened replaces per-table shims: a rotation table without its ``source``
+    column (as runs before per-source tests wrote it) is named with what it lacks, for query and report."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "run"
+    (run / "rotation" / "model=m").mkdir(parents=True)
+    (run / "manifest.json").write_text("{}")
+    old = {"target": [" her"], "layer": pa.array([1], pa.int16()), "t": [1.0]}
+    pq.write_table(pa.table(old), run / "rotation" / "model=m" / "all.parquet")
+    for command in (["query", str(run), "SELECT * FROM rotation"], ["report", str(run)]):
+        line = one_line(capsys, command)
+        assert "another version" in line and "table rotation lacks" in line and "source" in line, line

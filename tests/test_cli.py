@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from jobs.cli import main
-from jobs.config import UsageError, build_config
+from jobs.config import build_config
+from jobs.errors import UsageError
 from tests.conftest import save_tiny_model
 from tests.corpus import write_corpus
 

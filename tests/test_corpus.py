@@ -7,7 +7,8 @@ import polars as pl
 import pytest
 
 from jobs import corpus as stage
-from jobs.config import RunConfig, UsageError
+from jobs.config import RunConfig
+from jobs.errors import UsageError
 from jobs.data import read_rows, tokenize_rows
 from jobs.sources import resolve_source
 from jobs.store import Store

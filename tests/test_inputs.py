@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from jobs import data
-from jobs.config import UsageError
+from jobs.errors import UsageError
 
 
 class FakeDataset(dict):
@@ -60,14 +60,14 @@ def test_parquet_needs_text_column(tmp_path):
 
 
 def test_local_ray_dashboard_binds_loopback(monkeypatch):
-    from jobs import run as job
+    from jobs import cluster
     from jobs.config import RunConfig
 
     seen = {}
-    monkeypatch.setattr(job.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(job.ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster.ray, "init", lambda **kw: seen.update(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    job.start_ray(RunConfig())
+    cluster.start_ray(RunConfig())
     # a new local instance (never a cluster `ray start` left on the machine), its dashboard on loopback
     assert seen["dashboard_host"] == "127.0.0.1" and seen["address"] == "local"
 

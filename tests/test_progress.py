@@ -1,5 +1,5 @@
 """The capture progress display: rate from a model's first finished batch, frozen once it is done."""
-from jobs.run import Progress
+from jobs.capture import Progress
 
 
 class Clock:

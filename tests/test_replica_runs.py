@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import ray
 
-import jobs.run as job
+from jobs import capture
 from jobs.cli import main
 from tests.conftest import two_model_inputs
 from tests.raycluster import PER_TOKEN, assert_one_row_per_key, assert_same_tables, markers, read_tables
@@ -30,14 +30,14 @@ def args(inputs, name, *extra) -> list[str]:
 def spy(monkeypatch):
     """The ReplicaSet of the next run, and a hook called after each finished batch (model, done so far)."""
     seen = {"sets": [], "hook": None, "done": {}}
-    start = job.start_workers
+    start = capture.start_workers
 
     def start_workers(*a, **kw):
         workers = start(*a, **kw)
         seen["sets"].append(workers)
         return workers
 
-    update = job.Progress.update
+    update = capture.Progress.update
 
     def progress_update(self, model, *a, **kw):
         update(self, model, *a, **kw)
@@ -45,8 +45,8 @@ def spy(monkeypatch):
         if seen["hook"]:
             seen["hook"](model, seen["done"][model])
 
-    monkeypatch.setattr(job, "start_workers", start_workers)
-    monkeypatch.setattr(job.Progress, "update", progress_update)
+    monkeypatch.setattr(capture, "start_workers", start_workers)
+    monkeypatch.setattr(capture.Progress, "update", progress_update)
     return seen
 
 

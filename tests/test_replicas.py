@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from jobs import replicas as rp
-from jobs.config import RunConfig, UsageError, build_config
+from jobs.config import RunConfig, build_config
+from jobs.errors import UsageError
 from jobs.manifest import SPEED_SETTINGS, differing_settings
 
 # The four GPT-2 sizes' real shapes.
@@ -132,12 +133,12 @@ def test_split_by_owner_and_gather_rows():
 
 
 def test_replicas_of_a_pinned_model_need_its_resources_each(monkeypatch):
-    import jobs.run as job
+    from jobs import cluster
 
     cfg = RunConfig(run_id="r", out="o", device="cpu", actor_resources={"tiny-b": {"node_b": 1}}, replicas='{"tiny-b": 2}')
-    assert job.wanted_resources(cfg) == {"node_b": 1.0}
-    assert job.wanted_resources(cfg, {"tiny-a": 3, "tiny-b": 2}) == {"node_b": 2.0}
-    monkeypatch.setattr(job.ray, "cluster_resources", lambda: {"CPU": 2.0, "node_b": 1.0})
-    job.wait_for_resources(cfg, local=True)  # one actor fits
+    assert cluster.wanted_resources(cfg) == {"node_b": 1.0}
+    assert cluster.wanted_resources(cfg, {"tiny-a": 3, "tiny-b": 2}) == {"node_b": 2.0}
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"CPU": 2.0, "node_b": 1.0})
+    cluster.wait_for_resources(cfg, local=True)  # one actor fits
     with pytest.raises(UsageError, match="node_b: 2"):  # two would wait forever on a local instance
-        job.wait_for_resources(cfg, local=True, replicas={"tiny-b": 2})
+        cluster.wait_for_resources(cfg, local=True, replicas={"tiny-b": 2})

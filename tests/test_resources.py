@@ -1,7 +1,7 @@
 """Resource shares of model actors and statistics tasks: no share can starve the other stage."""
 import pytest
 
-from jobs import run as job
+from jobs import cluster
 from jobs.config import RunConfig
 
 
@@ -16,8 +16,8 @@ from jobs.config import RunConfig
     (8, 4, "auto", (1.0, 0.25)),
 ])
 def test_gpu_shares(monkeypatch, gpus, models, device, expected):
-    monkeypatch.setattr(job.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(gpus)})
-    actor, task = job.gpu_shares(RunConfig(device=device), models)
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(gpus)})
+    actor, task = cluster.gpu_shares(RunConfig(device=device), models)
     assert (actor, task) == pytest.approx(expected)
     if gpus:
         # Pack the actors first-fit onto the GPUs as Ray would; a task must still fit on one GPU.
@@ -26,4 +26,4 @@ def test_gpu_shares(monkeypatch, gpus, models, device, expected):
             i = next(i for i, f in enumerate(free) if f >= actor - 1e-4)
             free[i] -= actor
         assert max(free) >= task - 1e-4
-    assert job.actor_resources(RunConfig(device=device), models)["num_cpus"] == 0
+    assert cluster.actor_resources(RunConfig(device=device), models)["num_cpus"] == 0

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from jobs.config import UsageError
+from jobs.errors import UsageError
 from jobs.store import LEASE, LEASE_STALE_S, Lease, Store
 from tests.s3server import s3_server
 

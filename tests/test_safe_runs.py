@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from jobs.config import RunConfig, UsageError
+from jobs.config import RunConfig
+from jobs.errors import UsageError
 from jobs.manifest import SPEED_SETTINGS, differing_settings, result_settings
 from jobs.store import LEASE, LEASE_STALE_S, Lease, Store
 
@@ -86,7 +87,7 @@ def test_cut_short_manifest_says_what_to_do(tmp_path, capsys):
 
 
 def test_unreachable_address_fails_in_one_line():
-    from jobs.run import check_reachable
+    from jobs.cluster import check_reachable
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,7 +133,7 @@ def test_stage_error_is_the_plain_innermost_cause():
 
     from ray.exceptions import RayTaskError
 
-    from jobs.run import plain_error
+    from jobs.errors import plain_error
 
     full = OSError(errno.ENOSPC, "No space left on device")
     wrapped = RayTaskError("\x1b[36mModelWorker.__call__()\x1b[39m", "traceback text", full)
@@ -186,30 +187,30 @@ class FakeClock:
 def test_resources_no_node_offers_fail_at_once_locally_and_after_the_timeout_on_a_cluster(monkeypatch):
     import ray
 
-    from jobs import run as job
+    from jobs import cluster
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     cfg = RunConfig(run_id="r", out="o", device="cuda", actor_resources={"tiny": {"big_node": 1}})
-    assert job.wanted_resources(cfg) == {"GPU": 1.0, "big_node": 1.0}
+    assert cluster.wanted_resources(cfg) == {"GPU": 1.0, "big_node": 1.0}
     clock = FakeClock()
     with pytest.raises(UsageError, match="local Ray instance offers no GPU: 1, big_node: 1"):
-        job.wait_for_resources(cfg, local=True, clock=clock, sleep=clock.sleep)
+        cluster.wait_for_resources(cfg, local=True, clock=clock, sleep=clock.sleep)
     assert clock.now == 0.0  # no waiting on an instance that cannot grow
     cfg = RunConfig(run_id="r", out="o", device="cuda", placement_timeout=60.0)
     with pytest.raises(UsageError, match="within --placement-timeout 60s"):
-        job.wait_for_resources(cfg, local=False, clock=clock, sleep=clock.sleep)
+        cluster.wait_for_resources(cfg, local=False, clock=clock, sleep=clock.sleep)
     assert 60.0 <= clock.now <= 70.0
-    job.wait_for_resources(RunConfig(run_id="r", out="o", device="cpu"), local=True)  # nothing wanted: returns
+    cluster.wait_for_resources(RunConfig(run_id="r", out="o", device="cpu"), local=True)  # nothing wanted: returns
 
 
 def test_resources_that_appear_while_waiting_are_accepted(monkeypatch):
     import ray
 
-    from jobs import run as job
+    from jobs import cluster
 
     clock = FakeClock()
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, **({"GPU": 1.0} if clock.now >= 20 else {})})
-    job.wait_for_resources(RunConfig(run_id="r", out="o", device="cuda"), local=False, clock=clock, sleep=clock.sleep)
+    cluster.wait_for_resources(RunConfig(run_id="r", out="o", device="cuda"), local=False, clock=clock, sleep=clock.sleep)
     assert 20.0 <= clock.now < 30.0
 
 
@@ -238,15 +239,15 @@ def test_disk_full_is_one_line_with_the_estimate_and_the_run_stays_resumable(sma
     import ray
     from ray.exceptions import RayTaskError
 
-    from jobs import run as job
+    from jobs import capture
 
     def full_disk(*a, **k):
         raise RayTaskError("\x1b[36mModelWorker.__call__()\x1b[39m", "traceback text", OSError(errno.ENOSPC, "No space left on device"))
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the corpus stage runs on it
     capsys.readouterr()
-    monkeypatch.setattr(job, "start_workers", lambda plan, store, shares: {})
-    monkeypatch.setattr(job, "capture_until_complete", full_disk)
+    monkeypatch.setattr(capture, "start_workers", lambda plan, store, shares: {})
+    monkeypatch.setattr(capture, "capture_until_complete", full_disk)
     out = str(small["root"] / "full")
     try:
         assert main(["run", "--models", small["model"], "--data", small["data"], "--out", out, "--run-id", "full",

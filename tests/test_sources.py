@@ -8,7 +8,7 @@ import pytest
 
 from jobs import data
 from jobs.cli import main
-from jobs.config import UsageError
+from jobs.errors import UsageError
 from jobs.sources import Unit, read_unit, resolve_source
 from tests.corpus import write_corpus
 from tests.s3server import s3_server
