@@ -7,7 +7,7 @@ import numpy as np
 
 from jobs.config import RunConfig, UsageError
 from jobs.corpus import CorpusIndex
-from jobs.data import read_sentences
+from jobs.sources import read_sentences
 from jobs.models import ModelSpec, load_tokenizer, resolve_model
 from jobs.sources import Source, resolve_source
 from jobs.replicas import parse_replicas, requested_counts
