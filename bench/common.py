@@ -87,7 +87,7 @@ def corpus_tokens(tokenizer, max_tokens: int | None = None):
     """The corpus as the job tokenizes it (non-blank rows, concatenated): int64 numpy (n,)."""
     import numpy as np
 
-    from jobs.data import read_text_file, tokenize_rows
+    from tests.reference import read_text_file, tokenize_rows
 
     return np.asarray(tokenize_rows(read_text_file(CORPUS), tokenizer, CORPUS, max_tokens).token_ids, dtype=np.int64)
 

@@ -5,7 +5,7 @@
 The corpus is the WikiText-2 raw test split repeated N times in one temporary file. For each N, each
 measurement runs in a fresh process, so its peak RSS (``getrusage``: that process alone) is its own:
 
-- ``single``: what the driver did before the corpus stage (``jobs.data.read_rows`` + ``tokenize_rows``,
+- ``single``: what the driver did before the corpus stage (``tests.reference.read_rows`` + ``tokenize_rows``,
   chunks and proper-noun labels in the driver), timed from reading to labels.
 - ``stage-W``: the corpus stage on a local Ray instance of W CPUs with at most W tokenize tasks
   (``run_corpus_stage(read_tasks=W)``): wall time of the stage (Ray's start excluded) and the driver's
@@ -33,16 +33,16 @@ from common import REPO, emit, load_average, probe_cli, run_job, save_model_dir,
 def measure_single(corpus: str) -> dict:
     """In this (fresh) process: today's planning of the stream."""
     sys.path.insert(0, REPO)
-    from jobs.data import read_rows, tokenize_rows
     from jobs.models import load_tokenizer
-    from probe_core.tokens import chunk_stream, decode_table, proper_noun_labels_from_ids
+    from probe_core.tokens import chunk_stream, decode_table, proper_noun_labels_from_ids, vocab_flags
+    from tests.reference import read_rows, tokenize_rows
 
     tokenizer = load_tokenizer(os.environ["BENCH_TOKENIZER"])
     decode = decode_table(tokenizer)
     t0 = time.perf_counter()
     stream = tokenize_rows(read_rows(corpus), tokenizer, corpus)
     chunks = chunk_stream(stream.token_ids, 1024)
-    proper_noun_labels_from_ids(stream.token_ids, decode)
+    proper_noun_labels_from_ids(stream.token_ids, *vocab_flags(decode))
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "tokens": int(len(stream.token_ids)), "chunks": int(len(chunks))}
 
@@ -64,7 +64,7 @@ def measure_stage(corpus: str, workers: int, out: str) -> dict:
     cfg = RunConfig(models=("unused",), data=corpus, out=out, chunk_tokens=1024)
     t0 = time.perf_counter()
     source = resolve_source(corpus)
-    index = stage.run_corpus_stage(source, tokenizer, decode_table(tokenizer), cfg, Store(out), None, read_tasks=workers,
+    index = stage.run_corpus_stage(source, tokenizer, decode_table(tokenizer), cfg, Store(out), read_tasks=workers,
                                    log=lambda m: None)
     seconds = time.perf_counter() - t0
     ray.shutdown()

@@ -1,6 +1,6 @@
 """The corpus stage: read and tokenize ``--data`` in parallel on the cluster, write the ``corpus`` table once.
 
-The token stream is exactly the one ``jobs.data.tokenize_rows`` builds in one process: every non-blank
+The token stream is exactly the one ``tests.reference.tokenize_rows`` builds in one process: every non-blank
 row tokenized on its own, rows in source order, concatenated, cut into ``chunk_tokens`` chunks, the
 incomplete tail dropped. It is built in two passes so that no process holds the whole stream:
 
@@ -9,7 +9,7 @@ incomplete tail dropped. It is built in two passes so that no process holds the 
 2. From those counts the driver knows where every unit's tokens land in the stream, and one Ray task
    per *shard* (``shard_chunks`` consecutive chunks) cuts its tokens out of the blocks it overlaps,
    labels proper nouns and writes ``corpus/shard=<s>/corpus.parquet``. Each task returns the shard's
-   label counts, target count and content digest; the driver keeps only those per-shard numbers.
+   label counts and content digest; the driver keeps only those per-shard numbers.
 
 Shards are fixed by ``chunk_tokens`` alone (``SHARD_TOKENS`` tokens each), so the table, the sample
 drawn from the per-shard counts (``draw_sample``) and the digest do not depend on how many read tasks ran.
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from jobs.errors import UsageError
 from jobs.store import Store, Table
-from probe_core.tokens import SENTENCE_END
+from probe_core.tokens import chunk_count, chunk_stream, proper_noun_labels_from_ids, vocab_flags
 
 # Once per run, shared by every model; ``probe query`` joins it into the ``tokens`` view.
 CORPUS = Table("corpus", pa.schema([
@@ -46,7 +46,6 @@ class CorpusIndex:
 
     ``proper`` / ``other``: per shard, proper nouns and other tokens in the sampling range (every
     chunk but the last where there are two or more: the last is held out for the token heatmap).
-    ``target``: per shard, occurrences of the rotation target after another token of its chunk.
     """
 
     source: str
@@ -58,7 +57,6 @@ class CorpusIndex:
     shard_chunks: int
     proper: tuple[int, ...]
     other: tuple[int, ...]
-    target: tuple[int, ...]
     digests: tuple[str, ...]
 
     @property
@@ -89,12 +87,10 @@ def tokenize_units(batch: pa.Table, units, tokenizer, text_column: str, block_ro
 
     Columns: unit (int64), n_rows (int64, blank rows included), n_tokens (int64), ids (list<int32>, the
     unit's tokens in order), row (list<int32>, each token's row index within the unit), error (string:
-    the one-line message of bad input in the unit, else null). Rows go through the tokenizer in blocks
-    and become int32 at once, as in ``jobs.data.tokenize_rows``. Bad input is returned, not raised, so
-    the driver reports the first one in stream order as one line (a raised error would be logged with
-    its traceback by Ray Data).
+    the one-line message of bad input in the unit, else null). Rows go through ``encode_rows`` in
+    blocks. Bad input is returned, not raised, so the driver reports the first one in stream order as
+    one line (a raised error would be logged with its traceback by Ray Data).
     """
-    from jobs.data import encode_rows
     from jobs.sources import read_unit
 
     # One thread: a Ray task has one CPU, and the Rust tokenizer's own thread pool would fight the other tasks.
@@ -128,6 +124,24 @@ def tokenize_units(batch: pa.Table, units, tokenizer, text_column: str, block_ro
     })
 
 
+def encode_rows(rows: list[str], which: list[int], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize ``rows[i]`` for i in ``which`` (one tokenizer call) -> (ids int32, row index int64 of each token).
+
+    The tokenizer's Python lists cost tens of bytes a token, so they become int32 at once.
+    """
+    texts = [rows[i] for i in which]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast") and backend.padding is None and backend.truncation is None:
+        # the Rust tokenizer that tokenizer(...) calls, minus what we discard: character offsets and
+        # the attention-mask lists; the same ids
+        encoded = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    else:
+        encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+    ids = np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(lengths.sum()))
+    return ids, np.repeat(np.asarray(which, dtype=np.int64), lengths)
+
+
 def block_counts(block: pa.Table) -> tuple[list[int], list[int], list[int], list]:
     """(units, n_rows, n_tokens, errors) of one tokenized block: all the driver reads of pass 1."""
     return (block.column("unit").to_pylist(), block.column("n_rows").to_pylist(), block.column("n_tokens").to_pylist(),
@@ -138,35 +152,29 @@ def block_counts(block: pa.Table) -> tuple[list[int], list[int], list[int], list
 
 @dataclass(frozen=True)
 class Vocab:
-    """Per vocabulary id: decoded text and the two facts the proper-noun rule needs (see probe_core.tokens)."""
+    """Per vocabulary id: decoded text and the proper-noun rule's flags (``probe_core.tokens.vocab_flags``)."""
 
     decode: pa.Array  # (V,) string: a shard's token column is one ``take``, no Python string per token
-    looks_proper: np.ndarray  # (V,) bool: longer than 2 characters, first non-space character upper-case
-    ends_sentence: np.ndarray  # (V,) bool: ends (trailing whitespace stripped) in . ! ? :
+    looks_proper: np.ndarray  # (V,) bool
+    ends_sentence: np.ndarray  # (V,) bool
 
     @classmethod
     def of(cls, decode: list[str]) -> "Vocab":
-        return cls(pa.array(decode, pa.string()),
-                   np.array([len(t) > 2 and t.lstrip()[:1].isupper() for t in decode], dtype=bool),
-                   np.array([t.rstrip().endswith(SENTENCE_END) for t in decode], dtype=bool))
+        return cls(pa.array(decode, pa.string()), *vocab_flags(decode))
 
 
 def shard_table(ids: np.ndarray, rows: np.ndarray, files: np.ndarray, prev_id: int | None, first_chunk: int,
                 chunk_tokens: int, vocab: Vocab, file_names: dict[int, str]) -> pa.Table:
     """The corpus rows of one shard: ids/rows/files (n,) of whole chunks, ``prev_id`` the stream's token
-    before them (None at the stream's start, whose first token is never a proper noun). The label is
-    ``probe_core.tokens.proper_noun_labels`` through per-vocabulary lookups (as ``proper_noun_labels_from_ids``)."""
-    n = len(ids)
-    before = np.empty(n, dtype=bool)
-    before[1:] = vocab.ends_sentence[ids[:-1]]
-    before[:1] = True if prev_id is None else vocab.ends_sentence[prev_id]
-    labels = vocab.looks_proper[ids] & ~before
-    pos = np.tile(np.arange(chunk_tokens, dtype=np.int32), n // chunk_tokens)
+    before them (None at the stream's start, whose first token is never a proper noun)."""
+    n, n_chunks = len(ids), chunk_count(len(ids), chunk_tokens)
+    labels = proper_noun_labels_from_ids(ids, vocab.looks_proper, vocab.ends_sentence, prev_id)
+    pos = np.tile(np.arange(chunk_tokens, dtype=np.int32), n_chunks)
     next_ids = np.zeros(n, np.int32)
     next_ids[:-1] = ids[1:]
     names = pa.array([file_names.get(i) for i in range(max(file_names) + 1)], pa.string())
     return pa.table({
-        "chunk": np.repeat(np.arange(first_chunk, first_chunk + n // chunk_tokens, dtype=np.int32), chunk_tokens),
+        "chunk": np.repeat(np.arange(first_chunk, first_chunk + n_chunks, dtype=np.int32), chunk_tokens),
         "pos": pos, "row": rows.astype(np.int64), "token_id": ids.astype(np.int32), "token": vocab.decode.take(ids),
         "next_token_id": pa.array(next_ids, mask=pos == chunk_tokens - 1), "is_proper_noun": labels,
         "source_file": names.take(files),
@@ -174,7 +182,7 @@ def shard_table(ids: np.ndarray, rows: np.ndarray, files: np.ndarray, prev_id: i
 
 
 def write_shard(store_uri: str, shard: int, spans: list, blocks: list, has_prev: bool, first_chunk: int, chunk_tokens: int,
-                vocab: Vocab, file_names: dict[int, str], sample_chunks: int, target_id: int | None) -> dict:
+                vocab: Vocab, file_names: dict[int, str], sample_chunks: int) -> dict:
     """Cut one shard's tokens out of the tokenized blocks and write ``corpus/shard=<s>/corpus.parquet``.
 
     spans: for each overlapping unit in stream order, (block index in ``blocks``, row in that block,
@@ -194,26 +202,23 @@ def write_shard(store_uri: str, shard: int, spans: list, blocks: list, has_prev:
         ids, rows, files = ids[1:], rows[1:], files[1:]
     table = shard_table(ids, rows, files, prev_id, first_chunk, chunk_tokens, vocab, file_names)
     path = Store(store_uri).write_table(CORPUS, "corpus", table, shard=shard)
-    return shard_stats(shard, table, sample_chunks, target_id, path)
+    return shard_stats(shard, table, sample_chunks, path)
 
 
-def shard_stats(shard: int, table: pa.Table, sample_chunks: int, target_id: int | None, path: str = "") -> dict:
+def shard_stats(shard: int, table: pa.Table, sample_chunks: int, file: str = "") -> dict:
     chunk = table.column("chunk").to_numpy()
     label = table.column("is_proper_noun").to_numpy(zero_copy_only=False)
     in_sample = chunk < sample_chunks
     ids = table.column("token_id").to_numpy()
     digest = hashlib.sha256(ids.astype(np.int32).tobytes())
     digest.update(table.column("row").to_numpy().astype(np.int64).tobytes())
-    n_target = 0
-    if target_id is not None:
-        n_target = int(((ids == target_id) & (table.column("pos").to_numpy() > 0)).sum())
     return {"shard": shard, "rows": table.num_rows, "proper": int((label & in_sample).sum()),
-            "other": int((~label & in_sample).sum()), "target": n_target, "digest": digest.hexdigest(), "path": path}
+            "other": int((~label & in_sample).sum()), "digest": digest.hexdigest(), "file": file}
 
 
 # --- the stage ---------------------------------------------------------------------------------------
 
-def run_corpus_stage(source, tokenizer, decode: list[str], cfg, store: Store, target_id: int | None,
+def run_corpus_stage(source, tokenizer, decode: list[str], cfg, store: Store,
                      read_tasks: int | None = None, log=print) -> CorpusIndex:
     """Tokenize ``source`` on the cluster and write the corpus table; returns the driver's index.
 
@@ -258,7 +263,7 @@ def run_corpus_stage(source, tokenizer, decode: list[str], cfg, store: Store, ta
         raise UsageError(f"--data {cfg.data} has no text (every row is blank)")
     stream = min(total, cfg.max_tokens) if cfg.max_tokens else total
     t = cfg.chunk_tokens
-    n_chunks = stream // t
+    n_chunks = chunk_count(stream, t)
     if n_chunks == 0:
         raise UsageError(f"--data {cfg.data} has {stream} tokens, fewer than one chunk of {t}: lower --chunk-tokens")
     token_start = np.concatenate([[0], np.cumsum(unit_tokens)])
@@ -294,7 +299,7 @@ def run_corpus_stage(source, tokenizer, decode: list[str], cfg, store: Store, ta
             names[f] = file_names[f] if f < len(file_names) else source.spec
             spans.append((ref_index[blk], int(where[u, 1]), int(lo), int(hi), int(row_start[u]), f))
         pending.append(task.remote(store.uri, s, spans, a > 0, s * sc, t, vocab_ref, names, sample_chunks,
-                                   target_id, source.fingerprint, *refs))
+                                   source.fingerprint, *refs))
     stats = {**done, **{r["shard"]: r for r in ray.get(pending)}}
     if done:
         log(f"[corpus] {len(done)} of {n_shards} shards already written, skipped")
@@ -303,18 +308,18 @@ def run_corpus_stage(source, tokenizer, decode: list[str], cfg, store: Store, ta
         source=source.spec, source_fingerprint=source.fingerprint, n_rows=int(unit_rows.sum()), stream_tokens=stream,
         chunk_tokens=t, n_chunks=n_chunks, shard_chunks=sc,
         proper=tuple(int(x["proper"]) for x in ordered), other=tuple(int(x["other"]) for x in ordered),
-        target=tuple(int(x["target"]) for x in ordered), digests=tuple(x["digest"] for x in ordered))
+        digests=tuple(x["digest"] for x in ordered))
     store.write_json(INDEX, index.to_dict())
     return index
 
 
 def write_shard_marked(store_uri, shard, spans, has_prev, first_chunk, chunk_tokens, vocab, file_names, sample_chunks,
-                       target_id, source_fingerprint, *blocks) -> dict:
+                       source_fingerprint, *blocks) -> dict:
     """``write_shard``, then its marker (shard file and rows, and the counts a resumed run reuses)."""
     stats = write_shard(store_uri, shard, spans, list(blocks), has_prev, first_chunk, chunk_tokens, vocab, file_names,
-                        sample_chunks, target_id)
+                        sample_chunks)
     store = Store(store_uri)
-    rel = stats.pop("path")[len(store.root):].lstrip("/")
+    rel = stats.pop("file")[len(store.root):].lstrip("/")
     marker = {**stats, "shards": {rel: stats["rows"]}, "source_fingerprint": source_fingerprint, "chunk_tokens": chunk_tokens}
     store.write_json(f"_progress/corpus/shard-{shard:06d}.json", marker)
     return marker
@@ -343,7 +348,7 @@ class CorpusReader:
             folder = self._store.table_dir(CORPUS, shard=s)
             table = pq.read_table(f"{folder}/corpus.parquet", columns=["chunk", "pos", "token_id"], filesystem=self._store.fs)
             table = table.sort_by([("chunk", "ascending"), ("pos", "ascending")])
-            ids = table.column("token_id").to_numpy().astype(np.int64).reshape(-1, self.chunk_tokens)
+            ids = chunk_stream(table.column("token_id").to_numpy().astype(np.int64), self.chunk_tokens)
             while len(self._cache) >= self.cache_shards:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[s] = ids
@@ -371,44 +376,35 @@ class ArrayChunks:
 
 # --- samples -------------------------------------------------------------------------------------------
 
-def sample_allocation(index: CorpusIndex, max_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per shard, how many proper nouns and other tokens the neuron sample draws from it.
+def sample_shard(store_uri: str, shard: int, k_proper: int, k_other: int, sample_chunks: int, seed: int) -> np.ndarray:
+    """Ray task: one shard's share of the sample (``probe_core.neurons.draw_in_shard``) as (k_proper + k_other, 3)
+    int64 rows (chunk, pos, label); chunks >= sample_chunks are held out."""
+    from probe_core.neurons import draw_in_shard  # here, not at the top: it imports torch, which tokenize workers never need
 
-    k = min(proper nouns, other tokens, max_samples) of each class over the sampling range; the k of a
-    class are spread over shards by one multivariate hypergeometric draw on the shard counts (seeded by
-    ``seed``), and each shard then draws its share uniformly (``draw_in_shard``): together a uniform
-    random k-subset of each class, the same whatever the read tasks, batch size or replicas.
-    """
-    proper, other = np.asarray(index.proper, np.int64), np.asarray(index.other, np.int64)
-    if proper.sum() == 0 or other.sum() == 0:
-        raise UsageError("the corpus has no proper nouns (or only proper nouns): the neurons analysis needs both")
-    k = int(min(proper.sum(), other.sum(), max_samples))
-    rng = np.random.default_rng([seed, 0x5A4D])
-    return rng.multivariate_hypergeometric(proper, k), rng.multivariate_hypergeometric(other, k)
-
-
-def draw_in_shard(store_uri: str, shard: int, k_proper: int, k_other: int, sample_chunks: int, seed: int) -> np.ndarray:
-    """Ray task: (k_proper + k_other, 3) int64 rows (chunk, pos, label) drawn uniformly without replacement
-    from the shard's sampling range, by ``default_rng([seed, shard])``."""
     store = Store(store_uri)
     table = pq.read_table(f"{store.table_dir(CORPUS, shard=shard)}/corpus.parquet", columns=["chunk", "pos", "is_proper_noun"],
                           filesystem=store.fs).sort_by([("chunk", "ascending"), ("pos", "ascending")])
     chunk, pos = table.column("chunk").to_numpy(), table.column("pos").to_numpy()
-    label = table.column("is_proper_noun").to_numpy(zero_copy_only=False) & (chunk < sample_chunks)
-    other = ~table.column("is_proper_noun").to_numpy(zero_copy_only=False) & (chunk < sample_chunks)
-    rng = np.random.default_rng([seed, shard])
-    picked = np.concatenate([rng.choice(np.flatnonzero(label), k_proper, replace=False),
-                             rng.choice(np.flatnonzero(other), k_other, replace=False)])
+    label = table.column("is_proper_noun").to_numpy(zero_copy_only=False)
+    picked = draw_in_shard(label, chunk < sample_chunks, k_proper, k_other, seed, shard)
     return np.stack([chunk[picked], pos[picked], np.r_[np.ones(k_proper), np.zeros(k_other)]], axis=1).astype(np.int64)
 
 
 def draw_sample(index: CorpusIndex, store: Store, max_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The neuron sample: (n, 2) (chunk, pos) keys sorted, and their (n,) bool labels (see ``sample_allocation``)."""
+    """The neuron sample: (n, 2) (chunk, pos) keys sorted, and their (n,) bool labels.
+
+    A uniform random k-subset of each class over the sampling range (``probe_core.neurons.sample_allocation``
+    on the per-shard counts, then one task per shard), the same whatever the read tasks, batch size or replicas.
+    """
     import ray
 
-    k_proper, k_other = sample_allocation(index, max_samples, seed)
+    from probe_core.neurons import sample_allocation
+
+    if sum(index.proper) == 0 or sum(index.other) == 0:
+        raise UsageError("the corpus has no proper nouns (or only proper nouns): the neurons analysis needs both")
+    k_proper, k_other = sample_allocation(index.proper, index.other, max_samples, seed)
     sample_chunks = index.n_chunks - 1 if index.n_chunks > 1 else index.n_chunks
-    task = ray.remote(num_cpus=1)(draw_in_shard)
+    task = ray.remote(num_cpus=1)(sample_shard)
     parts = ray.get([task.remote(store.uri, s, int(k_proper[s]), int(k_other[s]), sample_chunks, seed)
                      for s in range(index.n_shards) if k_proper[s] + k_other[s]])
     rows = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)

@@ -104,7 +104,7 @@ def corpus_and_plan(inputs: Inputs, store: Store, manifest: Manifest, local: boo
     try:
         t0 = time.perf_counter()
         manifest.stage("corpus", "running")
-        corpus = corpus_stage.run_corpus_stage(inputs.source, inputs.tokenizer, inputs.decode, cfg, store, None, log=log)
+        corpus = corpus_stage.run_corpus_stage(inputs.source, inputs.tokenizer, inputs.decode, cfg, store, log=log)
         manifest.set_corpus(corpus)
         # Batches are fixed per run (part names depend on them): a resumed run keeps the original size.
         plan = make_plan(inputs, corpus, store, on_gpu=cluster.gpu_shares(cfg, len(inputs.models))[0] > 0,

@@ -1,9 +1,10 @@
-"""--data as an ordered list of units, each read by one task; the per-format readers ``jobs.data`` uses too.
+"""--data as an ordered list of units, each read by one task; the per-format readers; --sentences.
 
-Conventions: the rows of all units concatenated in unit order are the corpus rows, exactly as
-``jobs.data.read_rows`` reads them. Text rows keep their ``\\n`` (as the hub's WikiText rows do), a
-leading UTF-8 BOM is dropped, CRLF is read as LF (also inside .jsonl and column texts), a final empty
-line after the last ``\\n`` is not a row, blank rows are rows, a missing column text (None) is "".
+Conventions: the rows of all units concatenated in unit order are the corpus rows, exactly as one
+process reading whole files reads them (``tests.reference.read_rows``). Text rows keep their ``\\n``
+(as the hub's WikiText rows do), a leading UTF-8 BOM is dropped, CRLF is read as LF (also inside
+.jsonl and column texts), a final empty line after the last ``\\n`` is not a row, blank rows are
+rows, a missing column text (None) is "".
 Files are read in sorted path order (plain string order of the full path or URI).
 """
 import glob
@@ -56,7 +57,7 @@ class Source:
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-format readers: one function per format, used for a whole file (jobs.data) and for a unit.
+# Per-format readers: one function per format, used for a unit (and for a whole file by tests.reference).
 
 
 def decode_lines(raw: bytes, name: str, offset: int) -> tuple[list[str], list[int]]:
@@ -447,3 +448,14 @@ def read_unit(unit: Unit, text_column: str = "text") -> list[str]:
     if unit.kind == "hub":
         return _hub_rows(unit, text_column)
     raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+
+def read_sentences(path: str) -> list[str]:
+    """--sentences FILE: one sentence per non-blank line."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--sentences {path}: no such file")
+    with open(path, "rb") as f:
+        sentences = [r.rstrip("\n") for r in text_rows(f.read(), path) if r.strip()]
+    if not sentences:
+        raise UsageError(f"--sentences {path} has no sentences")
+    return sentences

@@ -2,6 +2,7 @@
 import torch
 
 from probe_core import capture as hooks
+from probe_core.attn_ar import log_norms
 from probe_core.path_length import consecutive_steps
 
 
@@ -30,7 +31,7 @@ def forward_metrics(model, input_ids, *, final_hidden="hf", attn_norms=False, ml
         reducers[hooks.LN_FINAL_IN] = lambda a: a
     if attn_norms:
         for layer in range(n_layer):
-            reducers[hooks.attn_out(layer)] = lambda a: torch.log(torch.linalg.vector_norm(a.float(), dim=-1))
+            reducers[hooks.attn_out(layer)] = log_norms
     if mlp_rows is not None:
         b_idx, t_idx = (torch.tensor(i, dtype=torch.long, device=input_ids.device) for i in mlp_rows)
         for layer in range(n_layer):

@@ -264,24 +264,33 @@ def bonferroni_significant(p, alpha: float = 0.05) -> np.ndarray:
     return p < alpha / max(m, 1)
 
 
-def balanced_sample(labels, max_samples: int, seed) -> np.ndarray:
-    """Sorted int64 indices of a class-balanced subsample of (n,) 0/1 or bool ``labels``.
+def sample_allocation(proper, other, max_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """How many proper nouns and other tokens a class-balanced sample draws from each shard.
 
-    k = min(#positives, #negatives, max_samples) positives, then k negatives, each drawn without
-    replacement (in that order) by ``numpy.random.default_rng(seed)``.
+    proper, other: (S,) counts of each class per shard. k = min(proper.sum(), other.sum(), max_samples);
+    the k of a class are spread over the shards by one multivariate hypergeometric draw on its counts,
+    by ``default_rng([seed, 0x5A4D])``. Returns (k_proper (S,), k_other (S,)) int64. Each shard then
+    draws its share uniformly (``draw_in_shard``): together a uniform random k-subset of each class,
+    however the stream is cut into shards.
     """
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"labels must be a 1-D array of 0/1 or bool, got shape {labels.shape} dtype {labels.dtype}")
-    if int(max_samples) < 1:
-        raise ValueError(f"max_samples must be >= 1, got {max_samples!r}")
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    if pos.size == 0 or neg.size == 0:
-        raise ValueError(f"labels need both classes to balance, got {pos.size} positives and {neg.size} negatives")
-    k = min(pos.size, neg.size, int(max_samples))
-    rng = np.random.default_rng(seed)
-    chosen = np.concatenate([rng.choice(pos, k, replace=False), rng.choice(neg, k, replace=False)])
-    return np.sort(chosen)
+    proper, other = np.asarray(proper, np.int64), np.asarray(other, np.int64)
+    if proper.sum() == 0 or other.sum() == 0:
+        raise ValueError(f"a balanced sample needs both classes, got {proper.sum()} proper nouns and {other.sum()} other tokens")
+    k = int(min(proper.sum(), other.sum(), max_samples))
+    rng = np.random.default_rng([seed, 0x5A4D])
+    return rng.multivariate_hypergeometric(proper, k), rng.multivariate_hypergeometric(other, k)
+
+
+def draw_in_shard(label, in_range, k_proper: int, k_other: int, seed: int, shard: int) -> np.ndarray:
+    """One shard's share of the balanced sample: indices into its (n,) bool ``label`` and ``in_range``.
+
+    Returns (k_proper + k_other,) int64: k_proper proper nouns, then k_other other tokens, each drawn
+    uniformly without replacement from the shard's in-range tokens of its class by ``default_rng([seed, shard])``.
+    """
+    label, in_range = np.asarray(label, bool), np.asarray(in_range, bool)
+    rng = np.random.default_rng([seed, shard])
+    return np.concatenate([rng.choice(np.flatnonzero(label & in_range), k_proper, replace=False),
+                           rng.choice(np.flatnonzero(~label & in_range), k_other, replace=False)])
 
 
 def beta_confint(beta, se, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:

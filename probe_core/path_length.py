@@ -5,6 +5,7 @@ output (wte + wpe) and the last index has the final layer norm ``ln_f`` applied.
 compares ``hidden_states[l - 1]`` with ``hidden_states[l]``.
 """
 import numpy as np
+import polars as pl
 import scipy.stats
 import torch
 
@@ -45,11 +46,6 @@ def angle_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, torch.zeros_like(angle), angle)
 
 
-def path_token_mask(pos: np.ndarray, next_logit: np.ndarray) -> np.ndarray:
-    """(n,) bool: the tokens of the path-logit correlations, i.e. pos > 0 and a finite next-token logit."""
-    return (np.asarray(pos) > 0) & np.isfinite(np.asarray(next_logit, dtype=np.float64))
-
-
 def fisher_ci(r, n, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Fisher-z interval of Pearson r from n pairs, elementwise: tanh(atanh(r) -/+ z_{(1+level)/2} / sqrt(n - 3)),
     as scipy's ``pearsonr(x, y).confidence_interval(level)``. NaN where n <= 3, |r| = 1 or r is NaN."""
@@ -60,50 +56,31 @@ def fisher_ci(r, n, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         return np.tanh(z - half), np.tanh(z + half)
 
 
-def pearson_with_ci(x: np.ndarray, y: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """(r, ci_low, ci_high): Pearson r of (n,) x, y (``np.corrcoef``) and its ``fisher_ci``.
+def path_layer_correlations(frame: pl.LazyFrame | pl.DataFrame, level: float = 0.95) -> pl.DataFrame:
+    """Pearson r of path_step with the true next token's logit per layer, and its Fisher-z interval.
 
-    NaN r (and interval) when n < 3 or either side is constant.
+    frame: one row per (token, layer) with columns layer, pos, path_step and next_token_logit (null or
+    NaN where the token has no next token). Tokens used: pos > 0 (as the notebook), a finite logit and
+    a finite step. A LazyFrame is reduced per layer without being collected, so a corpus-scale join
+    need not fit in memory. Returns one row per layer with a used token, sorted by layer: layer,
+    n_tokens (Int64), r, r_ci_low, r_ci_high (Float64; ``fisher_ci`` at ``level``). r and its
+    interval are NaN with fewer than 3 tokens or a constant side.
     """
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan"), float("nan"), float("nan")
-    r = float(np.corrcoef(x, y)[0, 1])
-    lo, hi = fisher_ci(r, x.size, level)
-    return r, float(lo), float(hi)
-
-
-def path_layer_correlations(path_step: np.ndarray, next_logit: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
-    """Pearson r of every layer's path_step with the next-token logit, and its 95% Fisher-z interval.
-
-    path_step: (n, L) float, column l - 1 for layer l; next_logit, pos: (n,). Tokens as
-    ``path_logit_correlation`` (pos > 0, finite logit; per layer also a finite step). Returns (L,)
-    arrays: n_tokens (int64), r, r_ci_low, r_ci_high (float64; see ``pearson_with_ci``).
-    """
-    steps = np.asarray(path_step, dtype=np.float64)
-    if steps.ndim != 2 or steps.shape[0] != len(pos) or len(pos) != len(next_logit):
-        raise ValueError(f"need path_step (n, L), next_logit (n,), pos (n,), got {steps.shape}, {np.shape(next_logit)}, {np.shape(pos)}")
-    base = path_token_mask(pos, next_logit)
-    y = np.asarray(next_logit, dtype=np.float64)
-    out = {"n_tokens": [], "r": [], "r_ci_low": [], "r_ci_high": []}
-    for layer in range(steps.shape[1]):  # L (at most 48) correlations, each vectorized over tokens
-        keep = base & np.isfinite(steps[:, layer])
-        r, lo, hi = pearson_with_ci(steps[keep, layer], y[keep])
-        for k, v in zip(out, (int(keep.sum()), r, lo, hi)):
-            out[k].append(v)
-    return {k: np.asarray(v, dtype=np.int64 if k == "n_tokens" else np.float64) for k, v in out.items()}
+    x, y = pl.col("path_step").cast(pl.Float64), pl.col("next_token_logit").cast(pl.Float64)
+    per_layer = (
+        frame.lazy().filter((pl.col("pos") > 0) & y.is_finite() & x.is_finite())  # null logits drop out here too
+        .group_by("layer").agg(pl.len().cast(pl.Int64).alias("n_tokens"), pl.corr(x, y).alias("r"),
+                               (x.max() > x.min()).alias("x_varies"), (y.max() > y.min()).alias("y_varies"))
+        .sort("layer").collect()
+    )
+    ok = ((per_layer["n_tokens"] >= 3) & per_layer["x_varies"] & per_layer["y_varies"]).to_numpy()
+    r = np.where(ok, per_layer["r"].fill_null(np.nan).to_numpy(), np.nan)
+    lo, hi = fisher_ci(r, per_layer["n_tokens"].to_numpy(), level)
+    return pl.DataFrame({"layer": per_layer["layer"], "n_tokens": per_layer["n_tokens"], "r": r, "r_ci_low": lo, "r_ci_high": hi})
 
 
 def path_logit_correlation(final_step: np.ndarray, next_logit: np.ndarray, pos: np.ndarray) -> tuple[float, int]:
-    """Pearson r between the last layer's path_step and the true next token's logit.
-
-    final_step, next_logit, pos: (n,) arrays over tokens. Tokens with no next token (NaN logit) and
-    position 0 of each chunk are left out, as in the notebook. Returns (r, n_used); r is NaN when
-    fewer than 3 tokens remain or either side is constant.
-    """
-    keep = path_token_mask(pos, next_logit) & np.isfinite(final_step)
-    x = np.asarray(final_step, dtype=np.float64)[keep]
-    y = np.asarray(next_logit, dtype=np.float64)[keep]
-    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan"), int(x.size)
-    return float(np.corrcoef(x, y)[0, 1]), int(x.size)
+    """``path_layer_correlations`` of one layer given as (n,) arrays over tokens: (r, n_used), (NaN, 0) when no token is used."""
+    one = path_layer_correlations(pl.DataFrame({"layer": np.zeros(len(pos), np.int16), "pos": pos,
+                                                "path_step": final_step, "next_token_logit": next_logit}))
+    return (float(one["r"][0]), int(one["n_tokens"][0])) if one.height else (float("nan"), 0)

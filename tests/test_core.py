@@ -1,5 +1,6 @@
 """Unit tests of the capture hooks, the path-length metrics and the token utilities."""
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from scipy.stats import pearsonr
@@ -8,7 +9,8 @@ from probe_core import capture as hooks
 from probe_core.metrics import forward_metrics
 from probe_core.path_length import (angle_between, consecutive_steps, fisher_ci, path_layer_correlations,
                                     path_logit_correlation)
-from probe_core.tokens import chunk_stream, proper_noun_labels
+from probe_core.tokens import (SENTENCE_END, chunk_count, chunk_stream, decode_table, proper_noun_labels,
+                               proper_noun_labels_from_ids, vocab_flags)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,16 @@ def test_path_logit_correlation_matches_scipy():
     assert n == keep.sum()
     assert r == pytest.approx(pearsonr(step[keep], logit[keep]).statistic, abs=1e-12)
     assert np.isnan(path_logit_correlation(np.ones(10), logit[:10], pos[:10])[0])
+    r0, n0 = path_logit_correlation(step[:5], logit[:5], np.zeros(5))
+    assert np.isnan(r0) and n0 == 0
+
+
+def layer_frame(steps, logit, pos) -> pl.DataFrame:
+    """(n, L) steps, (n,) logits and positions as the job's joined table: one row per (token, layer)."""
+    n, n_layer = steps.shape
+    return pl.DataFrame({"layer": np.repeat(np.arange(1, n_layer + 1, dtype=np.int16), n), "pos": np.tile(pos, n_layer),
+                         "path_step": steps.T.ravel().astype(np.float32),
+                         "next_token_logit": np.tile(logit, n_layer).astype(np.float32)})
 
 
 def test_path_layer_correlations_match_scipy():
@@ -117,24 +129,49 @@ def test_path_layer_correlations_match_scipy():
     pos = np.tile(np.arange(40), 10)
     logit[pos == 39] = np.nan
     steps[7, 2] = np.nan  # a non-finite step drops that token for its layer only
-    got = path_layer_correlations(steps, logit, pos)
+    frame = layer_frame(steps, logit, pos).with_columns(  # a null logit (as the tokens table stores it) drops out too
+        pl.when(pl.col("pos") == 38).then(None).otherwise(pl.col("next_token_logit")).alias("next_token_logit"))
+    got = path_layer_correlations(frame.lazy())
+    assert got.schema == pl.Schema({"layer": pl.Int16, "n_tokens": pl.Int64, "r": pl.Float64, "r_ci_low": pl.Float64,
+                                    "r_ci_high": pl.Float64})
+    assert got["layer"].to_list() == [1, 2, 3, 4]
+    x32, y32 = steps.astype(np.float32).astype(np.float64), logit.astype(np.float32).astype(np.float64)
     for layer in range(n_layer):
-        keep = (pos > 0) & np.isfinite(logit) & np.isfinite(steps[:, layer])
-        ref = pearsonr(steps[keep, layer], logit[keep])
+        keep = (pos > 0) & (pos < 38) & np.isfinite(steps[:, layer])
+        ref = pearsonr(x32[keep, layer], y32[keep])
         ci = ref.confidence_interval(0.95)
-        assert got["n_tokens"][layer] == keep.sum()
-        np.testing.assert_allclose([got["r"][layer], got["r_ci_low"][layer], got["r_ci_high"][layer]],
-                                   [ref.statistic, ci.low, ci.high], rtol=1e-10)
-    r_last, n_last = path_logit_correlation(steps[:, -1], logit, pos)
-    assert got["r"][-1] == pytest.approx(r_last, abs=1e-14) and got["n_tokens"][-1] == n_last
+        row = got.row(layer, named=True)
+        assert row["n_tokens"] == keep.sum()
+        np.testing.assert_allclose([row["r"], row["r_ci_low"], row["r_ci_high"]], [ref.statistic, ci.low, ci.high], rtol=1e-10)
+    assert got.equals(path_layer_correlations(frame))  # a DataFrame gives the same table
+    last_logit = frame.filter(pl.col("layer") == 4)["next_token_logit"].fill_null(np.nan).to_numpy()
+    r_last, n_last = path_logit_correlation(steps[:, -1].astype(np.float32), last_logit, pos)
+    assert n_last == got["n_tokens"][-1] and r_last == pytest.approx(got["r"][-1], rel=1e-12)  # the one-layer case
     lo, hi = fisher_ci([np.nan, 1.0, 0.3], [100, 100, 3])
     assert np.isnan(lo).all() and np.isnan(hi).all()
+
+
+def test_path_layer_correlations_nan_rule():
+    """NaN r (and interval) with fewer than 3 tokens or a constant side; a layer with no usable token has no row."""
+    pos = np.arange(6)
+    steps = np.stack([np.r_[0, 1, 2, 3, 4, 5], np.ones(6), np.r_[0, 1, 2, 3, 4, 5], np.r_[0, 3, 1, 2, 5, 4]], 1).astype(float)
+    logit = np.r_[0, 2, 1, 4, 3, 6.0]
+    frame = layer_frame(steps, logit, pos)
+    frame = frame.filter(~((pl.col("layer") == 3) & (pl.col("pos") > 2)))  # layer 3 keeps 2 tokens (pos 1, 2)
+    frame = frame.with_columns(pl.when(pl.col("layer") == 4).then(np.nan).otherwise(pl.col("path_step")).alias("path_step"))
+    got = path_layer_correlations(frame)
+    assert got["layer"].to_list() == [1, 2, 3] and got["n_tokens"].to_list() == [5, 5, 2]
+    assert got["r"][0] == pytest.approx(pearsonr(steps[1:, 0], logit[1:]).statistic, rel=1e-12)
+    assert np.isnan(got["r"][1:].to_numpy()).all() and np.isnan(got["r_ci_low"][1:].to_numpy()).all()
+    const_logit = layer_frame(steps[:, :1], np.ones(6), pos)
+    assert np.isnan(path_layer_correlations(const_logit)["r"][0])
 
 
 def test_chunk_stream_drops_tail():
     chunks = chunk_stream(np.arange(10), 4)
     assert chunks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    with pytest.raises(ValueError):
+    assert chunk_count(10, 4) == 2 and chunk_count(3, 4) == 0 and chunk_stream(np.arange(3), 4).shape == (0, 4)
+    with pytest.raises(ValueError, match="at least 2, got 1"):
         chunk_stream(np.arange(10), 1)
 
 
@@ -145,18 +182,35 @@ def test_proper_noun_heuristic():
     expected = [False, False, False, False, False, True, False, False, False, False, False, False, True]
     assert got.tolist() == expected
     assert got[5] and not proper_noun_labels(tokens[5:])[0]  # " London" is one only with a predecessor
+    assert notebook_labels(tokens) == expected
     assert proper_noun_labels([" Mary"]).tolist() == [False] and proper_noun_labels([]).tolist() == []
 
 
-def test_proper_noun_labels_from_ids_equal_the_string_rule(gpt2_tokenizer):
-    from probe_core.tokens import decode_table, proper_noun_labels_from_ids
+def notebook_labels(text: list[str]) -> list[bool]:
+    """The notebook's loop, token by token: the rule as written there."""
+    labels = [False] * len(text)
+    for i in range(1, len(text)):
+        t = text[i]
+        if len(t) > 2 and t.lstrip()[:1].isupper() and not text[i - 1].rstrip().endswith(SENTENCE_END):
+            labels[i] = True
+    return labels
 
+
+def test_proper_noun_labels_from_ids_equal_the_notebook_rule(gpt2_tokenizer):
     decode = decode_table(gpt2_tokenizer)
+    flags = vocab_flags(decode)
     text = "The Times said: Mary met her friend in London. Then Paris! UK and US officials. ok? Yes: Alice"
     ids = np.asarray(gpt2_tokenizer(text)["input_ids"])
-    expected = proper_noun_labels([decode[i] for i in ids])
-    assert expected.any() and not expected.all()
-    assert proper_noun_labels_from_ids(ids, decode).tolist() == expected.tolist()
+    expected = notebook_labels([decode[i] for i in ids])
+    assert any(expected) and not all(expected)
+    assert proper_noun_labels_from_ids(ids, *flags).tolist() == expected
+    assert proper_noun_labels([decode[i] for i in ids]).tolist() == expected
     rng = np.random.default_rng(0)
     random_ids = rng.integers(0, len(decode), 5000)
-    assert proper_noun_labels_from_ids(random_ids, decode).tolist() == proper_noun_labels([decode[i] for i in random_ids]).tolist()
+    expected = notebook_labels([decode[i] for i in random_ids])
+    assert proper_noun_labels_from_ids(random_ids, *flags).tolist() == expected
+    # A slice of the stream labelled on its own, given the token before it, equals the stream's labels.
+    for cut in (1, 17, 2500, 4999):
+        part = proper_noun_labels_from_ids(random_ids[cut:], *flags, prev_id=int(random_ids[cut - 1]))
+        assert part.tolist() == expected[cut:]
+    assert proper_noun_labels_from_ids(random_ids[:0], *flags, prev_id=5).tolist() == []

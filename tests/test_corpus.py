@@ -1,5 +1,5 @@
-"""The corpus stage on Ray Data against today's single-process stream (``jobs.data``), its shards, its
-sample rule and its resume."""
+"""The corpus stage on Ray Data against the single-process stream (``tests.reference``), its shards, its
+sample and its resume."""
 import os
 
 import numpy as np
@@ -9,11 +9,11 @@ import pytest
 from jobs import corpus as stage
 from jobs.config import RunConfig
 from jobs.errors import UsageError
-from jobs.data import read_rows, tokenize_rows
 from jobs.sources import resolve_source
 from jobs.store import Store
-from probe_core.tokens import chunk_stream, decode_table, proper_noun_labels_from_ids
+from probe_core.tokens import chunk_stream, decode_table, proper_noun_labels
 from tests.corpus import write_corpus
+from tests.reference import read_rows, tokenize_rows
 
 CHUNK = 16
 
@@ -42,18 +42,19 @@ def config(data, out, **kw) -> RunConfig:
 
 
 def reference(paths, tokenizer, max_tokens=None):
-    """Today's single-process stream: rows of every file in sorted order, tokenized, chunked, labelled."""
+    """The single-process stream: rows of every file in sorted order, tokenized, chunked, labelled."""
     rows = [r for p in sorted(paths) for r in read_rows(str(p))]
     corpus = tokenize_rows(rows, tokenizer, "ref", max_tokens)
     chunks = chunk_stream(corpus.token_ids, CHUNK)
-    labels = proper_noun_labels_from_ids(corpus.token_ids, decode_table(tokenizer))[: chunks.size]
+    decode = decode_table(tokenizer)
+    labels = proper_noun_labels([decode[i] for i in corpus.token_ids])[: chunks.size]
     return chunks, corpus.rows[: chunks.size], labels, len(rows)
 
 
-def run_stage(cfg, tokenizer, unit_bytes=2**20, read_tasks=None, target=None):
+def run_stage(cfg, tokenizer, unit_bytes=2**20, read_tasks=None):
     source = resolve_source(cfg.data, text_column=cfg.text_column, unit_bytes=unit_bytes)
     store = Store(cfg.out)
-    index = stage.run_corpus_stage(source, tokenizer, decode_table(tokenizer), cfg, store, target, read_tasks=read_tasks, log=lambda m: None)
+    index = stage.run_corpus_stage(source, tokenizer, decode_table(tokenizer), cfg, store, read_tasks=read_tasks, log=lambda m: None)
     return source, store, index
 
 
@@ -112,24 +113,11 @@ def test_same_corpus_and_sample_for_1_and_4_read_tasks(ray_local, gpt2_tokenizer
     assert not np.array_equal(a[0], other[0])
 
 
-def test_sample_allocation_is_multivariate_hypergeometric():
-    """Shard shares of one class: sums to k, within each shard's count, and their mean over seeds is
-    scipy's multivariate hypergeometric mean (k * count / total)."""
-    from scipy.stats import multivariate_hypergeom
-
+def test_sample_needs_proper_nouns_and_other_tokens():
     index = stage.CorpusIndex(source="s", source_fingerprint="f", n_rows=1, stream_tokens=1, chunk_tokens=1, n_chunks=1,
-                              shard_chunks=1, proper=(5, 0, 20, 3), other=(30, 40, 1, 9), target=(0,) * 4, digests=("",) * 4)
-    draws = np.array([stage.sample_allocation(index, 10, seed)[0] for seed in range(3000)])
-    assert (draws.sum(1) == 10).all() and (draws <= np.array(index.proper)).all()
-    mean, var = multivariate_hypergeom.mean(index.proper, 10), multivariate_hypergeom.var(index.proper, 10)
-    se = np.sqrt(var / len(draws))
-    assert (np.abs(draws.mean(0) - mean) <= 4 * se + 1e-12).all()
-    k_proper, k_other = stage.sample_allocation(index, 1000, 0)
-    assert k_proper.tolist() == list(index.proper)  # k = all 28 proper nouns; as many other tokens
-    assert k_other.sum() == 28
-    no_names = stage.CorpusIndex(**{**index.__dict__, "proper": (0, 0, 0, 0)})
+                              shard_chunks=1, proper=(0, 0), other=(3, 4), digests=("",) * 2)
     with pytest.raises(UsageError, match="no proper nouns"):
-        stage.sample_allocation(no_names, 10, 0)
+        stage.draw_sample(index, None, 10, 0)
 
 
 def test_resume_reuses_the_stage_and_rewrites_only_missing_shards(ray_local, files, gpt2_tokenizer, tmp_path, small_shards):
@@ -180,7 +168,7 @@ def test_stage_reads_a_streamed_dataset_in_order(ray_local, gpt2_tokenizer, tmp_
     cfg = RunConfig(models=("unused",), data=str(tmp_path / "ds"), data_split="train", out=str(tmp_path / "run"), chunk_tokens=CHUNK)
     source = resolve_source(cfg.data, split="train")
     assert len(source.units) == 3 and {u.kind for u in source.units} == {"hub"}
-    index = stage.run_corpus_stage(source, gpt2_tokenizer, decode_table(gpt2_tokenizer), cfg, Store(cfg.out), None, log=lambda m: None)
+    index = stage.run_corpus_stage(source, gpt2_tokenizer, decode_table(gpt2_tokenizer), cfg, Store(cfg.out), log=lambda m: None)
     stream = tokenize_rows(read_rows(cfg.data, split="train"), gpt2_tokenizer, "ref")
     chunks = chunk_stream(stream.token_ids, CHUNK)
     got = corpus_table(Store(cfg.out))

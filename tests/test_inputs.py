@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from jobs import data
+from jobs.corpus import encode_rows
 from jobs.errors import UsageError
+from tests import reference
 
 
 class FakeDataset(dict):
@@ -20,9 +21,9 @@ def test_hub_dataset_is_read_through_datasets(monkeypatch, gpt2_tokenizer):
         return FakeDataset(text=["", " = Title = \n", " Mary met her friend . \n", ""])
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    rows = data.read_rows("wikitext-2-raw-v1:validation")
+    rows = reference.read_rows("wikitext-2-raw-v1:validation")
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "validation")]
-    corpus = data.tokenize_rows(rows, gpt2_tokenizer, "hub")
+    corpus = reference.tokenize_rows(rows, gpt2_tokenizer, "hub")
     # Blank rows are skipped but keep their index, so `row` points at the dataset's own rows.
     assert set(corpus.rows.tolist()) == {1, 2}
 
@@ -35,17 +36,17 @@ def test_hub_dataset_offline_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(UsageError, match="pass a local file"):
-        data.read_rows("wikitext-2-raw-v1")
+        reference.read_rows("wikitext-2-raw-v1")
 
 
 def test_text_file_rows_match_hub_rows(tmp_path, gpt2_tokenizer):
     path = tmp_path / "t.raw"
     path.write_text(" = Title = \n\n Mary met her friend . \n")
-    rows = data.read_text_file(str(path))
+    rows = reference.read_text_file(str(path))
     assert rows == [" = Title = \n", "\n", " Mary met her friend . \n"]
-    corpus = data.tokenize_rows(rows, gpt2_tokenizer, str(path), max_tokens=5)
+    corpus = reference.tokenize_rows(rows, gpt2_tokenizer, str(path), max_tokens=5)
     assert len(corpus.token_ids) == 5 and corpus.token_ids.dtype == np.int32
-    assert corpus.fingerprint() != data.tokenize_rows(rows, gpt2_tokenizer, str(path)).fingerprint()
+    assert corpus.fingerprint() != reference.tokenize_rows(rows, gpt2_tokenizer, str(path)).fingerprint()
 
 
 def test_parquet_needs_text_column(tmp_path):
@@ -54,9 +55,9 @@ def test_parquet_needs_text_column(tmp_path):
 
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "x.parquet")
     with pytest.raises(UsageError, match="no 'text' column"):
-        data.read_rows(str(tmp_path / "x.parquet"))
+        reference.read_rows(str(tmp_path / "x.parquet"))
     pq.write_table(pa.table({"text": ["Mary met her.\n", None]}), tmp_path / "y.parquet")
-    assert data.read_rows(str(tmp_path / "y.parquet")) == ["Mary met her.\n", ""]
+    assert reference.read_rows(str(tmp_path / "y.parquet")) == ["Mary met her.\n", ""]
 
 
 def test_local_ray_dashboard_binds_loopback(monkeypatch):
@@ -74,11 +75,11 @@ def test_local_ray_dashboard_binds_loopback(monkeypatch):
 
 def test_blocked_tokenization_equals_one_pass(gpt2_tokenizer):
     rows = [f" Row {i} : Mary met her friend in London .\n" if i % 3 else "\n" for i in range(50)]
-    whole = data.tokenize_rows(rows, gpt2_tokenizer, "x", block_rows=10_000)
-    blocked = data.tokenize_rows(rows, gpt2_tokenizer, "x", block_rows=7)
+    whole = reference.tokenize_rows(rows, gpt2_tokenizer, "x", block_rows=10_000)
+    blocked = reference.tokenize_rows(rows, gpt2_tokenizer, "x", block_rows=7)
     np.testing.assert_array_equal(whole.token_ids, blocked.token_ids)
     np.testing.assert_array_equal(whole.rows, blocked.rows)
-    capped = data.tokenize_rows(rows, gpt2_tokenizer, "x", max_tokens=23, block_rows=2)
+    capped = reference.tokenize_rows(rows, gpt2_tokenizer, "x", max_tokens=23, block_rows=2)
     np.testing.assert_array_equal(capped.token_ids, whole.token_ids[:23])
 
 
@@ -89,12 +90,12 @@ def test_encode_rows_gives_the_tokenizers_own_ids(gpt2_tokenizer):
             " Mary met her friend in London .\n", "\n", " end"]
     which = [0, 1, 2, 3, 4, 6]
     want = gpt2_tokenizer([rows[i] for i in which], add_special_tokens=False)["input_ids"]
-    ids, row_of = data.encode_rows(rows, which, gpt2_tokenizer)
+    ids, row_of = encode_rows(rows, which, gpt2_tokenizer)
     np.testing.assert_array_equal(ids, np.concatenate(want))
     np.testing.assert_array_equal(row_of, np.repeat(which, [len(w) for w in want]))
     try:
         gpt2_tokenizer.backend_tokenizer.enable_padding(pad_id=gpt2_tokenizer.eos_token_id)  # left by a padded call
-        np.testing.assert_array_equal(data.encode_rows(rows, which, gpt2_tokenizer)[0], np.concatenate(want))
+        np.testing.assert_array_equal(encode_rows(rows, which, gpt2_tokenizer)[0], np.concatenate(want))
     finally:
         gpt2_tokenizer.backend_tokenizer.no_padding()
 
@@ -102,7 +103,7 @@ def test_encode_rows_gives_the_tokenizers_own_ids(gpt2_tokenizer):
 def test_bom_crlf_and_jsonl_are_normalised(tmp_path):
     (tmp_path / "unix.txt").write_bytes(b" = Title = \n\n Mary met her friend . \n")
     (tmp_path / "dos.txt").write_bytes(b"\xef\xbb\xbf = Title = \r\n\r\n Mary met her friend . \r\n")
-    assert data.read_rows(str(tmp_path / "dos.txt")) == data.read_rows(str(tmp_path / "unix.txt"))
+    assert reference.read_rows(str(tmp_path / "dos.txt")) == reference.read_rows(str(tmp_path / "unix.txt"))
     lines = ['{"text": " = Title = \\r\\n"}', "", '{"text": " Mary met her friend . \\n", "id": 3}']
     (tmp_path / "c.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
-    assert data.read_rows(str(tmp_path / "c.jsonl")) == [" = Title = \n", "", " Mary met her friend . \n"]
+    assert reference.read_rows(str(tmp_path / "c.jsonl")) == [" = Title = \n", "", " Mary met her friend . \n"]

@@ -11,11 +11,12 @@ from statsmodels.tools.sm_exceptions import ConvergenceWarning, PerfectSeparatio
 
 from probe_core.neurons import (
     auroc_per_neuron,
-    balanced_sample,
     benjamini_hochberg,
     bonferroni_significant,
+    draw_in_shard,
     fit_logit_per_neuron,
     neuron_logit_table,
+    sample_allocation,
 )
 
 TEXT = (
@@ -219,27 +220,76 @@ def test_bonferroni_matches_statsmodels():
     assert sig[len(p) - 1] and not sig[len(p):].any()
 
 
-def test_balanced_sample():
+def balanced_draw(labels, in_range, shards, max_samples, seed):
+    """The job's sample over (n,) labels cut at ``shards`` (shard start indices): allocation, then each
+    shard's draw; sorted global indices of the proper nouns, then of the other tokens."""
+    bounds = np.r_[shards, len(labels)]
+    parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    proper = [int((labels[p] & in_range[p]).sum()) for p in parts]
+    other = [int((~labels[p] & in_range[p]).sum()) for p in parts]
+    k_proper, k_other = sample_allocation(proper, other, max_samples, seed)
+    picked = [p.start + draw_in_shard(labels[p], in_range[p], k_proper[s], k_other[s], seed, s) for s, p in enumerate(parts)]
+    picked = np.concatenate(picked) if picked else np.zeros(0, np.int64)
+    return np.sort(picked[labels[picked]]), np.sort(picked[~labels[picked]])
+
+
+def test_sample_allocation_is_multivariate_hypergeometric():
+    """Shard shares of one class: sums to k, within each shard's count, and their mean over seeds is
+    scipy's multivariate hypergeometric mean (k * count / total)."""
+    from scipy.stats import multivariate_hypergeom
+
+    proper, other = (5, 0, 20, 3), (30, 40, 1, 9)
+    draws = np.array([sample_allocation(proper, other, 10, seed)[0] for seed in range(3000)])
+    assert (draws.sum(1) == 10).all() and (draws <= np.array(proper)).all()
+    mean, var = multivariate_hypergeom.mean(proper, 10), multivariate_hypergeom.var(proper, 10)
+    se = np.sqrt(var / len(draws))
+    assert (np.abs(draws.mean(0) - mean) <= 4 * se + 1e-12).all()
+    k_proper, k_other = sample_allocation(proper, other, 1000, 0)
+    assert k_proper.tolist() == list(proper)  # k = all 28 proper nouns; as many other tokens
+    assert k_other.sum() == 28 and (k_other <= np.array(other)).all()
+    rng = np.random.default_rng([4, 0x5A4D])  # the seeding the job's sample is pinned to
+    expected = rng.multivariate_hypergeometric(proper, 10), rng.multivariate_hypergeometric(other, 10)
+    assert all(np.array_equal(a, b) for a, b in zip(sample_allocation(proper, other, 10, 4), expected))
+
+
+@pytest.mark.parametrize("proper,other", [((0, 0), (3, 4)), ((3, 4), (0, 0))])
+def test_sample_allocation_needs_both_classes(proper, other):
+    with pytest.raises(ValueError, match="needs both classes"):
+        sample_allocation(proper, other, 5, 0)
+
+
+def test_draw_in_shard():
     rng = np.random.default_rng(9)
-    labels = rng.random(500) < 0.1
-    idx = balanced_sample(labels, max_samples=1000, seed=3)
-    n_pos = labels.sum()
-    assert len(idx) == 2 * n_pos and labels[idx].sum() == n_pos
-    assert np.all(np.diff(idx) > 0) and idx.dtype.kind == "i"
-    draw = np.random.default_rng(3)
-    expected = np.sort(np.r_[draw.choice(np.flatnonzero(labels), n_pos, replace=False),
-                             draw.choice(np.flatnonzero(~labels), n_pos, replace=False)])
+    labels, in_range = rng.random(500) < 0.1, np.arange(500) < 450
+    idx = draw_in_shard(labels, in_range, 20, 30, seed=3, shard=5)
+    assert idx.dtype == np.int64 and len(np.unique(idx)) == 50 and (idx < 450).all()
+    assert labels[idx[:20]].all() and not labels[idx[20:]].any()
+    draw = np.random.default_rng([3, 5])
+    expected = np.r_[draw.choice(np.flatnonzero(labels & in_range), 20, replace=False),
+                     draw.choice(np.flatnonzero(~labels & in_range), 30, replace=False)]
     np.testing.assert_array_equal(idx, expected)
-    small = balanced_sample(labels.astype(int), max_samples=7, seed=1)
-    assert len(small) == 14 and labels[small].sum() == 7
-    np.testing.assert_array_equal(small, balanced_sample(labels, 7, seed=1))
-    assert not np.array_equal(small, balanced_sample(labels, 7, seed=2))
+    assert not np.array_equal(idx, draw_in_shard(labels, in_range, 20, 30, seed=3, shard=6))
 
 
-@pytest.mark.parametrize("labels", [np.zeros(10, bool), np.ones(10, bool)])
-def test_balanced_sample_needs_both_classes(labels):
-    with pytest.raises(ValueError, match="both classes"):
-        balanced_sample(labels, 5, seed=0)
+def test_sample_is_uniform_and_balanced_whatever_the_shards():
+    """One shard or several: each class's sample is a uniform k-subset of its in-range tokens, so every
+    token is drawn with probability k / (its class's size), the same for both cuts."""
+    rng = np.random.default_rng(2)
+    labels, in_range = rng.random(300) < 0.2, np.arange(300) < 280
+    n_proper, n_other = int((labels & in_range).sum()), int((~labels & in_range).sum())
+    k, seeds = 12, 2000
+    for shards in ([0], [0, 40, 41, 170, 250]):
+        counts = np.zeros(300)
+        for seed in range(seeds):
+            proper, other = balanced_draw(labels, in_range, shards, k, seed)
+            assert len(proper) == len(other) == k and labels[proper].all() and not labels[other].any()
+            assert (np.r_[proper, other] < 280).all()
+            counts[proper] += 1
+            counts[other] += 1
+        p = np.where(labels, k / n_proper, k / n_other) * in_range
+        se = np.sqrt(p * (1 - p) / seeds)
+        assert (np.abs(counts / seeds - p) <= 5 * se + 1e-12).all()
+    assert balanced_draw(labels, in_range, [0], 10**6, 0)[0].tolist() == np.flatnonzero(labels & in_range).tolist()
 
 
 def test_neuron_logit_table():

@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import data
 from jobs.cli import main
 from jobs.errors import UsageError
-from jobs.sources import Unit, read_unit, resolve_source
+from jobs.sources import Unit, read_sentences, read_unit, resolve_source
+from tests import reference
 from tests.corpus import write_corpus
 from tests.s3server import s3_server
 
@@ -20,7 +20,7 @@ def unit_rows(source, text_column="text") -> list[str]:
 
 
 def files_rows(paths, text_column="text") -> list[str]:
-    return [row for p in paths for row in data.read_file_rows(str(p), text_column)]
+    return [row for p in paths for row in reference.read_file_rows(str(p), text_column)]
 
 
 def write_jsonl(path, texts, field="text"):
@@ -56,14 +56,14 @@ def test_folder_glob_and_files_read_in_sorted_order(tree):
     assert len(expected) == 18
     folder = resolve_source(str(root))
     assert folder.files == tuple(ordered)
-    assert unit_rows(folder) == expected == data.read_rows(str(root))
+    assert unit_rows(folder) == expected == reference.read_rows(str(root))
     assert "3 .raw/.txt files under" in folder.description and "(3 units)" in folder.description
     deep = resolve_source(str(root / "**" / "*.txt"))
     assert deep.files == (ordered[1], ordered[2]) and unit_rows(deep) == files_rows(ordered[1:])
     shallow = resolve_source(str(root / "*.txt"))  # '*' does not cross '/'
     assert shallow.files == (ordered[1],)
     one = resolve_source(ordered[0])
-    assert one.files == (ordered[0],) and unit_rows(one) == data.read_text_file(ordered[0])
+    assert one.files == (ordered[0],) and unit_rows(one) == reference.read_text_file(ordered[0])
     assert len(folder.fingerprint) == 32 and int(folder.fingerprint, 16) >= 0
 
 
@@ -75,7 +75,7 @@ def test_jsonl_and_parquet_files_folders_and_column(tmp_path):
     write_jsonl(j / "1.jsonl", [t or "" for t in texts[7:]], field="body")
     src = resolve_source(str(j), text_column="body")
     assert [os.path.basename(f) for f in src.files] == ["1.jsonl", "2.jsonl"]
-    assert unit_rows(src, "body") == files_rows(src.files, "body") == data.read_rows(str(j), text_column="body")
+    assert unit_rows(src, "body") == files_rows(src.files, "body") == reference.read_rows(str(j), text_column="body")
     assert unit_rows(src, "body")[:2] == [" Mary met her friend . \n", ""]
 
     p = tmp_path / "p"
@@ -83,7 +83,7 @@ def test_jsonl_and_parquet_files_folders_and_column(tmp_path):
     write_parquet(p / "a.parquet", texts, row_group_size=2)
     write_parquet(p / "b.parquet", texts[:3], row_group_size=2)
     expected = [(t or "").replace("\r\n", "\n") for t in texts + texts[:3]]
-    assert data.read_rows(str(p)) == expected
+    assert reference.read_rows(str(p)) == expected
     for unit_bytes, n_units in ((1, 8 + 2), (10**9, 2)):  # one row group per unit, or one unit per file
         src = resolve_source(str(tmp_path / "p" / "*.parquet"), unit_bytes=unit_bytes)
         assert len(src.units) == n_units and unit_rows(src) == expected
@@ -105,7 +105,7 @@ def test_byte_range_units_equal_one_unit(tmp_path, suffix):
         raw = b"\xef\xbb\xbf" + "\r\n".join(json.dumps({"text": t}) if t.strip() else t for t in lines).encode()
     path = tmp_path / f"c{suffix}"
     path.write_bytes(raw)
-    whole = data.read_rows(str(path))
+    whole = reference.read_rows(str(path))
     assert len(whole) == 8 and whole[1] in ("\n", "")
     newlines = {i + 1 for i, b in enumerate(raw) if b == ord("\n")}
     on_newline = 0
@@ -124,7 +124,7 @@ def test_bad_content_names_the_line_or_byte(tmp_path):
     path = tmp_path / "c.txt"
     path.write_bytes(b"good line\nsecond\nbad \xff byte\nlast\n")
     with pytest.raises(UsageError, match=r"c.txt: line 3 is not valid UTF-8"):
-        data.read_rows(str(path))
+        reference.read_rows(str(path))
     units = resolve_source(str(path), unit_bytes=12).units
     with pytest.raises(UsageError, match=r"c.txt: the line at byte 17 is not valid UTF-8"):
         [read_unit(u) for u in units]
@@ -158,7 +158,7 @@ def test_units_are_self_contained(tmp_path):
     assert pickle.loads(pickle.dumps(src.units[1])) == src.units[1]
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         rows = pool.starmap(read_unit, [(u, "text") for u in src.units])
-    assert [r for part in rows for r in part] == data.read_text_file(path)
+    assert [r for part in rows for r in part] == reference.read_text_file(path)
 
 
 def test_sharded_parquet_and_text_on_s3_equal_local(tmp_path, monkeypatch):
@@ -168,7 +168,7 @@ def test_sharded_parquet_and_text_on_s3_equal_local(tmp_path, monkeypatch):
     write_parquet(local / "part=b" / "x.parquet", corpus[:25], row_group_size=5)
     write_parquet(local / "a-0.parquet", corpus[25:40], row_group_size=4)
     write_parquet(local / "a-1.parquet", corpus[40:], row_group_size=6)
-    expected = data.read_rows(str(local))
+    expected = reference.read_rows(str(local))
     assert expected == corpus[25:] + corpus[:25]  # sorted: a-0, a-1, part=b/x
     with s3_server() as s3:
         for env in s3.env.items():
@@ -184,10 +184,10 @@ def test_sharded_parquet_and_text_on_s3_equal_local(tmp_path, monkeypatch):
         assert len(src.units) == 3 + 4 + 5 and unit_rows(src) == expected
         assert "3 .parquet files under s3://" in src.description
         assert unit_rows(resolve_source(s3.url("corpus/**/*.parquet"))) == expected
-        assert data.read_rows(s3.url("corpus")) == expected
+        assert reference.read_rows(s3.url("corpus")) == expected
         (tmp_path / "t.txt").write_bytes(TRICKY)
         remote = resolve_source(s3.url("texts/t.txt"), unit_bytes=7)
-        assert len(remote.units) > 5 and unit_rows(remote) == data.read_text_file(str(tmp_path / "t.txt"))
+        assert len(remote.units) > 5 and unit_rows(remote) == reference.read_text_file(str(tmp_path / "t.txt"))
         with pytest.raises(UsageError, match="no such file or folder"):
             resolve_source(s3.url("nothing/here"))
 
@@ -221,7 +221,7 @@ def test_dataset_folder_streams_shards_in_order(tmp_path, offline):
     src = resolve_source(folder, split="train")
     assert [(u.kind, u.start, u.stop, u.shards, u.split) for u in src.units] == [("hub", i, i + 1, 3, "train") for i in range(3)]
     assert src.files == () and "streamed (3 shards)" in src.description
-    assert unit_rows(src) == EXPECTED == data.read_rows(folder, split="train")
+    assert unit_rows(src) == EXPECTED == reference.read_rows(folder, split="train")
     assert unit_rows(resolve_source(folder, split="test")) == EXPECTED[:5]
     assert resolve_source(folder, split="test").fingerprint != src.fingerprint
     with pytest.raises(UsageError, match="has no 'body' column"):
@@ -237,7 +237,7 @@ def test_saved_dataset_row_range_units(tmp_path, offline):
     ds.save_to_disk(str(tmp_path / "saved"))
     src = resolve_source(str(tmp_path / "saved"), unit_bytes=200)
     assert len(src.units) > 2 and all(u.shards == 0 for u in src.units)
-    assert unit_rows(src) == EXPECTED == data.read_rows(str(tmp_path / "saved"))
+    assert unit_rows(src) == EXPECTED == reference.read_rows(str(tmp_path / "saved"))
     offline.DatasetDict({"train": ds, "test": ds.select(range(3))}).save_to_disk(str(tmp_path / "dict"))
     assert unit_rows(resolve_source(str(tmp_path / "dict"), split="test")) == EXPECTED[:3]
     with pytest.raises(UsageError, match="no split 'x'.*--data-split"):
@@ -310,3 +310,14 @@ def test_new_flags_reach_the_config(capsys, tmp_path):
     assert main(["run", "--text-column", "", "--out", str(tmp_path / "never")]) == 2
     assert "--text-column is empty" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_read_sentences(tmp_path):
+    path = tmp_path / "s.txt"
+    path.write_bytes(b"\xef\xbb\xbfMary thanked her brother.\r\n\r\n  \nWhen John arrived, Alice called her.\nHer.")
+    assert read_sentences(str(path)) == ["Mary thanked her brother.", "When John arrived, Alice called her.", "Her."]
+    with pytest.raises(UsageError, match="no such file"):
+        read_sentences(str(tmp_path / "missing.txt"))
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(UsageError, match="has no sentences"):
+        read_sentences(str(tmp_path / "blank.txt"))

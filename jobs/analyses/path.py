@@ -43,33 +43,16 @@ def reduce(ctx) -> list:
 
 def model_path_summary(store_uri: str, model: str, n_layer: int) -> dict:
     """Pearson r between path_step and the next-token logit (position 0 and the chunk's last position
-    left out), with Fisher-z 95% intervals: the last layer in ``path_summary``, every layer in ``path_layer_r``."""
+    left out), with Fisher-z 95% intervals: every layer in ``path_layer_r``, the last one in ``path_summary``."""
     store = Store(store_uri)
     tokens = store.scan_model(TOKENS, model).select("chunk", "pos", "next_token_logit")
-    final = store.scan_model(LAYER_METRICS, model).filter(pl.col("layer") == n_layer).select("chunk", "pos", "path_step")
-    joined = final.join(tokens, on=["chunk", "pos"]).collect()
-    r, n = path_length.path_logit_correlation(
-        joined["path_step"].to_numpy(), joined["next_token_logit"].fill_null(np.nan).to_numpy(), joined["pos"].to_numpy()
-    )
-    lo, hi = path_length.fisher_ci(r, n)
-    store.write_table(PATH_SUMMARY, "all", pa.table({"n_tokens": [n], "r_path_logit": [r], "r_ci_low": [float(lo)],
-                                                     "r_ci_high": [float(hi)]}), model=model)
-    # Every layer: reduced lazily per layer (the joined table of all layers can exceed memory at corpus scale).
-    x, y = pl.col("path_step").cast(pl.Float64), pl.col("next_token_logit").cast(pl.Float64)
-    per_layer = (
-        store.scan_model(LAYER_METRICS, model).select("chunk", "pos", "layer", "path_step").join(tokens, on=["chunk", "pos"])
-        .filter((pl.col("pos") > 0) & y.is_finite() & x.is_finite())  # null logits drop out here too
-        .group_by("layer").agg(pl.len().cast(pl.Int64).alias("n_tokens"), pl.corr(x, y).alias("r"),
-                               (x.max() > x.min()).alias("x_varies"), (y.max() > y.min()).alias("y_varies"))
-        .sort("layer").collect()
-    )
-    # As path_logit_correlation: NaN r with fewer than 3 tokens or a constant side.
-    ok = (per_layer["n_tokens"] >= 3) & per_layer["x_varies"] & per_layer["y_varies"]
-    r_layer = np.where(ok.to_numpy(), per_layer["r"].fill_null(np.nan).to_numpy(), np.nan)
-    lo, hi = path_length.fisher_ci(r_layer, per_layer["n_tokens"].to_numpy())
-    store.write_table(PATH_LAYER_R, "all", pa.table({
-        "layer": per_layer["layer"].to_numpy(), "n_tokens": per_layer["n_tokens"].to_numpy(), "r": r_layer,
-        "r_ci_low": lo, "r_ci_high": hi}), model=model)
+    steps = store.scan_model(LAYER_METRICS, model).select("chunk", "pos", "layer", "path_step")
+    per_layer = path_length.path_layer_correlations(steps.join(tokens, on=["chunk", "pos"]))
+    store.write_table(PATH_LAYER_R, "all", per_layer.to_arrow(), model=model)
+    last = per_layer.filter(pl.col("layer") == n_layer)
+    n, r, lo, hi = last.row(0)[1:] if last.height else (0, float("nan"), float("nan"), float("nan"))  # no usable token
+    store.write_table(PATH_SUMMARY, "all", pa.table({"n_tokens": [n], "r_path_logit": [r], "r_ci_low": [lo],
+                                                     "r_ci_high": [hi]}), model=model)
     return {"model": model, "n_tokens": n, "r_path_logit": r}
 
 

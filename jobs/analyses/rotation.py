@@ -17,7 +17,7 @@ from jobs.analyses.base import Analysis, Capture, FigureSpec, Option, Table, Wri
 from jobs.errors import UsageError
 from jobs.plotting import (add_lines, by_model, collect, depth_legend, depth_lines, int_x, models_of, panels, safe, thin,
                            wide, with_depth)
-from jobs.data import read_sentences
+from jobs.sources import read_sentences
 from jobs.store import Store
 from probe_core.rotation import rotation_angles, rotation_tests, target_occurrences
 

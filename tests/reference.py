@@ -1,11 +1,12 @@
-"""Corpus input read in one process (rows of every --data form, see jobs.sources) and tokenized into one token stream."""
+"""The single-process reference the corpus stage is compared with: every --data form read whole in one
+process (through the same per-format readers as the units of ``jobs.sources``) and tokenized into one stream."""
 import hashlib
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from jobs import sources
+from jobs.corpus import encode_rows
 from jobs.errors import UsageError
 
 
@@ -61,26 +62,11 @@ def read_rows(spec: str, *, config: str | None = None, split: str | None = None,
     return [row for path in source.files for row in read_file_rows(path, text_column)]
 
 
-def encode_rows(rows: list[str], which: list[int], tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize ``rows[i]`` for i in ``which`` (one tokenizer call) -> (ids int32, row index int64 of each token)."""
-    texts = [rows[i] for i in which]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast") and backend.padding is None and backend.truncation is None:
-        # the Rust tokenizer that tokenizer(...) calls, minus what we discard: character offsets and
-        # the attention-mask lists; the same ids
-        encoded = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    else:
-        encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
-    ids = np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(lengths.sum()))
-    return ids, np.repeat(np.asarray(which, dtype=np.int64), lengths)
-
-
 def tokenize_rows(rows: list[str], tokenizer, source: str, max_tokens: int | None = None, block_rows: int = 4096) -> Corpus:
     """Tokenize each non-blank row once and concatenate into one stream, as the notebooks do.
 
     Rows go through the tokenizer in blocks, each turned into int32 at once: the tokenizer's Python
-    lists cost tens of bytes a token, so holding them for a whole corpus would dominate the driver.
+    lists cost tens of bytes a token, so holding them for a whole corpus would dominate the process.
     """
     keep = [i for i, r in enumerate(rows) if r.strip()]
     if not keep:
@@ -97,13 +83,3 @@ def tokenize_rows(rows: list[str], tokenizer, source: str, max_tokens: int | Non
     if max_tokens is not None:
         token_ids, row_of = token_ids[:max_tokens], row_of[:max_tokens]
     return Corpus(token_ids=token_ids, rows=row_of, n_rows=len(rows), source=source)
-
-
-def read_sentences(path: str) -> list[str]:
-    """--sentences FILE: one sentence per non-blank line."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--sentences {path}: no such file")
-    sentences = [r.rstrip("\n") for r in read_text_file(path) if r.strip()]
-    if not sentences:
-        raise UsageError(f"--sentences {path} has no sentences")
-    return sentences
