@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jobs import analyses
-from jobs.analyses.base import PlanContext
+from jobs.analysis import PlanContext
 from jobs.config import RunConfig
 from jobs.corpus import CorpusIndex
 from jobs.errors import UsageError

@@ -88,26 +88,18 @@ def _figure(fig: dict, run_dir: str) -> str:
             f'alt="{title}"><figcaption>{title}{link}</figcaption></figure>')
 
 
-def _stages(stages) -> str:
-    """Timings table from manifest["stages"]: {stage: {field: value}}, {stage: value} or [{...}, ...]."""
-    if isinstance(stages, dict):
-        rows = [{"stage": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in stages.items()]
-    elif isinstance(stages, list):
-        rows = [r if isinstance(r, dict) else {"value": r} for r in stages]
-    else:
+def _stages(stages: dict | None) -> str:
+    """Timings table from manifest["stages"]: {stage: {field: value}}."""
+    if not stages:
         return ""
+    rows = [{"stage": k, **v} for k, v in stages.items()]
     cols = list(dict.fromkeys(c for r in rows for c in r))
     return _table(cols, [[r.get(c) for c in cols] for r in rows], "Stages")
 
 
-def _models_text(models) -> str:
-    """manifest["models"]: {name: {"n_layer": ...}} (as jobs.run writes it) or a list of names/dicts."""
-    if isinstance(models, dict):
-        return ", ".join(f"{m} ({v['n_layer']} layers)" if isinstance(v, dict) and "n_layer" in v else str(m)
-                         for m, v in models.items())
-    if isinstance(models, (list, tuple)):
-        return ", ".join(str(m.get("name", m)) if isinstance(m, dict) else str(m) for m in models)
-    return "" if models is None else str(models)
+def _models_text(models: dict | None) -> str:
+    """manifest["models"]: {name: {"n_layer": ...}} as the manifest writes it."""
+    return ", ".join(f"{m} ({v['n_layer']} layers)" for m, v in (models or {}).items())
 
 
 def _meta_value(v) -> str:

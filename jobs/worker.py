@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from jobs import analyses
-from jobs.analyses.base import BatchContext
+from jobs.analysis import BatchContext
 from jobs.models import ModelSpec, load_model
 from jobs.store import Store
 from probe_core.metrics import forward_metrics

@@ -22,7 +22,7 @@ TOY = textwrap.dedent('''
     import ray
     from matplotlib.figure import Figure
 
-    from jobs.analyses.base import Analysis, Capture, FigureSpec, Table, Write
+    from jobs.analysis import Analysis, Capture, FigureSpec, Table, Write
     from jobs.store import Store
 
     NORMS = Table("toy_norms", pa.schema([("chunk", pa.int32()), ("pos", pa.int32()), ("norm", pa.float32())]))

@@ -10,7 +10,7 @@ from jobs.corpus import ArrayChunks
 from jobs.models import resolve_model
 from jobs.store import Store
 from jobs.analyses import mi, neurons, rotation
-from jobs.analyses.base import BatchContext
+from jobs.analysis import BatchContext
 from jobs.worker import ModelWorker, WorkerConfig
 
 

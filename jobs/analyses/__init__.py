@@ -1,5 +1,5 @@
 """The registry of analyses: each lives in its own module or folder and exports ``ANALYSIS``
-(``jobs.analyses.base.Analysis``). Everything else iterates ``REGISTRY`` and never names an analysis.
+(``jobs.analysis.Analysis``). Everything else iterates ``REGISTRY`` and never names an analysis.
 
 Adding one: a module here and one line below, or, from outside the package, a module named in the
 environment variable ``PROBE_ANALYSES`` (comma list of importable modules, each exporting ``ANALYSIS``),
@@ -10,7 +10,7 @@ import importlib
 import os
 
 from jobs.analyses import attn_ar, mi, neurons, path, rotation
-from jobs.analyses.base import Analysis, Table
+from jobs.analysis import Analysis, Table
 
 REGISTRY: dict[str, Analysis] = {m.ANALYSIS.name: m.ANALYSIS for m in (path, rotation, neurons, mi, attn_ar)}
 

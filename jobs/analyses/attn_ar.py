@@ -7,7 +7,7 @@ import ray
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from jobs.analyses.base import Analysis, Capture, FigureSpec, Table, Write
+from jobs.analysis import Analysis, Capture, FigureSpec, Table, Write
 from jobs.plotting import (by_model, collect, density_panels, depth_legend, depth_lines, int_x, models_of, panels, thin,
                            with_depth)
 from jobs.store import Store

@@ -9,7 +9,7 @@ import pyarrow as pa
 import ray
 from matplotlib.figure import Figure
 
-from jobs.analyses.base import Analysis, Capture, FigureSpec, Table, Write
+from jobs.analysis import Analysis, Capture, FigureSpec, Table, Write
 from jobs.plotting import (add_lines, by_model, collect, depth_legend, depth_lines, int_x, models_of, panels,
                            resolve_chunk, thin, wide, with_depth)
 from jobs.store import Store

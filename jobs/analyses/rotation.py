@@ -13,7 +13,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from jobs.analyses.base import Analysis, Capture, FigureSpec, Option, Table, Write, table_layers
+from jobs.analysis import Analysis, Capture, FigureSpec, Option, Table, Write, table_layers
 from jobs.errors import UsageError
 from jobs.plotting import (add_lines, by_model, collect, depth_legend, depth_lines, int_x, models_of, panels, safe, thin,
                            wide, with_depth)

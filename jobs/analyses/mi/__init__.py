@@ -10,7 +10,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from jobs.analyses.base import Analysis, Option, Table
+from jobs.analysis import Analysis, Option, Table
 from jobs.analyses.mi.figures import ACROSS_FIGURES, FIGURES, across, summaries
 from jobs.store import Store
 from probe_core import mutual_info

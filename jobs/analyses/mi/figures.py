@@ -3,7 +3,7 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
-from jobs.analyses.base import FigureSpec
+from jobs.analysis import FigureSpec
 from jobs.plotting import (N_BINS, best_layer, by_model, collect, density_panels, depth_legend, depth_lines, models_of, panels,
                            pick, with_depth)
 from probe_core.mutual_info import plugin_bias_bits

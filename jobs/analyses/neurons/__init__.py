@@ -15,7 +15,7 @@ import pyarrow.dataset as ds
 import ray
 import torch
 
-from jobs.analyses.base import Analysis, Capture, Option, Table, Write, block_index, table_layers
+from jobs.analysis import Analysis, Capture, Option, Table, Write, block_index, table_layers
 from jobs.analyses.neurons.figures import ACROSS_FIGURES, FIGURES
 from jobs.corpus import draw_sample
 from jobs.plotting import by_model

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from jobs.analyses.base import FigureSpec
+from jobs.analysis import FigureSpec
 from jobs.plotting import (NoData, best_layer, collect, depth_legend, depth_lines, int_x, models_of, panels, pick, safe,
                            with_depth)
 

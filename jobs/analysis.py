@@ -2,6 +2,8 @@
 
 The driver, the model actor, the statistics launcher, the figures, the report and the across-sizes
 table iterate the registry (``jobs.analyses``) and call these parts; an absent part is ``None``.
+This module is not part of the registry's package, so an analysis defined outside it (``PROBE_ANALYSES``)
+imports the contract without loading the registry.
 Layers: tables number blocks 1..n_layer (``table_layers``); ``block_index`` maps back to ``model.transformer.h``.
 """
 from collections.abc import Callable
