@@ -11,7 +11,7 @@ from jobs.store import Store
 # field added later) changes results, so a --resume must repeat it. ``models`` is compared separately
 # (adding a model on resume is allowed).
 SPEED_SETTINGS = frozenset({"batch_size", "max_in_flight", "replicas", "device", "address", "placement_timeout", "actor_resources",
-                            "models", "out", "run_id", "resume", "allow_pickle"})
+                            "models", "out", "run_id", "resume", "allow_pickle", "no_space_check"})
 
 
 def result_settings(config: dict) -> dict:

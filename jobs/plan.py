@@ -142,7 +142,7 @@ def check_inputs(cfg: RunConfig) -> Inputs:
         if len(tokenizer) > m.vocab_size:
             raise UsageError(f"tokenizer has {len(tokenizer)} tokens but {m.name} only {m.vocab_size}: pass the matching --tokenizer")
     source = resolve_source(cfg.data, config=cfg.data_config, split=cfg.data_split, text_column=cfg.text_column)
-    parts = {a.name: a.inputs(cfg, tokenizer) for a in analyses.selected(cfg.analyses) if a.inputs}
+    parts = {a.name: a.inputs(cfg, tokenizer, models) for a in analyses.selected(cfg.analyses) if a.inputs}
     return Inputs(cfg=cfg, models=models, source=source, tokenizer=tokenizer, decode=decode_table(tokenizer), parts=parts)
 
 
