@@ -76,8 +76,8 @@ def test_resume_with_other_weights_is_refused_naming_the_model(small, tmp_path, 
     with pytest.raises(RayStarted):  # unchanged weights: the resume goes on
         main(["run", "--models", model, "--data", small["data"], "--out", str(out), "--run-id", "orig", "--resume",
               "--analyses", "path", "--chunk-tokens", "64"])
-    time.sleep(0.01)
     save_tiny_model(tmp_path / "mine", seed=2)  # same config, other weights
+    capsys.readouterr()
     line = one_line(capsys, ["run", "--models", model, "--data", small["data"], "--out", str(out), "--run-id", "orig",
                              "--resume", "--analyses", "path", "--chunk-tokens", "64"])
     assert "mine" in line and "weights" in line, line
@@ -184,8 +184,17 @@ def test_rerun_suggests_the_runs_own_id_and_resume_keeps_it(small, tmp_path, cap
 
 
 # ---------------------------------------------------------------- free space
-def test_no_space_check_is_a_speed_setting():
-    assert RunConfig(no_space_check=True).no_space_check and "no_space_check" in SPEED_SETTINGS
+def test_no_space_check_is_a_speed_setting_that_skips_the_check(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from jobs import plan
+
+    assert "no_space_check" in SPEED_SETTINGS
+    monkeypatch.setattr(plan.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10, 10))
+    fake = lambda **kw: SimpleNamespace(cfg=RunConfig(out=str(tmp_path / "o"), **kw), disk_estimate=lambda: {"corpus": 1, "m": 10**6})
+    with pytest.raises(UsageError, match="has 10 B free"):
+        plan.check_free_space(fake(), Store(str(tmp_path / "o")))
+    plan.check_free_space(fake(no_space_check=True), Store(str(tmp_path / "o")))
 
 
 @pytest.mark.slow
@@ -206,7 +215,7 @@ def test_too_little_free_space_is_refused_before_capture(small, tmp_path, capsys
         line = one_line(capsys, base_args(small, out, "--analyses", "path"))
     finally:
         ray.shutdown()
-    assert "free" in line and "1000 B" in line and "MiB" in line and "--no-space-check" in line, line
+    assert "has 1000 B free, less than the ~" in line and "before capture" in line and "--no-space-check" in line, line
     assert not out.exists()
 
 
