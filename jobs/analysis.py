@@ -64,7 +64,8 @@ class Analysis:
     """Everything specific to one analysis.
 
     - tables: the tables it writes; options: the flags it owns; check(cfg): refuses bad settings (UsageError)
-    - inputs(cfg, tokenizer) -> its checked inputs, before Ray starts
+    - inputs(cfg, tokenizer, models) -> its checked inputs, before Ray starts (models: the ``ModelSpec``s)
+    - min_chunk_tokens: (the least --chunk-tokens it gives an answer at, why), or None
     - plan(ctx: PlanContext) -> its frozen part of the plan, after the corpus stage; describe(plan, part) -> plan lines
     - capture: the actor side; stats(ctx: StatsContext, model) -> Ray refs of its statistics tasks
     - disk_bytes(plan, model) -> rough uncompressed bytes it writes for one model
@@ -89,6 +90,7 @@ class Analysis:
     across: Callable | None = None
     across_figures: tuple[FigureSpec, ...] = ()
     always: bool = False  # run whatever --analyses says (its tables key the others)
+    min_chunk_tokens: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ def run_parser(sub) -> None:
     a("--actor-resources", help='JSON: extra Ray resources per model actor, e.g. \'{"gpt2-xl": {"node_b": 1}}\' to place actors on nodes')
     a("--resume", action="store_true", default=None, help="finish an interrupted run (same --run-id/--out): only missing shards are computed")
     a("--allow-pickle", action="store_true", default=None, help="allow pickle (.bin) weights; default: safetensors only")
+    a("--no-space-check", action="store_true", default=None,
+      help="run even where --out's filesystem has less free space than the plan's disk estimate (checked after the corpus stage)")
     for analysis in analyses.REGISTRY.values():
         for option in analysis.options:
             kwargs = {**option.kwargs, "type": _int} if option.kwargs.get("type") is int else option.kwargs

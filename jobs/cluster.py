@@ -4,10 +4,15 @@ import math
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import ray
+from ray._common.utils import get_ray_address_file
+from ray._private.services import find_gcs_addresses
+from ray._private.utils import read_ray_address
 
 from jobs.config import RunConfig
 from jobs.errors import UsageError, one_line
@@ -22,7 +27,12 @@ def log(message: str) -> None:
     print(message, flush=True)  # flushed: a log file follows the run
 
 
-def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+# Run in a child process, which can be killed: a GCS that accepts connections but never answers (a dying
+# instance) blocks Ray's client in C++ for minutes, out of reach of any Python timeout.
+GCS_PROBE = "import sys\nfrom ray._raylet import GcsClient\nGcsClient(address=sys.argv[1]).internal_kv_get(b'probe', None)\n"
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S, label: str | None = None) -> None:
     """For a host:port address, a TCP connect to the GCS port with a timeout: Ray itself retries for minutes."""
     if address == "auto" or "://" in address or ":" not in address:
         return
@@ -31,7 +41,34 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass
     except (OSError, ValueError) as e:
-        raise UsageError(f"--address {address}: no Ray cluster answers there ({e}); check the head node's address and port") from None
+        raise UsageError(f"{label or '--address ' + address}: no Ray cluster answers there ({e}); check the head node's address and port") from None
+
+
+def resolve_auto() -> tuple[str, str]:
+    """(host:port, where it came from) of the cluster ``--address auto`` means, as Ray finds it: the address file of
+    the last ``ray start`` on this machine, else a running GCS process. UsageError when there is none."""
+    address_file = get_ray_address_file(None)
+    address = read_ray_address()
+    if address:
+        return address, f"named in {address_file}"
+    found = sorted(find_gcs_addresses())
+    if found:
+        return found[0], "a Ray process on this machine"
+    raise UsageError(f"--address auto: no Ray cluster on this machine (no {address_file}, no Ray process): "
+                     "start one with ray start --head, or drop --address for a new local instance")
+
+
+def probe_gcs(address: str, timeout: float, label: str, budget: float) -> None:
+    """Ask the GCS at ``address`` one question from a child process; UsageError when it does not answer within ``timeout``
+    (what is left of ``budget``, the connection's whole time, which the message names)."""
+    try:
+        p = subprocess.run([sys.executable, "-c", GCS_PROBE, address], capture_output=True, text=True, timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"{label}: the Ray cluster there did not answer within {budget:g} s (a stale or dying instance?): "
+                         "restart it (ray stop; ray start --head), or drop --address for a new local instance") from None
+    if p.returncode != 0:
+        last = [line for line in p.stderr.splitlines() if line.strip()][-1:] or [f"exit code {p.returncode}"]
+        raise UsageError(f"{label}: no Ray cluster answers there ({last[0][:200]}): restart it, or drop --address for a new local instance")
 
 
 def start_ray(cfg: RunConfig) -> str:
@@ -50,6 +87,14 @@ def start_ray(cfg: RunConfig) -> str:
 
 def _init_ray(cfg: RunConfig) -> str:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address == "auto":
+        # Resolved and asked here, each step within one timeout: ray.init(address="auto") at a stale address file or a
+        # dying instance retries for minutes.
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        address, origin = resolve_auto()
+        label = f"--address auto ({address}, {origin})"
+        check_reachable(address, timeout=CONNECT_TIMEOUT_S, label=label)
+        probe_gcs(address, deadline - time.monotonic(), label, CONNECT_TIMEOUT_S)
     if address:
         check_reachable(address)
         try:

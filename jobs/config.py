@@ -51,6 +51,7 @@ class RunConfig:
     alpha: float = 0.05
     activations_dtype: str = "float16"  # storage of the activations table; fits always see the float32 values
     resume: bool = False
+    no_space_check: bool = False  # run even where --out's filesystem has less free space than the plan's estimate
     allow_pickle: bool = False
     max_in_flight: int = 2
     # Actors per model: "auto" (GPU slots in proportion to model cost; one per model on CPU), "N", or JSON {"gpt2-xl": 3}.
@@ -69,6 +70,11 @@ class RunConfig:
         check.choice("final_hidden", self.final_hidden, ("hf", "pre_ln_f"))
         check.choice("mi_method", self.mi_method, ("histogram", "ksg"))
         check.positive("chunk_tokens", self.chunk_tokens, minimum=2)
+        for analysis in analyses.selected(self.analyses):
+            least, why = analysis.min_chunk_tokens or (0, "")
+            if self.chunk_tokens < least:
+                raise UsageError(f"--chunk-tokens {self.chunk_tokens} is too small for the {analysis.name} analysis: it needs at least "
+                                 f"{least} ({why}); raise --chunk-tokens")
         check.positive("max_tokens", self.max_tokens)
         check.positive("batch_size", self.batch_size)
         check.positive("max_samples", self.max_samples)

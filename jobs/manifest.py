@@ -5,13 +5,29 @@ import subprocess
 
 from jobs.config import FIELDS
 from jobs.errors import UsageError, one_line
+from jobs.models import weights_fingerprint
+from jobs.sources import GLOB_CHARS
 from jobs.store import Store
 
 # Settings that change only speed or location, never a result; every other RunConfig field (also any
 # field added later) changes results, so a --resume must repeat it. ``models`` is compared separately
 # (adding a model on resume is allowed).
 SPEED_SETTINGS = frozenset({"batch_size", "max_in_flight", "replicas", "device", "address", "placement_timeout", "actor_resources",
-                            "models", "out", "run_id", "resume", "allow_pickle"})
+                            "models", "out", "run_id", "resume", "allow_pickle", "no_space_check"})
+
+
+# Settings that may name a local path: compared as absolute paths, so "c.txt" and "/data/c.txt" are one setting.
+PATH_SETTINGS = ("data", "sentences", "tokenizer")
+
+
+def resolved_paths(config: dict) -> dict:
+    """{setting: absolute path} of the PATH_SETTINGS that name a local file, folder or glob (no URI, no hub id)."""
+    out = {}
+    for key in PATH_SETTINGS:
+        value = config.get(key)
+        if isinstance(value, str) and "://" not in value and (os.path.exists(value) or any(c in value for c in GLOB_CHARS)):
+            out[key] = os.path.abspath(os.path.expanduser(value))
+    return out
 
 
 def result_settings(config: dict) -> dict:
@@ -49,12 +65,15 @@ class Manifest:
         self.store = store
         previous = read_manifest(store) if inputs.cfg.resume else {}
         self.previous = previous
+        run_id = previous.get("run_id") or inputs.cfg.run_id  # a resume never renames the run
         self.data = {
-            "run_id": inputs.cfg.run_id,
-            "config": inputs.cfg.to_dict(),
+            "run_id": run_id,
+            "config": {**inputs.cfg.to_dict(), "run_id": run_id},
+            "paths": resolved_paths(inputs.cfg.to_dict()),
             "versions": versions(),
             "git_commit": git_commit(),
-            "models": {m.name: {"source": m.source, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_params": m.n_params, "config": m.config} for m in inputs.models},
+            "models": {m.name: {"source": m.source, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_params": m.n_params, "config": m.config,
+                                "weights": weights_fingerprint(m.source)} for m in inputs.models},
             "data": {**previous.get("data", {}), "source": inputs.source.spec, "source_fingerprint": inputs.source.fingerprint},
             "batch_size": previous.get("batch_size"),
             "stages": previous.get("stages", {}),
@@ -63,12 +82,24 @@ class Manifest:
         if previous and old != inputs.source.fingerprint:
             raise UsageError("--resume: the data differ from the run being resumed (files, sizes or times changed); use the same inputs")
         if previous:
-            # The run's own settings; a setting added after the manifest was written has no key there and is not compared.
-            changed = differing_settings(previous.get("config", {}), self.data["config"])
+            self._check_weights(previous.get("models", {}))
+            # The run's own settings, paths compared absolute; a setting added after the manifest was written has no key
+            # there and is not compared.
+            changed = differing_settings({**previous.get("config", {}), **previous.get("paths", {})},
+                                         {**self.data["config"], **self.data["paths"]})
             if changed:
                 raise UsageError("--resume with settings that change results: " + "; ".join(changed)
                                  + "; repeat the run's settings (only --batch-size, --max-in-flight, --replicas, --device, --address, "
                                  "--placement-timeout may differ, and --models may add models)")
+
+    def _check_weights(self, old_models: dict) -> None:
+        """A model's finished chunks were computed with the weights the run recorded: other weights would mix two models."""
+        for name, now in self.data["models"].items():
+            then = old_models.get(name, {}).get("weights")
+            if then and now["weights"] and then != now["weights"]:
+                raise UsageError(f"--resume: the weights of model {name} ({now['source']}) differ from the run being resumed "
+                                 f"({then[:19]}... then, {now['weights'][:19]}... now), so its finished chunks used other weights: "
+                                 f"restore them, or start a new run with another --out")
 
     def set_corpus(self, corpus) -> None:
         """Record the corpus stage's counts (``jobs.corpus.CorpusIndex``); a resumed run's content must match."""

@@ -2,9 +2,11 @@
 
 transformers and torch are imported by the functions that load a model or tokenizer: they take seconds to
 import, and every Ray task that unpickles a ModelSpec imports this module."""
+import hashlib
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 
 from safetensors import SafetensorError, safe_open
@@ -13,6 +15,7 @@ from jobs.errors import UsageError, one_line
 
 WEIGHT_FILES_SAFE = ("model.safetensors", "model.safetensors.index.json")
 WEIGHT_FILES_PICKLE = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+HASH_BLOCK = 2**20
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,83 @@ def check_safetensors(folder: str, expected: dict[str, tuple[int, ...]]) -> None
         if found[key][0] != shape:
             raise UsageError(f"model folder {folder}: tensor {key!r} in {os.path.basename(found[key][1])} has shape "
                              f"{list(found[key][0])}, but config.json implies {list(shape)}: the weights do not match the config")
+
+
+def hash_file(path: str) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_cache_path() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gpt2-probe", "weights.json")
+
+
+def _weight_files(folder: str) -> list[str]:
+    """Every file a model's weights are read from: the single files and indexes present, and the shards an index names."""
+    paths = set()
+    for name in WEIGHT_FILES_SAFE + WEIGHT_FILES_PICKLE:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            paths.add(path)
+            if name.endswith(".index.json"):
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        paths.update(os.path.join(folder, s) for s in json.load(f)["weight_map"].values())
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    pass  # a bad index is check_safetensors' to report; its bytes are hashed all the same
+    return sorted(p for p in paths if os.path.isfile(p))
+
+
+def weights_fingerprint(source: str) -> str | None:
+    """What identifies a model's weights: for a local folder, a sha256 over its weight files' contents (each file's
+    hash cached under ~/.cache/gpt2-probe, keyed by path, size and mtime, so an unchanged multi-GB model is read
+    once); for a hub id, the commit of the cached snapshot; None where neither is known."""
+    if not os.path.isdir(source):
+        return hub_commit(source)
+    cache_path = _hash_cache_path()
+    try:
+        with open(cache_path, encoding="utf-8") as f:
+            cache = json.load(f)
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    total, changed = hashlib.sha256(), False
+    for path in _weight_files(os.path.abspath(source)):
+        st = os.stat(path)
+        key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in cache:
+            # The file changed or is new: forget its older entries, so the cache does not grow with every re-save.
+            cache = {k: v for k, v in cache.items() if not k.startswith(f"{path}|")}
+            cache[key], changed = hash_file(path), True
+        total.update(f"{os.path.basename(path)}:{cache[key]}\n".encode())
+    if changed:
+        try:  # a cache that cannot be written only costs a re-read next time
+            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(cache_path), delete=False, encoding="utf-8") as f:
+                json.dump(cache, f)
+            os.replace(f.name, cache_path)
+        except OSError:
+            pass
+    return "sha256:" + total.hexdigest()
+
+
+def hub_commit(repo_id: str) -> str | None:
+    """The commit of the hub model's cached snapshot (its config.json's snapshot folder), or None offline without one."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id the hub cache cannot even parse: nothing to compare
+        return None
+    if not isinstance(path, str):
+        return None
+    snapshot = os.path.basename(os.path.dirname(path))
+    return f"commit:{snapshot}" if re.fullmatch(r"[0-9a-f]{40}", snapshot) else None
 
 
 def load_model(spec: ModelSpec, device: str, dtype: str, allow_pickle: bool = False):

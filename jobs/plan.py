@@ -1,6 +1,7 @@
 """What the driver checks and decides: inputs before Ray starts (``check_inputs``), then, once the corpus
 stage has counted the tokens, the frozen ``Plan`` (chunks, batch size, each analysis's part, disk)."""
 import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ from jobs.analysis import PlanContext
 from jobs.config import RunConfig
 from jobs.corpus import CorpusIndex
 from jobs.errors import UsageError
+from jobs.manifest import read_manifest
 from jobs.models import ModelSpec, load_tokenizer, resolve_model
 from jobs.query import open_store
 from jobs.replicas import parse_replicas, requested_counts
@@ -19,7 +21,17 @@ from probe_core.tokens import decode_table
 
 
 def _size(b: float) -> str:
+    if b < 2**16:  # a free-space figure can be this small; "0.0 MiB" would hide it
+        return f"{b:.0f} B"
     return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
+
+
+def nearest_existing(path: str) -> str:
+    """``path`` or its nearest ancestor that exists (a new --out is created below it)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 @dataclass(frozen=True)
@@ -85,9 +97,7 @@ class Plan:
 def check_local_out(out: str) -> None:
     """A local --out must be creatable: its nearest existing ancestor is a writable folder, not a file."""
     path = os.path.abspath(out)
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = nearest_existing(path)
     if parent != path and not os.path.isdir(parent):
         raise UsageError(f"--out {out} is below {parent}, which is a file: give a folder path")
     if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
@@ -106,10 +116,26 @@ def check_output(cfg: RunConfig) -> Store:
         if not store.exists("manifest.json"):
             raise UsageError(f"--resume: {cfg.out} holds no run (no manifest.json); drop --resume to start one")
     elif store.exists("manifest.json"):
-        raise UsageError(f"--out {cfg.out} is an existing run: pass --resume --run-id {cfg.run_id} to finish it, or choose another --out")
+        run_id = read_manifest(store).get("run_id") or cfg.run_id  # the run's own id, not this call's fresh timestamp
+        raise UsageError(f"--out {cfg.out} is an existing run: pass --resume --run-id {run_id} to finish it, or choose another --out")
     elif not store.is_empty_or_missing(ignore=(LEASE,)):  # a stale lease alone is no run
         raise UsageError(f"--out {cfg.out} is a folder that is not empty: choose a new folder")
     return store
+
+
+def check_free_space(plan: Plan, store: Store) -> None:
+    """A new run on a local --out must have room for what the plan estimates the models' tables take (the corpus
+    stage has written the corpus already); checked here, after that stage, since the estimate needs the token count."""
+    cfg = plan.cfg
+    if cfg.no_space_check or cfg.resume or not store.is_local:
+        return
+    need = sum(v for k, v in plan.disk_estimate().items() if k != "corpus")
+    where = nearest_existing(store.root)
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise UsageError(f"--out {cfg.out}: its filesystem ({where}) has {_size(free)} free, less than the ~{_size(need)} the plan "
+                         f"estimates this run will still write (checked after the corpus stage, before capture): free space, "
+                         f"choose another --out, or pass --no-space-check")
 
 
 def auto_batch_size(cfg: RunConfig, models: list[ModelSpec], on_gpu: bool = False) -> int:
@@ -142,7 +168,7 @@ def check_inputs(cfg: RunConfig) -> Inputs:
         if len(tokenizer) > m.vocab_size:
             raise UsageError(f"tokenizer has {len(tokenizer)} tokens but {m.name} only {m.vocab_size}: pass the matching --tokenizer")
     source = resolve_source(cfg.data, config=cfg.data_config, split=cfg.data_split, text_column=cfg.text_column)
-    parts = {a.name: a.inputs(cfg, tokenizer) for a in analyses.selected(cfg.analyses) if a.inputs}
+    parts = {a.name: a.inputs(cfg, tokenizer, models) for a in analyses.selected(cfg.analyses) if a.inputs}
     return Inputs(cfg=cfg, models=models, source=source, tokenizer=tokenizer, decode=decode_table(tokenizer), parts=parts)
 
 

@@ -14,7 +14,7 @@ from jobs.config import RunConfig
 from jobs.dispatch import ReplicaSet
 from jobs.errors import UsageError, innermost_cause, plain_error
 from jobs.manifest import Manifest
-from jobs.plan import Inputs, Plan, check_inputs, make_plan
+from jobs.plan import Inputs, Plan, check_free_space, check_inputs, make_plan
 from jobs.query import make_report
 from jobs.store import LEASE, Lease, Store
 
@@ -109,6 +109,7 @@ def corpus_and_plan(inputs: Inputs, store: Store, manifest: Manifest, local: boo
         # Batches are fixed per run (part names depend on them): a resumed run keeps the original size.
         plan = make_plan(inputs, corpus, store, on_gpu=cluster.gpu_shares(cfg, len(inputs.models))[0] > 0,
                          batch_size=manifest.previous.get("batch_size"))
+        check_free_space(plan, store)  # the first moment the estimate is known: before any model loads
         shares, task_gpu = cluster.replica_shares(cfg, plan)  # may refuse: GPU slots too small for a model
         if cfg.actor_resources:  # every replica of a pinned model needs the model's resources
             cluster.wait_for_resources(cfg, local, replicas={m: len(s) for m, s in shares.items()})
@@ -119,6 +120,16 @@ def corpus_and_plan(inputs: Inputs, store: Store, manifest: Manifest, local: boo
     manifest.stage("corpus", "done", time.perf_counter() - t0)
     manifest.data["batch_size"] = plan.batch_size
     return plan, shares, task_gpu
+
+
+def disk_full_message(e: BaseException, cfg: RunConfig, plan: Plan | None) -> str | None:
+    """One line for a run stopped by a full disk (ENOSPC anywhere in the chain), else None."""
+    cause = innermost_cause(e)
+    if not (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) and "No space left on device" not in str(cause):
+        return None
+    estimate = f" (the plan estimated ~{sum(plan.disk_estimate().values()) / 2**30:.2f} GiB for the whole run)" if plan else ""
+    return (f"no space left on the device of {cfg.out}{estimate}: "
+            f"free space, then resume with probe run --resume --run-id {cfg.run_id} --out {cfg.out}")
 
 
 def run_stats(plan: Plan, store: Store, workers: ReplicaSet, task_gpu: float) -> None:

@@ -196,7 +196,8 @@ def kind_of(path: str) -> str | None:
 
 
 def list_files(spec: str):
-    """(sorted [(path or URI, FileInfo)], what) for a file, folder or glob; ``what`` says which of the three."""
+    """(sorted [(path or URI, FileInfo)], what, hidden) for a file, folder or glob; ``what`` says which of the three,
+    ``hidden`` how many hidden or bookkeeping files were skipped."""
     prefix, path, query = _split_uri(spec)
     if any(c in path for c in GLOB_CHARS):
         first = min(path.index(c) for c in GLOB_CHARS if c in path)
@@ -215,18 +216,31 @@ def list_files(spec: str):
             fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(base or "."))
             names = [os.path.abspath(p) for p in glob.glob(os.path.expanduser(path), recursive=True)]
             found = [i for i in fs.get_file_info(names) if i.type == pafs.FileType.File]
-        found = [i for i in found if not _skipped(i.path[len(root.rstrip("/")):])]
-        return sorted((prefix + i.path + query, i) for i in found), "glob"
+        kept = [i for i in found if not _skipped(i.path[len(root.rstrip("/")):])]
+        return sorted((prefix + i.path + query, i) for i in kept), "glob", len(found) - len(kept)
     fs, inner = filesystem(spec)
     info = fs.get_file_info(inner)
     if info.type == pafs.FileType.File:
-        return [(spec if prefix else inner, info)], "file"
+        return [(spec if prefix else inner, info)], "file", 0
     if info.type == pafs.FileType.Directory:
-        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if i.type == pafs.FileType.File]
         root = inner.rstrip("/")
-        found = [i for i in infos if i.type == pafs.FileType.File and not _skipped(i.path[len(root):])]
-        return sorted((prefix + i.path + query, i) for i in found), "folder"
-    return [], "missing"
+        found = [i for i in infos if not _skipped(i.path[len(root):])]
+        return sorted((prefix + i.path + query, i) for i in found), "folder", len(infos) - len(found)
+    return [], "missing", 0
+
+
+def model_folder(paths) -> str | None:
+    """The folder among ``paths`` that holds a ``config.json`` beside weights (a saved model), or None."""
+    by_folder = {}
+    for p in paths:
+        folder, _, name = p.split("?", 1)[0].rpartition("/")
+        by_folder.setdefault(folder, set()).add(name)
+    for folder, names in sorted(by_folder.items()):
+        if "config.json" in names and any(n.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
+                                          for n in names):
+            return folder
+    return None
 
 
 def read_line_range(path: str, start: int, stop: int) -> tuple[bytes, int]:
@@ -389,7 +403,7 @@ def resolve_source(data: str, *, config: str | None = None, split: str | None = 
         return _hub_source(data, *hub, text_column, unit_bytes)
     if config or split:
         raise UsageError(f"--data {data}: --data-config/--data-split apply to hub datasets and dataset folders, not to files")
-    files, what = list_files(data)
+    files, what, hidden = list_files(data)
     if what == "missing":
         raise UsageError(f"--data {data}: no such file or folder (or use wikitext-2-raw-v1[:split] or a hub dataset id)")
     if what == "file":
@@ -399,6 +413,10 @@ def resolve_source(data: str, *, config: str | None = None, split: str | None = 
                              f".jsonl (a {text_column!r} field per line) or .parquet (a {text_column!r} column)")
     else:
         others = [p for p, _ in files if not kind_of(p)]
+        model = model_folder(p for p, _ in files)
+        if model is not None:  # its merges.txt would be tokenized as a corpus
+            raise UsageError(f"--data {data}: {model} is a model folder, not a corpus (config.json beside weights): "
+                             f"pass it to --models, and the corpus to --data")
         files = [(p, i) for p, i in files if kind_of(p)]
         if not files:
             seen = f" (it holds {len(others)} files of other types, e.g. {others[0]})" if others else ""
@@ -433,6 +451,11 @@ def resolve_source(data: str, *, config: str | None = None, split: str | None = 
     n, paths = len(files), tuple(p for p, _ in files)
     what_text = f"{data}" if what == "file" else f"{'matching' if what == 'glob' else 'under'} {data}"
     description = f"{n} {_suffixes(paths)} file{'s' if n != 1 else ''} {what_text} ({len(units)} unit{'s' if len(units) != 1 else ''})"
+    if what != "file":
+        kinds = sorted({os.path.splitext(p.split("?", 1)[0])[1].lower() or "no suffix" for p in others})
+        skipped = [f"{len(others)} of other types ({', '.join(kinds)})"] if others else []
+        skipped += [f"{hidden} hidden or bookkeeping"] if hidden else []
+        description += f"; skipped {' and '.join(skipped)}" if skipped else "; nothing skipped"
     return Source(data, description, paths, units, _digest(facts))
 
 
@@ -450,12 +473,17 @@ def read_unit(unit: Unit, text_column: str = "text") -> list[str]:
     raise ValueError(f"unknown unit kind {unit.kind!r}")
 
 
-def read_sentences(path: str) -> list[str]:
-    """--sentences FILE: one sentence per non-blank line."""
+def numbered_sentences(path: str) -> list[tuple[int, str]]:
+    """--sentences FILE: (line number, sentence) of every non-blank line, so checks can name the line."""
     if not os.path.isfile(path):
         raise UsageError(f"--sentences {path}: no such file")
     with open(path, "rb") as f:
-        sentences = [r.rstrip("\n") for r in text_rows(f.read(), path) if r.strip()]
+        sentences = [(n, r.rstrip("\n")) for n, r in enumerate(text_rows(f.read(), path), start=1) if r.strip()]
     if not sentences:
         raise UsageError(f"--sentences {path} has no sentences")
     return sentences
+
+
+def read_sentences(path: str) -> list[str]:
+    """--sentences FILE: one sentence per non-blank line."""
+    return [s for _, s in numbered_sentences(path)]

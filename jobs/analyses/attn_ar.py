@@ -142,4 +142,6 @@ ANALYSIS = Analysis(
              _spec("attn_hist", ("attn_norms",), lambda t, n_layers: fig_attn_hist(t["attn_norms"])),
              _spec("attn_ar_coefs", ("attn_ar",), lambda t, n_layers: fig_attn_ar_coefs(t["attn_ar"]))),
     across=across, across_figures=(_spec("across_attn_ar", ("attn_ar",), lambda t, n_layers: fig_across(t["attn_ar"], n_layers)),),
+    # probe_core.attn_ar: rows t = 3..T-1, and a fit with n <= 3 rows is "too_few", so a chunk needs T - 3 >= 4.
+    min_chunk_tokens=(7, "AR(2) fits 3 coefficients on positions 3..T-1 of each chunk and needs more than 3 of them"),
 )

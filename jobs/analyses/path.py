@@ -150,4 +150,7 @@ ANALYSIS = Analysis(
     blurb="Hidden-state path length across layers and its relation to the next-token logit.",
     tables=(TOKENS, LAYER_METRICS, PATH_SUMMARY, PATH_LAYER_R), capture=Capture(reduce=reduce), stats=stats,
     disk_bytes=disk_bytes, summaries=summaries, figures=FIGURES, across=across, across_figures=ACROSS_FIGURES, always=True,
+    # path_layer_correlations: positions 1..T-2 (position 0 and the last, which has no next token, are left out), and
+    # r is NaN below 3 tokens, so even a one-chunk corpus needs T - 2 >= 3.
+    min_chunk_tokens=(5, "Pearson r leaves out each chunk's first and last position and needs 3 tokens"),
 )

@@ -17,7 +17,7 @@ from jobs.analysis import Analysis, Capture, FigureSpec, Option, Table, Write, t
 from jobs.errors import UsageError
 from jobs.plotting import (add_lines, by_model, collect, depth_legend, depth_lines, int_x, models_of, panels, safe, thin,
                            wide, with_depth)
-from jobs.sources import read_sentences
+from jobs.sources import numbered_sentences
 from jobs.store import Store
 from probe_core.rotation import rotation_angles, rotation_tests, target_occurrences
 
@@ -42,10 +42,12 @@ OPTIONS = (
 
 @dataclass(frozen=True)
 class Part:
-    """The target's token id and --sentences as (ids, mask) (n, width), right-padded with EOS, or None."""
+    """The target's token id, --sentences as (ids, mask) (n, width), right-padded with EOS, or None, and the
+    --sentences lines without the target after another token (they add no occurrence)."""
 
     target_id: int
     sentences: tuple[np.ndarray, np.ndarray] | None
+    idle_lines: tuple[int, ...] = ()
 
 
 def check(cfg) -> None:
@@ -61,19 +63,42 @@ def single_token(tokenizer, text: str) -> int:
     return ids[0]
 
 
-def pad_sentences(tokenizer, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    encoded = tokenizer(sentences, add_special_tokens=False)["input_ids"]
+def pad_sentences(encoded: list[list[int]], eos: int) -> tuple[np.ndarray, np.ndarray]:
     width = max(len(e) for e in encoded)
-    ids = np.full((len(encoded), width), tokenizer.eos_token_id, dtype=np.int64)
+    ids = np.full((len(encoded), width), eos, dtype=np.int64)
     mask = np.zeros((len(encoded), width), dtype=np.int64)
     for i, e in enumerate(encoded):
         ids[i, : len(e)], mask[i, : len(e)] = e, 1
     return ids, mask
 
 
-def inputs(cfg, tokenizer) -> Part:
-    sentences = pad_sentences(tokenizer, read_sentences(cfg.sentences)) if cfg.sentences else None
-    return Part(single_token(tokenizer, cfg.target), sentences)
+def check_sentences(cfg, tokenizer, models, target_id: int) -> tuple[list[list[int]], tuple[int, ...]]:
+    """--sentences tokenized, and the lines without the target after another token; refused: a line longer than
+    some model's n_positions (its forward pass would fail after the whole capture stage), or a file where no line
+    has the target after another token (the rotation compares an occurrence with the token before it, so such a
+    file measures nothing: a mistake). A single line without it is kept (a file may serve several targets) and
+    the plan names it."""
+    numbered = numbered_sentences(cfg.sentences)
+    encoded = tokenizer([s for _, s in numbered], add_special_tokens=False)["input_ids"]
+    shortest = min(models, key=lambda m: m.n_positions)
+    for (line, _), ids in zip(numbered, encoded):
+        if len(ids) > shortest.n_positions:
+            raise UsageError(f"--sentences {cfg.sentences}: line {line} is {len(ids)} tokens, more than {shortest.name}'s "
+                             f"n_positions {shortest.n_positions}: shorten or split it")
+    idle = tuple(line for (line, _), ids in zip(numbered, encoded) if target_id not in ids[1:])
+    if len(idle) == len(numbered):
+        where = f"line {idle[0]}" if len(idle) == 1 else f"lines {idle[0]}-{idle[-1]}"
+        raise UsageError(f"--sentences {cfg.sentences}: no line has --target {cfg.target!r} after another token ({where}), "
+                         f"so the rotation has nothing to measure: add the target to the sentences or drop --sentences")
+    return encoded, idle
+
+
+def inputs(cfg, tokenizer, models) -> Part:
+    target_id = single_token(tokenizer, cfg.target)
+    if not cfg.sentences:
+        return Part(target_id, None)
+    encoded, idle = check_sentences(cfg, tokenizer, models, target_id)
+    return Part(target_id, pad_sentences(encoded, tokenizer.eos_token_id), idle)
 
 
 def count_in_shard(store_uri: str, shard_file: str, target_id: int) -> int:
@@ -241,6 +266,9 @@ def summaries(t: dict, manifest: dict) -> list:
 
 def describe(plan, part) -> list:
     extra = f", plus {len(part.sentences[0])} sentences" if part.sentences is not None else ""
+    if part.idle_lines:
+        extra += f" (line{'s' if len(part.idle_lines) > 1 else ''} {', '.join(map(str, part.idle_lines))} of --sentences "
+        extra += f"without the target after another token: no occurrence there)"
     return [f"  {NAME}: target {plan.cfg.target!r} (token id {part.target_id}){extra}"]
 
 
