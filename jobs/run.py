@@ -137,12 +137,3 @@ def run_stats(plan: Plan, store: Store, workers: ReplicaSet, task_gpu: float) ->
     ctx = StatsContext(plan, store, workers, {"num_gpus": task_gpu} if task_gpu > 0 else {})
     ray.get([ref for m in plan.models for a in analyses.selected(plan.cfg.analyses) if a.stats for ref in a.stats(ctx, m)])
 
-
-def disk_full_message(e: BaseException, cfg: RunConfig, plan: Plan | None) -> str | None:
-    """One line for a run stopped by a full disk (ENOSPC anywhere in the chain), else None."""
-    cause = innermost_cause(e)
-    if not (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) and "No space left on device" not in str(cause):
-        return None
-    need = f"~{sum(plan.disk_estimate().values()) / 2**30:.2f} GiB" if plan else "an unknown amount (the corpus was not counted yet)"
-    return (f"no space left on the device of {cfg.out} (the plan estimated {need} for the whole run): "
-            f"free space, then resume with probe run --resume --run-id {cfg.run_id} --out {cfg.out}")

@@ -8,7 +8,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.errors import UsageError
-from jobs.sources import Unit, read_sentences, read_unit, resolve_source
+from jobs.sources import read_sentences, read_unit, resolve_source
 from tests import reference
 from tests.corpus import write_corpus
 from tests.s3server import s3_server

@@ -268,7 +268,7 @@ def describe(plan, part) -> list:
     extra = f", plus {len(part.sentences[0])} sentences" if part.sentences is not None else ""
     if part.idle_lines:
         extra += f" (line{'s' if len(part.idle_lines) > 1 else ''} {', '.join(map(str, part.idle_lines))} of --sentences "
-        extra += f"without the target after another token: no occurrence there)"
+        extra += "without the target after another token: no occurrence there)"
     return [f"  {NAME}: target {plan.cfg.target!r} (token id {part.target_id}){extra}"]
 
 
