@@ -169,3 +169,24 @@ def test_vocab_directions_match_numpy():
     order = np.argsort(-logits, axis=1)
     assert np.array_equal(got[1].numpy(), order[:, :k]) and np.array_equal(got[3].numpy(), order[:, ::-1][:, :k])
     np.testing.assert_allclose(got[0].numpy(), np.take_along_axis(logits, order[:, :k], 1), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_metrics_visits_every_layer_without_changing_its_outputs(tiny_model):
+    from probe_core.metrics import forward_metrics
+
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    seen_pre = {}
+    with torch.inference_mode():
+        plain = forward_metrics(tiny_model, ids, mlp_rows=([0, 1], [3, 8]))
+        visited = forward_metrics(tiny_model, ids, mlp_rows=([0, 1], [3, 8]), mlp_visit=lambda l, a: seen_pre.__setitem__(l, a.clone()))
+        want = {}
+        handles = [h.mlp.c_fc.register_forward_hook(lambda m, i, o, l=l: want.__setitem__(l, o.clone()))
+                   for l, h in enumerate(tiny_model.transformer.h)]
+        tiny_model(ids)
+        for h in handles:
+            h.remove()
+    assert sorted(seen_pre) == list(range(tiny_model.config.n_layer))
+    for layer, pre in seen_pre.items():
+        assert torch.equal(pre, want[layer]) and pre.shape == (2, 9, tiny_model.config.n_inner)
+    for key in plain:
+        assert torch.equal(plain[key], visited[key]), key
