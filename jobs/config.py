@@ -50,6 +50,8 @@ class RunConfig:
     mi_bins: int = 15
     alpha: float = 0.05
     activations_dtype: str = "float16"  # storage of the activations table; fits always see the float32 values
+    examples_k: int = 20  # neuron pages: examples per kind and neuron, and promoted/suppressed tokens
+    context_tokens: int = 10  # neuron pages: context tokens on each side of an example
     resume: bool = False
     allow_pickle: bool = False
     max_in_flight: int = 2

@@ -76,7 +76,8 @@ def brute(x, config, layer=1):
             rows = []
             for r in order[:config.k]:
                 c, p = chunk[r], pos[r]
-                ctx = [x[c, q, j] if 0 <= q < t_len else np.nan for q in range(p - W, p + W + 1)]
+                w = config.window
+                ctx = [x[c, q, j] if 0 <= q < t_len else np.nan for q in range(p - w, p + w + 1)]
                 rows.append((c, p, v[r], ctx))
             examples[(kind, j)] = rows
     return stats, examples

@@ -9,10 +9,10 @@ on a cluster set it in the job's ``runtime_env``).
 import importlib
 import os
 
-from jobs.analyses import attn_ar, mi, neurons, path, rotation
+from jobs.analyses import attn_ar, mi, neuron_pages, neurons, path, rotation
 from jobs.analyses.base import Analysis, Table
 
-REGISTRY: dict[str, Analysis] = {m.ANALYSIS.name: m.ANALYSIS for m in (path, rotation, neurons, mi, attn_ar)}
+REGISTRY: dict[str, Analysis] = {m.ANALYSIS.name: m.ANALYSIS for m in (path, rotation, neurons, mi, attn_ar, neuron_pages)}
 
 
 def register(analysis: Analysis) -> None:
