@@ -22,9 +22,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-HIST_EDGES = np.linspace(-8.0, 8.0, 65).astype(np.float32)  # width 0.25: every edge exact in float32
+HIST_LO, HIST_PER_UNIT, HIST_BINS = -8, 4, 64  # edges -8, -7.75, ..., 8: width 1/4, every edge exact in float32
+HIST_EDGES = (HIST_LO + np.arange(HIST_BINS + 1) / HIST_PER_UNIT).astype(np.float32)
 EMPTY_KEY = torch.iinfo(torch.int64).max  # an unfilled example slot (fewer tokens than k so far)
-NO_PRIORITY = torch.iinfo(torch.int64).max  # priorities are < 2**62, so this sorts after every real one
+NO_PRIORITY = torch.iinfo(torch.int64).max  # an unfilled slot or inactive token: sorts after (almost) every priority
 KINDS = ("top", "bottom", "random_active")
 _M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's finalizer constants
 _U64 = (1 << 64) - 1
@@ -65,8 +66,11 @@ def token_hash(chunk: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def priority(h_neuron: torch.Tensor, h_token: torch.Tensor) -> torch.Tensor:
-    """priority = mix(h_neuron ^ h_token) >> 2 (logical): (N,), (M,) -> (M, N) int64 in [0, 2**62)."""
-    return _shr(mix(h_token[:, None] ^ h_neuron[None, :]), 2)
+    """priority = h_token * (h_neuron | 1) mod 2**64, compared as signed int64: (N,), (M,) -> (M, N).
+
+    One multiply per (token, neuron): for a neuron, an odd factor permutes the (already mixed) token
+    hashes, so its k smallest are a uniform draw; a full mix per element cost the capture 2x on CPU."""
+    return h_token[:, None] * (h_neuron | 1)[None, :]
 
 
 # ---------------------------------------------------------------- state
@@ -219,10 +223,11 @@ def _best_rows(x: torch.Tensor, kk: int, largest: bool) -> torch.Tensor:
 
     torch.topk breaks ties arbitrarily, so columns where the boundary value is tied are redone on an
     int64 key that orders by value, then row (only those columns: ties are rare in float activations)."""
-    values, rows = x.topk(kk, dim=0, largest=largest, sorted=False)  # (kk, N)
-    bound = values.amin(0) if largest else values.amax(0)
-    count = (x >= bound).sum(0) if largest else (x <= bound).sum(0)
-    tied = (count > kk).nonzero().squeeze(1)
+    extra = int(kk < x.shape[0])  # one more than kk shows whether the boundary value is tied outside the set
+    values, rows = x.topk(kk + extra, dim=0, largest=largest, sorted=False)  # (kk + extra, N); sorting here is slow
+    values, order = values.sort(dim=0, descending=largest)
+    rows = rows.gather(0, order)[:kk]
+    tied = (values[kk] == values[kk - 1]).nonzero().squeeze(1) if extra else torch.zeros(0, dtype=torch.int64)
     if len(tied):
         r = torch.arange(x.shape[0], dtype=torch.int64, device=x.device)[:, None]
         key = _ordered(x[:, tied]) * (1 << 32) + (((1 << 32) - 1 - r) if largest else r)
@@ -255,6 +260,17 @@ def _pad(e: Examples, k: int, fill: float) -> Examples:
                     None if e.prio is None else pad(e.prio, NO_PRIORITY))
 
 
+def _histogram(flat: torch.Tensor) -> torch.Tensor:
+    """Counts of (M, N) over HIST_EDGES per column -> (N, HIST_BINS + 2) int64.
+
+    The bin is the number of edges <= x, clamp(floor(4x) + 33, 0, 65): x * 4 is exact in float32 (a power
+    of two), so this equals ``searchsorted(HIST_EDGES, x, "right")`` at ~1/6 of bucketize's cost."""
+    n, width = flat.shape[1], HIST_BINS + 2
+    code = (flat * HIST_PER_UNIT).floor_().add_(1 - HIST_LO * HIST_PER_UNIT).clamp_(0, width - 1)
+    code += torch.arange(n, dtype=code.dtype, device=code.device) * width  # exact: n * width < 2**24
+    return torch.bincount(code.long().reshape(-1), minlength=n * width).view(n, width)
+
+
 def update_layer(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesConfig, layer: int) -> LayerState:
     """Merge one layer's batch into its state: x (B, T, N) pre-activations of whole chunks ``chunk`` (B,),
     ascending; ``layer`` is the table's layer number (1..n_layer), part of the sample's priority."""
@@ -270,15 +286,10 @@ def update_layer(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: Pages
     keys = chunks * t_len + pos  # (M,)
     m, kk = flat.shape[0], min(cfg.k, flat.shape[0])
 
-    as64 = flat.double()
-    mean_b = as64.mean(0)
-    m2_b = ((as64 - mean_b) ** 2).sum(0)
-    del as64
+    var_b, mean_b = torch.var_mean(flat.double(), dim=0, correction=0)
+    m2_b = var_b * m
     n_b = torch.full((n,), m, dtype=torch.int64, device=dev)
-    bins = torch.bucketize(flat, torch.as_tensor(HIST_EDGES, device=dev), right=True)  # (M, N) in 0..len(edges)
-    width = len(HIST_EDGES) + 1
-    hist = torch.bincount((bins + torch.arange(n, device=dev) * width).reshape(-1), minlength=n * width).view(n, width)
-    del bins
+    hist = _histogram(flat)
     active = flat > 0
 
     prio = priority(neuron_hash(cfg.seed, cfg.salt, layer, n, dev), token_hash(chunks, pos))  # (M, N)
