@@ -90,6 +90,7 @@ class Analysis:
     across: Callable | None = None
     across_figures: tuple[FigureSpec, ...] = ()
     always: bool = False  # run whatever --analyses says (its tables key the others)
+    default: bool = True  # in the default --analyses (an expensive analysis is asked for by name)
     min_chunk_tokens: tuple[int, str] | None = None
 
 

@@ -40,7 +40,7 @@ def run_parser(sub) -> None:
     a("--text-column", help="the .jsonl field, Parquet column or dataset column holding the text; default text")
     a("--out", help="the run folder: a local path or a pyarrow filesystem URI such as s3://bucket/prefix; default: results/<run-id>")
     a("--run-id", help="name of the run; default: a UTC timestamp")
-    a("--analyses", help=f"comma list of {','.join(analyses.names())}; default: all")
+    a("--analyses", help=f"comma list of {','.join(analyses.names())}; default: {','.join(analyses.defaults())}")
     a("--max-tokens", type=_int, help="use only the first N tokens of the corpus")
     a("--chunk-tokens", type=_int, help="tokens per chunk (at most the model's n_positions); default 1024")
     a("--batch-size", type=_int, help="chunks per forward pass; default: chosen from memory")

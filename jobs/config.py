@@ -32,7 +32,7 @@ class RunConfig:
     text_column: str = "text"  # the .jsonl field, Parquet column or dataset column holding the text
     out: str = ""  # default: results/<run_id>
     run_id: str = ""  # default: a UTC timestamp
-    analyses: tuple[str, ...] = field(default_factory=analyses.names)  # default: every registered analysis
+    analyses: tuple[str, ...] = field(default_factory=analyses.defaults)  # default: every analysis that is on by default
     max_tokens: int | None = None
     chunk_tokens: int = 1024
     batch_size: int | None = None  # None: chosen from memory
@@ -50,6 +50,8 @@ class RunConfig:
     mi_bins: int = 15
     alpha: float = 0.05
     activations_dtype: str = "float16"  # storage of the activations table; fits always see the float32 values
+    examples_k: int = 20  # neuron pages: examples per kind and neuron, and promoted/suppressed tokens
+    context_tokens: int = 10  # neuron pages: context tokens on each side of an example
     resume: bool = False
     no_space_check: bool = False  # run even where --out's filesystem has less free space than the plan's estimate
     allow_pickle: bool = False

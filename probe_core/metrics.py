@@ -16,10 +16,13 @@ def next_token_logits(final_hidden: torch.Tensor, input_ids: torch.Tensor, unemb
     return (final_hidden[:, :-1].float() * rows.float()).sum(-1)
 
 
-def forward_metrics(model, input_ids, *, final_hidden="hf", attn_norms=False, mlp_rows=None, attention_mask=None):
+def forward_metrics(model, input_ids, *, final_hidden="hf", attn_norms=False, mlp_rows=None, mlp_visit=None,
+                    attention_mask=None):
     """One forward pass with the hooks a batch needs.
 
     input_ids: (B, T). mlp_rows: optional (b_idx, t_idx) positions whose ``c_fc`` pre-activations are kept.
+    mlp_visit: optional ``visit(layer, pre)`` called in each block's hook with its full ``c_fc`` output
+    (B, T, d_mlp), layer 0-based, so a caller can reduce every layer without all layers being kept.
     Returns a dict: ``hidden`` (L+1, B, T, d) stacked per ``final_hidden``; ``path_step``, ``path_cum``,
     ``angle_rad`` (L, B, T) float32; ``next_logit`` (B, T-1) float32, always from the HF final state
     (after ln_f, as the LM head sees it); ``log_norm`` (L, B, T) float32 if ``attn_norms``; ``mlp_pre``
@@ -32,10 +35,13 @@ def forward_metrics(model, input_ids, *, final_hidden="hf", attn_norms=False, ml
     if attn_norms:
         for layer in range(n_layer):
             reducers[hooks.attn_out(layer)] = log_norms
-    if mlp_rows is not None:
-        b_idx, t_idx = (torch.tensor(i, dtype=torch.long, device=input_ids.device) for i in mlp_rows)
+    if mlp_rows is not None or mlp_visit is not None:
+        rows = None
+        if mlp_rows is not None:
+            b_idx, t_idx = (torch.tensor(i, dtype=torch.long, device=input_ids.device) for i in mlp_rows)
+            rows = lambda a: a[b_idx, t_idx]  # noqa: E731
         for layer in range(n_layer):
-            reducers[hooks.mlp_pre(layer)] = lambda a: a[b_idx, t_idx]
+            reducers[hooks.mlp_pre(layer)] = _mlp_reducer(layer, rows, mlp_visit)
     with hooks.capture(model, reducers) as cache:
         out = model.transformer(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     hidden = hooks.stack_hidden(out.hidden_states, final_hidden, cache.get(hooks.LN_FINAL_IN))
@@ -52,3 +58,12 @@ def forward_metrics(model, input_ids, *, final_hidden="hf", attn_norms=False, ml
     if mlp_rows is not None:
         result["mlp_pre"] = torch.stack([cache[hooks.mlp_pre(l)] for l in range(n_layer)])
     return result
+
+
+def _mlp_reducer(layer: int, rows, visit):
+    """One hook point serves both options: the visitor sees the whole activation, the cache keeps the rows."""
+    def reduce(a):
+        if visit is not None:
+            visit(layer, a)
+        return rows(a) if rows is not None else None
+    return reduce

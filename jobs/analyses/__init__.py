@@ -9,10 +9,10 @@ on a cluster set it in the job's ``runtime_env``).
 import importlib
 import os
 
-from jobs.analyses import attn_ar, mi, neurons, path, rotation
+from jobs.analyses import attn_ar, mi, neuron_pages, neurons, path, rotation
 from jobs.analysis import Analysis, Table
 
-REGISTRY: dict[str, Analysis] = {m.ANALYSIS.name: m.ANALYSIS for m in (path, rotation, neurons, mi, attn_ar)}
+REGISTRY: dict[str, Analysis] = {m.ANALYSIS.name: m.ANALYSIS for m in (path, rotation, neurons, mi, attn_ar, neuron_pages)}
 
 
 def register(analysis: Analysis) -> None:
@@ -26,6 +26,11 @@ for _module in filter(None, (m.strip() for m in os.environ.get("PROBE_ANALYSES",
 
 def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
+
+
+def defaults() -> tuple[str, ...]:
+    """The analyses ``--analyses`` runs when it is not given."""
+    return tuple(name for name, a in REGISTRY.items() if a.default)
 
 
 def selected(chosen) -> list[Analysis]:

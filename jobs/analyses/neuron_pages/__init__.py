@@ -1,0 +1,248 @@
+"""Corpus-wide neuron pages: for every MLP neuron, its activation statistics (``neuron_stats``), the contexts
+that drive it most and a random sample of those that activate it (``neuron_examples``), and the tokens its
+output promotes and suppresses through the direct path (``neuron_vocab``).
+
+Each model actor keeps a ``probe_core.neuron_pages.PagesState`` on its device and merges every batch into it
+inside the forward pass (the ``mlp_visit`` hook sees one layer's (B, T, d_mlp) pre-activations at a time).
+A batch's update is staged and committed only once its forward pass has finished, so a batch that runs out
+of memory and is split is never counted twice; chunks a state already holds are not merged again. The
+statistics task gathers every live replica's state, keeps states of disjoint chunks, has replica 0 recompute
+the chunks no kept state covers (a resumed run, a restarted or dead actor: the merge is exact, so the tables
+are those of an uninterrupted run), and writes the tables.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from jobs.analysis import Analysis, Capture, Option, Table
+from jobs.analyses.neuron_pages.figures import FIGURES, summaries
+from jobs.errors import UsageError
+from jobs.store import Store
+from probe_core import neuron_pages as pages
+
+NAME = "neuron_pages"
+STATS = Table("neuron_stats", pa.schema([
+    ("layer", pa.int16()), ("neuron", pa.int32()), ("n", pa.int64()), ("mean", pa.float64()), ("sd", pa.float64()),
+    ("min", pa.float32()), ("max", pa.float32()), ("frac_active", pa.float64()), ("hist", pa.list_(pa.int64())),
+]))
+EXAMPLES = Table("neuron_examples", pa.schema([
+    ("layer", pa.int16()), ("neuron", pa.int32()), ("kind", pa.string()), ("rank", pa.int16()), ("chunk", pa.int32()),
+    ("pos", pa.int32()), ("activation", pa.float32()), ("context", pa.list_(pa.float32())),
+]))
+VOCAB = Table("neuron_vocab", pa.schema([
+    ("layer", pa.int16()), ("neuron", pa.int32()), ("kind", pa.string()), ("rank", pa.int16()), ("token_id", pa.int32()),
+    ("token", pa.string()), ("weight", pa.float32()),
+]))
+OPTIONS = (
+    Option("examples_k", {"type": int, "help": "neuron_pages: top, bottom and random-active examples kept per neuron, and "
+                                               "promoted/suppressed tokens; default 20"}),
+    Option("context_tokens", {"type": int, "help": "neuron_pages: tokens of context on each side of an example; default 10"}),
+)
+STATE_SHARE = 0.5  # at most this share of an actor's memory for the state (the model and its batch need the rest)
+
+
+def check(cfg) -> None:
+    if cfg.examples_k < 1:
+        raise UsageError(f"--examples-k must be an integer >= 1, got {cfg.examples_k}")
+    if cfg.context_tokens < 0:
+        raise UsageError(f"--context-tokens must be an integer >= 0, got {cfg.context_tokens}")
+
+
+@dataclass(frozen=True)
+class Part:
+    """k examples per kind, W context tokens per side, and each model's state size in bytes."""
+
+    k: int
+    window: int
+    state_bytes: dict
+
+
+def host_memory() -> int | None:
+    """Bytes of memory available on this host (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info.get("MemAvailable", info.get("MemFree"))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+
+def plan(ctx) -> Part:
+    """Sizes every model's state and refuses a run whose states cannot fit: each model has at least one
+    actor, so each gets at most 1/models of the host's available memory, and the state may take half of it."""
+    cfg = ctx.cfg
+    sizes = {m.name: pages.state_bytes(m.n_layer, m.d_mlp, cfg.examples_k, cfg.context_tokens) for m in ctx.inputs.models}
+    available = host_memory()
+    if available and cfg.address is None:  # a cluster's actors are on other hosts: their memory is not known here
+        share = available / len(sizes) * STATE_SHARE
+        big = {name: b for name, b in sizes.items() if b > share}
+        if big:
+            name, b = max(big.items(), key=lambda kv: kv[1])
+            raise UsageError(f"{NAME}: the state of {name} needs {_size(b)}, more than its actor's share "
+                             f"({_size(share)} of {_size(available)} available): lower --examples-k or --context-tokens")
+    return Part(cfg.examples_k, cfg.context_tokens, sizes)
+
+
+def _size(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
+
+
+def describe(plan, part) -> list:
+    sizes = ", ".join(f"{name} {_size(b)}" for name, b in part.state_bytes.items())
+    return [f"  {NAME}: k={part.k} examples per kind, {part.window} context tokens per side; "
+            f"state per actor: {sizes}"]
+
+
+# ---------------------------------------------------------------- capture: the actor's running state
+class Holder:
+    """The actor's state and the batch being merged into it (committed by ``reduce``)."""
+
+    def __init__(self, state: pages.PagesState):
+        self.state, self.pending = state, None
+
+
+def pages_config(worker, part: Part) -> pages.PagesConfig:
+    return pages.PagesConfig(part.k, part.window, worker.cfg.chunk_tokens, worker.cfg.seed, pages.model_salt(worker.spec.name))
+
+
+def new_state(worker, part: Part) -> Holder:
+    return Holder(pages.empty_state(worker.spec.n_layer, worker.spec.d_mlp, pages_config(worker, part), worker.device))
+
+
+def forward(ctx) -> dict:
+    """The hook merging each layer of this batch into a staged copy of the state (chunks already held are skipped)."""
+    holder = ctx.state
+    chunks = np.asarray(ctx.chunk, np.int64)
+    keep = np.nonzero(~np.isin(chunks, holder.state.chunks))[0]
+    holder.pending = None
+    if not len(keep):
+        return {}
+    holder.pending = holder.state
+    chunk_t = torch.as_tensor(chunks[keep])
+    order = np.argsort(chunks[keep], kind="stable")  # the state wants chunks ascending
+
+    def visit(layer: int, pre: torch.Tensor) -> None:
+        rows = torch.as_tensor(keep[order], device=pre.device)
+        holder.pending = pages.update(holder.pending, layer, pre.index_select(0, rows), chunk_t[order])
+
+    return {"mlp_visit": visit}
+
+
+def reduce(ctx) -> list:
+    """Commit the batch's staged state; nothing is written per batch."""
+    holder = ctx.state
+    if holder.pending is not None:
+        chunks = np.asarray(ctx.chunk, np.int64)
+        holder.state, holder.pending = pages.seen(holder.pending, chunks[~np.isin(chunks, holder.state.chunks)]), None
+    return []
+
+
+# ---------------------------------------------------------------- in the actor (``apply``)
+def export_state(worker) -> pages.PagesState:
+    return worker.state[NAME].state.to("cpu")
+
+
+def recompute_state(worker, chunk_ids: np.ndarray, batch_size: int, part: Part) -> pages.PagesState:
+    """A fresh state of these chunks (sorted), by forward passes of ``batch_size`` chunks; the actor's own state is untouched."""
+    holder = new_state(worker, part)
+    chunk_ids = np.sort(np.asarray(chunk_ids, np.int64))
+    for lo in range(0, len(chunk_ids), max(1, batch_size)):
+        batch = chunk_ids[lo:lo + max(1, batch_size)]
+        box = {"state": holder.state}
+
+        def visit(layer, pre, box=box, batch=torch.as_tensor(batch)):
+            box["state"] = pages.update(box["state"], layer, pre, batch)
+
+        worker.forward(worker.chunks.ids(batch), mlp_visit=visit)
+        holder.state = pages.seen(box["state"], batch)
+    return holder.state.to("cpu")
+
+
+def vocab_rows(worker, k: int) -> pa.Table:
+    """``neuron_vocab`` rows from the actor's weights (token text added by the writer)."""
+    model = worker.model
+    parts = []
+    with torch.inference_mode():
+        for index, block in enumerate(model.transformer.h):
+            pw, pi, sw, si = (t.cpu().numpy() for t in pages.vocab_directions(
+                block.mlp.c_proj.weight, model.transformer.ln_f.weight, model.lm_head.weight, k))
+            for kind, w, ids in (("promoted", pw, pi), ("suppressed", sw, si)):
+                n, kk = w.shape
+                parts.append(pa.table({
+                    "layer": np.full(n * kk, index + 1, np.int16), "neuron": np.repeat(np.arange(n, dtype=np.int32), kk),
+                    "kind": pa.array([kind] * (n * kk), pa.string()), "rank": np.tile(np.arange(kk, dtype=np.int16), n),
+                    "token_id": ids.reshape(-1).astype(np.int32), "weight": w.reshape(-1).astype(np.float32),
+                }))
+    return pa.concat_tables(parts)
+
+
+# ---------------------------------------------------------------- statistics
+def disjoint(states) -> tuple[list, np.ndarray]:
+    """States in order, each kept only if its chunks are disjoint from those kept before; (kept, chunks covered)."""
+    kept, covered = [], np.zeros(0, np.int64)
+    for s in states:
+        if not np.intersect1d(s.chunks, covered).size:
+            kept.append(s)
+            covered = np.union1d(covered, s.chunks)
+    return kept, covered
+
+
+def finish(store_uri: str, model: str, n_chunks: int, batch_size: int, part: Part, actor, *states) -> int:
+    """Merge the replicas' states (recomputing chunks none holds), write ``neuron_stats`` and ``neuron_examples``."""
+    kept, covered = disjoint(states)
+    missing = np.setdiff1d(np.arange(n_chunks, dtype=np.int64), covered)
+    if missing.size:
+        kept.append(ray.get(actor.apply.remote(recompute_state, missing, batch_size, part)))
+    with torch.inference_mode():
+        merged = kept[0]
+        for s in kept[1:]:
+            merged = pages.merge(merged, s)
+        tables = [pages.layer_tables(s, merged.cfg, index + 1) for index, s in enumerate(merged.layers)]
+    store = Store(store_uri)
+    store.write_table(STATS, "all", pa.concat_tables([t[0] for t in tables]), model=model)
+    store.write_table(EXAMPLES, "all", pa.concat_tables([t[1] for t in tables]), model=model)
+    return int(merged.chunks.size)
+
+
+def write_vocab(store_uri: str, model: str, tokenizer_source: str, rows: pa.Table) -> int:
+    from jobs.models import load_tokenizer
+
+    ids = rows["token_id"].to_numpy()
+    unique, inverse = np.unique(ids, return_inverse=True)
+    text = np.array(load_tokenizer(tokenizer_source).batch_decode([[int(i)] for i in unique]), dtype=object)[inverse]
+    rows = rows.append_column("token", pa.array(text.tolist(), pa.string()))
+    Store(store_uri).write_table(VOCAB, "all", rows, model=model)
+    return rows.num_rows
+
+
+def stats(ctx, m) -> list:
+    """One merge task per model (each live replica's state through ``apply``) and one vocabulary task."""
+    plan, workers, part = ctx.plan, ctx.workers, ctx.plan.parts[NAME]
+    states = [workers.actors[m.name][r].apply.remote(export_state) for r in workers.live(m.name)]
+    merged = ray.remote(finish).remote(ctx.store.uri, m.name, plan.n_chunks, plan.batch_size, part, workers[m.name], *states)
+    rows = workers[m.name].apply.remote(vocab_rows, part.k)
+    tokenizer = plan.cfg.tokenizer or plan.models[0].source
+    return [merged, ray.remote(write_vocab).remote(ctx.store.uri, m.name, tokenizer, rows)]
+
+
+def disk_bytes(plan, m) -> int:
+    part = plan.parts[NAME]
+    per_neuron = 60 + 8 * (len(pages.HIST_EDGES) + 1) + 3 * part.k * (30 + 4 * (2 * part.window + 1)) + 2 * part.k * 30
+    return m.n_layer * m.d_mlp * per_neuron
+
+
+ANALYSIS = Analysis(
+    name=NAME, heading="Neurons",
+    blurb="Every MLP neuron over the whole corpus: activation statistics, the contexts that drive it most and a "
+          "random sample of those that activate it, and the tokens its output promotes and suppresses.",
+    tables=(STATS, EXAMPLES, VOCAB), options=OPTIONS, check=check, plan=plan, describe=describe,
+    capture=Capture(reduce=reduce, forward=forward, state=new_state), stats=stats, disk_bytes=disk_bytes,
+    summaries=summaries, figures=FIGURES, default=False,  # its state update roughly triples capture time on CPU
+)

@@ -1,0 +1,202 @@
+"""Parity of the streamed neuron-page state with brute force over every token (numpy), mergeability and
+batching independence, the documented sampling priority re-drawn in numpy, and the logit directions."""
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from probe_core import neuron_pages as npg
+
+T, W, K = 12, 3, 4
+
+
+def np_mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer in numpy uint64 (the reference for the torch version)."""
+    z = np.asarray(z, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def np_priority(seed, salt, layer, neuron, chunk, pos) -> np.ndarray:
+    """The README's rule: h_token * (h_neuron | 1) mod 2**64 read as int64, h_neuron =
+    mix(mix(mix(mix(seed) ^ salt) ^ layer) ^ neuron), h_token = mix(mix(chunk) ^ pos); uint64 arithmetic."""
+    u = lambda v: np.asarray(v).astype(np.int64).astype(np.uint64)  # noqa: E731
+    h = np_mix(np_mix(np_mix(np_mix(u(seed)) ^ u(salt)) ^ u(layer)) ^ u(neuron))
+    with np.errstate(over="ignore"):
+        return (np_mix(np_mix(u(chunk)) ^ u(pos)) * (h | np.uint64(1))).view(np.int64)
+
+
+def activations(n_chunks=6, n=7, seed=0, ties=False):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_chunks, T, n)).astype(np.float32) * 3
+    if ties:  # many exact ties (rounded values) and exact zeros
+        x = np.round(x).astype(np.float32)
+    x[0, 0, 0] = 9.5  # overflow bin
+    x[-1, 2, 1] = -8.0  # exactly on the first edge
+    return x
+
+
+def cfg(seed=3, k=K):
+    return npg.PagesConfig(k=k, window=W, chunk_tokens=T, seed=seed, salt=npg.model_salt("tiny"))
+
+
+def stream(x, batches, config, n_layer=1):
+    """The state after feeding chunks in the given batches (lists of chunk indices, each ascending)."""
+    state = npg.empty_state(n_layer, x.shape[-1], config)
+    for b in batches:
+        for layer in range(n_layer):
+            state = npg.update(state, layer, torch.from_numpy(x[b]), torch.tensor(b))
+        state = npg.seen(state, b)
+    return state
+
+
+def brute(x, config, layer=1):
+    """Every statistic from all tokens at once, in numpy: (stats dict, examples {kind: list of rows per neuron})."""
+    n_chunks, t_len, n = x.shape
+    flat = x.reshape(-1, n)
+    chunk = np.repeat(np.arange(n_chunks), t_len)
+    pos = np.tile(np.arange(t_len), n_chunks)
+    key = chunk * t_len + pos
+    hist = np.stack([np.bincount(np.searchsorted(npg.HIST_EDGES, flat[:, j], side="right"), minlength=len(npg.HIST_EDGES) + 1)
+                     for j in range(n)])
+    stats = {"n": np.full(n, len(flat)), "mean": flat.astype(np.float64).mean(0), "sd": flat.astype(np.float64).std(0, ddof=1),
+             "min": flat.min(0), "max": flat.max(0), "frac_active": (flat > 0).mean(0), "hist": hist}
+    examples = {}
+    for j in range(n):
+        v = flat[:, j]
+        prio = np_priority(config.seed, config.salt, layer, j, chunk, pos)
+        active = np.nonzero(v > 0)[0]
+        orders = {
+            "top": np.lexsort((key, -v.astype(np.float64))),
+            "bottom": np.lexsort((key, v)),
+            "random_active": active[np.lexsort((key[active], prio[active]))],
+        }
+        for kind, order in orders.items():
+            rows = []
+            for r in order[:config.k]:
+                c, p = chunk[r], pos[r]
+                w = config.window
+                ctx = [x[c, q, j] if 0 <= q < t_len else np.nan for q in range(p - w, p + w + 1)]
+                rows.append((c, p, v[r], ctx))
+            examples[(kind, j)] = rows
+    return stats, examples
+
+
+def check_tables(state, x, config):
+    stats, examples = npg.layer_tables(state.layers[0], config, 1)
+    want, want_ex = brute(x, config)
+    s = stats.to_pydict()
+    assert s["n"] == list(want["n"])
+    np.testing.assert_allclose(s["mean"], want["mean"], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(s["sd"], want["sd"], rtol=1e-12)
+    assert np.array_equal(np.array(s["min"], np.float32), want["min"]) and np.array_equal(np.array(s["max"], np.float32), want["max"])
+    np.testing.assert_allclose(s["frac_active"], want["frac_active"], rtol=1e-15)
+    assert np.array_equal(np.array(s["hist"]), want["hist"])
+    assert all(sum(h) == len(x.reshape(-1, x.shape[-1])) for h in s["hist"])
+    ex = examples.to_pylist()
+    for (kind, j), rows in want_ex.items():
+        got = [r for r in ex if r["kind"] == kind and r["neuron"] == j]
+        assert [r["rank"] for r in got] == list(range(len(rows)))
+        assert [(r["chunk"], r["pos"]) for r in got] == [(c, p) for c, p, _, _ in rows], (kind, j)
+        assert [r["activation"] for r in got] == [float(v) for _, _, v, _ in rows]
+        for r, (_, _, _, ctx) in zip(got, rows):
+            assert r["context"] == [None if np.isnan(c) else float(c) for c in ctx]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("batches", [[[0, 1, 2, 3, 4, 5]], [[0], [1], [2], [3], [4], [5]], [[4, 5], [0, 1, 2], [3]]])
+def test_stream_equals_brute_force(batches, ties):
+    x = activations(ties=ties)
+    config = cfg()
+    check_tables(stream(x, batches, config), x, config)
+
+
+def test_merge_of_two_states_is_the_state_of_the_union():
+    x = activations(n_chunks=8, ties=True)
+    config = cfg(k=5)
+    a = stream(x, [[5, 6], [0, 1]], config)
+    b = stream(x, [[7], [2, 3, 4]], config)
+    merged = npg.merge(a, b)
+    assert merged.chunks.tolist() == list(range(8))
+    check_tables(merged, x, config)
+    whole = npg.layer_tables(stream(x, [list(range(8))], config).layers[0], config, 1)
+    assert npg.layer_tables(merged.layers[0], config, 1)[1].equals(whole[1])
+    with pytest.raises(ValueError, match="share chunks"):
+        npg.merge(a, a)
+
+
+def test_fewer_tokens_than_k_and_neurons_never_active():
+    x = activations(n_chunks=1)
+    x[..., 2] = -1.0  # never active: no random_active rows
+    config = cfg(k=T + 5)  # more than the corpus holds
+    state = stream(x, [[0]], config)
+    check_tables(state, x, config)
+    ex = npg.layer_tables(state.layers[0], config, 1)[1].to_pylist()
+    assert not [r for r in ex if r["kind"] == "random_active" and r["neuron"] == 2]
+    assert len([r for r in ex if r["kind"] == "top" and r["neuron"] == 2]) == T
+
+
+def test_priority_matches_numpy_reference():
+    config = cfg(seed=2**32 - 1)
+    chunk = torch.tensor([0, 5, 123456, 2**31 - 1])
+    pos = torch.tensor([0, 1, 1023, 7])
+    got = npg.priority(npg.neuron_hash(config.seed, config.salt, 3, 5), npg.token_hash(chunk, pos)).numpy()
+    want = np_priority(config.seed, config.salt, 3, np.arange(5)[None, :], chunk.numpy()[:, None], pos.numpy()[:, None])
+    assert np.array_equal(got, want)
+
+
+def test_state_bytes_counts_the_tensors():
+    config = cfg()
+    layer = npg.empty_layer(7, config)
+    actual = sum(t.numel() * t.element_size() for t in [layer.n, layer.mean, layer.m2, layer.min, layer.max, layer.n_active, layer.hist]
+                 + [getattr(e, f) for e in (layer.top, layer.bottom, layer.sample) for f in ("value", "key", "context", "prio")
+                    if getattr(e, f) is not None])
+    assert npg.state_bytes(1, 7, K, W) == actual
+
+
+def test_context_is_null_outside_the_chunk():
+    arr = npg._context_array(np.array([[np.nan, 1.0, 2.0]], np.float32))
+    assert arr.type == pa.list_(pa.float32()) and arr.to_pylist() == [[None, 1.0, 2.0]]
+
+
+def test_vocab_directions_match_numpy():
+    rng = np.random.default_rng(1)
+    n, d, v, k = 10, 6, 50, 3
+    w_out, gamma, w_u = rng.standard_normal((n, d)), rng.uniform(0.5, 2, d), rng.standard_normal((v, d))
+    got = npg.vocab_directions(*(torch.tensor(a, dtype=torch.float32) for a in (w_out, gamma, w_u)), k, block=4)
+    logits = ((w_out - w_out.mean(1, keepdims=True)) * gamma) @ w_u.T
+    order = np.argsort(-logits, axis=1)
+    assert np.array_equal(got[1].numpy(), order[:, :k]) and np.array_equal(got[3].numpy(), order[:, ::-1][:, :k])
+    np.testing.assert_allclose(got[0].numpy(), np.take_along_axis(logits, order[:, :k], 1), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_metrics_visits_every_layer_without_changing_its_outputs(tiny_model):
+    from probe_core.metrics import forward_metrics
+
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    seen_pre = {}
+    with torch.inference_mode():
+        plain = forward_metrics(tiny_model, ids, mlp_rows=([0, 1], [3, 8]))
+        visited = forward_metrics(tiny_model, ids, mlp_rows=([0, 1], [3, 8]), mlp_visit=lambda l, a: seen_pre.__setitem__(l, a.clone()))
+        want = {}
+        handles = [h.mlp.c_fc.register_forward_hook(lambda m, i, o, l=l: want.__setitem__(l, o.clone()))
+                   for l, h in enumerate(tiny_model.transformer.h)]
+        tiny_model(ids)
+        for h in handles:
+            h.remove()
+    assert sorted(seen_pre) == list(range(tiny_model.config.n_layer))
+    for layer, pre in seen_pre.items():
+        assert torch.equal(pre, want[layer]) and pre.shape == (2, 9, tiny_model.config.n_inner)
+    for key in plain:
+        assert torch.equal(plain[key], visited[key]), key
+
+
+def test_histogram_bins_at_and_beside_every_edge_match_searchsorted():
+    edges = npg.HIST_EDGES
+    x = np.concatenate([edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf), [-np.inf, np.inf, -1e30, 1e30, 0.0, -0.0]])
+    x = x.astype(np.float32)[:, None].repeat(2, 1)
+    got = npg._histogram(torch.from_numpy(x)).numpy()
+    want = np.bincount(np.searchsorted(edges, x[:, 0], side="right"), minlength=len(edges) + 1)
+    assert np.array_equal(got[0], want) and np.array_equal(got[1], want)
