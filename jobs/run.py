@@ -93,16 +93,6 @@ def _run_leased(cfg: RunConfig, inputs: Inputs, store: Store) -> str:
     return cfg.out
 
 
-def disk_full_message(e: BaseException, cfg: RunConfig, plan: Plan | None) -> str | None:
-    """One line for a run stopped by a full disk (ENOSPC anywhere in the chain), else None."""
-    cause = innermost_cause(e)
-    if not (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) and "No space left on device" not in str(cause):
-        return None
-    need = f" (the plan estimated ~{sum(plan.disk_estimate().values()) / 2**30:.2f} GiB for the whole run)" if plan else ""
-    return (f"no space left on the device of {cfg.out}{need}: "
-            f"free space, then resume with probe run --resume --run-id {cfg.run_id} --out {cfg.out}")
-
-
 def corpus_and_plan(inputs: Inputs, store: Store, manifest: Manifest, local: bool, fresh: bool) -> tuple[Plan, dict, float]:
     """The corpus stage, the frozen plan (each analysis's part: its checks that need the tokens, its sample) and the
     replicas' GPU shares: (plan, {model: [share per replica]}, share per statistics task).
