@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from probe_core.mutual_info import histogram_mi_matrix, notebook_pair_mi
-from jobs.stats import NULL_PAIRS, _histogram_null
+from jobs.analyses.mi import NULL_PAIRS, histogram_null
 from probe_core import mutual_info
 from probe_core.mutual_info import bin_codes, bin_edges, histogram_mi_codes
 
@@ -31,7 +31,7 @@ def job_layer(x: np.ndarray, bins: int, device: str):
     """What the job's layer_mi computes: codes, plug-in and Miller-Madow for every pair, the sampled null."""
     codes = bin_codes(x, bin_edges(x.min(0), x.max(0), bins))
     plug, mm = histogram_mi_codes(codes, bins=bins, device=device)
-    return plug, mm, _histogram_null(codes, bins, seed=0)[2]
+    return plug, mm, histogram_null(codes, bins, seed=0)[2]
 
 
 def hidden_states(n: int, d: int, seed: int = 0) -> np.ndarray:

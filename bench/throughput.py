@@ -11,18 +11,19 @@ warm-up runs (CUDA synchronised). Variants, fastest expected first:
 - ``plain_body``: ``model.transformer(ids, output_hidden_states=True)``: no LM head, as the job runs it.
 - ``metrics``: ``forward_metrics`` with every per-token metric (path, angles, next logit, attention
   norms, sampled MLP rows), plus the device->host copies of its small outputs.
-- ``capture``: the worker's own pieces as ``ModelWorker.__call__`` runs them (``_compute_fitting``:
-  metrics, rotation angles, Arrow tables, copies to host; ``_keep_samples``) minus the Parquet writes.
+- ``capture``: the worker's own pieces as ``ModelWorker.__call__`` runs them (``_compute_fitting``: the
+  forward, each analysis's ``Capture.reduce``: Arrow tables, copies to host, kept samples) minus the Parquet writes.
   ``ratio = capture / plain`` (target >= 0.8); ``ratio_body = capture / plain_body``.
 - ``worker``: the whole ``ModelWorker.__call__`` plus waiting for its shard writes (to a temporary
   folder), serially; ``worker_pipelined``: back-to-back calls whose writes overlap the next call's
   compute on the worker's background thread, as in the job (one timed run of ``--repeats`` calls).
-- ``--breakdown``: the milliseconds of each piece (forward, each table, the writes run synchronously).
+- ``--breakdown``: the milliseconds of each piece (forward, each analysis's ``reduce_<name>``, the writes run synchronously).
 
 On CUDA, MFU = 2 * n_params * tok/s / peak, n_params = the model's parameters (tied wte counted once).
 Ends with one JSON line.
 """
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -38,13 +39,14 @@ from common import build_model, build_tokenizer, corpus_tokens, emit, load_avera
 SAMPLE_DENSITY = 2000 / 283_000
 
 
-def make_batch(tokens: np.ndarray, decode: list[str], b: int, t: int, target_id: int, seed: int = 0):
-    """(batch, ids): a ``jobs.worker.Batch`` as the driver sends it, naming chunks 0..B-1 of ``ids`` (B, T),
-    the chunks a worker's chunk source (``ArrayChunks(ids)``) returns for it.
+def make_plan(tokens: np.ndarray, decode: list[str], b: int, t: int, target_id: int, seed: int = 0):
+    """(chunk_ids, ids, parts): chunks 0..B-1 of ``ids`` (B, T) as the driver sends them (the chunks a worker's
+    chunk source ``ArrayChunks(ids)`` returns) and the plan's parts (neuron sample, rotation target).
 
     The chunks are the first B (in corpus order) holding the rotation target after position 0, so the
     rotation path does real work; the neuron sample has the job's density (~7 per 1k tokens).
     """
+    from jobs.analyses import neurons, rotation
     from probe_core.tokens import proper_noun_labels
 
     chunks = tokens[: tokens.size // t * t].reshape(-1, t)
@@ -56,14 +58,15 @@ def make_batch(tokens: np.ndarray, decode: list[str], b: int, t: int, target_id:
     rng = np.random.default_rng(seed)
     n = max(1, round(b * t * SAMPLE_DENSITY))
     flat = np.sort(rng.choice(b * t, size=n, replace=False))
-    from jobs.worker import Batch
+    keys = np.stack([flat // t, flat % t], axis=1).astype(np.int64)  # sorted (chunk, pos)
+    parts = {"neurons": neurons.Part(keys, proper[flat // t, flat % t]), "rotation": rotation.Part(target_id, None)}
+    return np.arange(b, dtype=np.int64), ids, parts
 
-    return Batch(np.arange(b), flat // t, flat % t, proper[flat // t, flat % t]), ids
 
-
-def make_worker(size: str, model, device: str, dtype: str, store_dir: str, ids: np.ndarray, target_id: int):
+def make_worker(size: str, model, device: str, dtype: str, store_dir: str, ids: np.ndarray, parts: dict):
     """A ModelWorker around an in-memory model (``load_model`` patched out, so no checkpoint on disk)."""
-    from jobs.config import ANALYSES, RunConfig
+    from jobs import analyses
+    from jobs.config import RunConfig
     from jobs.corpus import ArrayChunks
     from jobs.models import ModelSpec
     from jobs.worker import ModelWorker, WorkerConfig
@@ -71,41 +74,43 @@ def make_worker(size: str, model, device: str, dtype: str, store_dir: str, ids: 
     c = model.config
     spec = ModelSpec(source=f"random-{size}", name=size, n_layer=c.n_layer, n_embd=c.n_embd, d_mlp=c.n_inner or 4 * c.n_embd,
                      n_positions=c.n_positions, vocab_size=c.vocab_size, config={})
-    cfg = RunConfig(analyses=ANALYSES, device=device, dtype=dtype, chunk_tokens=ids.shape[1])
+    cfg = RunConfig(analyses=analyses.names(), device=device, dtype=dtype, chunk_tokens=ids.shape[1])
     with mock.patch("jobs.worker.load_model", return_value=model):
-        return ModelWorker(spec, WorkerConfig.of(cfg), store_dir, ArrayChunks(ids), target_id, threads=0)
+        return ModelWorker(spec, WorkerConfig.of(cfg), store_dir, ArrayChunks(ids), parts, threads=0)
 
 
-def metrics_only(worker, batch) -> None:
-    """forward_metrics with every per-token metric on, then the device->host copies of its outputs."""
-    from probe_core.metrics import forward_metrics
+def contexts(worker, chunk_ids) -> tuple[dict, dict]:
+    """(each capture's ``BatchContext`` before the pass, the ``forward_metrics`` options), as ``ModelWorker._compute`` builds them."""
+    from jobs.analysis import BatchContext
 
-    ids = torch.as_tensor(worker.chunks.ids(batch.chunk), dtype=torch.long, device=worker.device)
-    with torch.inference_mode():
-        out = forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True,
-                              mlp_rows=(batch.sample_b, batch.sample_t))
-        for key in ("path_step", "path_cum", "angle_rad", "next_logit", "log_norm"):
-            out[key].cpu().numpy()
-        out["mlp_pre"].to(torch.float16).cpu().numpy()
+    input_ids = worker.chunks.ids(chunk_ids)
+    ctx = {name: BatchContext(chunk_ids, input_ids, worker.spec.n_layer, worker.spec.d_mlp, worker.cfg, worker.parts.get(name),
+                              worker.state.get(name)) for name in worker.captures}
+    return ctx, {k: v for name, c in worker.captures.items() if c.forward for k, v in c.forward(ctx[name]).items()}
 
 
-def capture_no_writes(worker, batch) -> list:
-    """``ModelWorker.__call__`` minus the shard writes, from the worker's own pieces: the forward with
-    every metric, the Arrow tables (tokens, layer metrics, attention norms, rotation angles, sampled
-    activations) and the copies to host. Returns the (table name, table, partition extras) writes."""
-    tables, mlp = worker._compute_fitting(batch)
-    writes = [(name, data, {}) for name, data in tables.items() if data.num_rows]
-    return writes + (worker._keep_samples(batch, mlp) if mlp is not None else [])
+def metrics_only(worker, chunk_ids) -> None:
+    """forward_metrics with every per-token metric on (the captures' options), then the device->host copies of its outputs."""
+    out = worker.forward(worker.chunks.ids(chunk_ids), **contexts(worker, chunk_ids)[1])
+    for key in ("path_step", "path_cum", "angle_rad", "next_logit", "log_norm"):
+        out[key].cpu().numpy()
+    out["mlp_pre"].to(torch.float16).cpu().numpy()
 
 
-def worker_call(worker, batch) -> None:
+def capture_no_writes(worker, chunk_ids) -> list:
+    """``ModelWorker.__call__`` minus the shard writes: ``_compute_fitting``, the forward with every metric and
+    each analysis's ``reduce`` (Arrow tables, copies to host, kept samples). Returns its ``Write``s."""
+    return worker._compute_fitting(chunk_ids)
+
+
+def worker_call(worker, chunk_ids) -> None:
     """The whole ``ModelWorker.__call__`` and then its shard writes (``flush``), serially: in the timing
     loop a write left running on the worker's background thread would slow whichever variant ran next."""
-    worker(batch)
+    worker(chunk_ids)
     worker.flush()
 
 
-def worker_pipelined(worker, batch, calls: int) -> float:
+def worker_pipelined(worker, chunk_ids, calls: int) -> float:
     """Seconds per call of ``calls`` back-to-back ``ModelWorker.__call__`` (each call's writes overlap the
     next call's compute on the background thread, as in the job), the last write included."""
     import time
@@ -113,32 +118,26 @@ def worker_pipelined(worker, batch, calls: int) -> float:
     worker.flush()
     t0 = time.perf_counter()
     for _ in range(calls):
-        worker(batch)
+        worker(chunk_ids)
     worker.flush()
     return (time.perf_counter() - t0) / calls
 
 
-def host_breakdown(worker, batch, repeats: int, cuda: bool) -> dict:
+def host_breakdown(worker, chunk_ids, repeats: int, cuda: bool) -> dict:
     """Median milliseconds of each piece of ``ModelWorker.__call__`` on this batch, writes included."""
     from jobs import analyses
-    from probe_core.metrics import forward_metrics
+    from jobs.worker import part_name
 
-    ids = torch.as_tensor(worker.chunks.ids(batch.chunk), dtype=torch.long, device=worker.device)
-    rows = (batch.sample_b, batch.sample_t)
-    part = batch.part
-    writes = capture_no_writes(worker, batch)
+    ids = worker.chunks.ids(chunk_ids)
+    ctx, options = contexts(worker, chunk_ids)
+    writes = [w for w in capture_no_writes(worker, chunk_ids) if w.data.num_rows]
     with torch.inference_mode():
-        out = forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True, mlp_rows=rows)
-        mlp = out["mlp_pre"].to(torch.float16).cpu().numpy()
-        ctx = analyses.BatchContext(batch.chunk, worker.chunks.ids(batch.chunk), out, worker.spec.n_layer, worker.cfg, worker.target_id)
-        pieces = {
-            "forward_metrics": lambda: forward_metrics(worker.model, ids, final_hidden=worker.cfg.final_hidden, attn_norms=True, mlp_rows=rows),
-            "path_tables": lambda: analyses.path.batch_tables(ctx),
-            "attn_norms_table": lambda: analyses.attn_ar.batch_tables(ctx),
-            "rotation_table": lambda: analyses.rotation.batch_tables(ctx),
-            "activations_tables": lambda: worker._keep_samples(batch, mlp),
-            "parquet_writes": lambda: worker._write(part, writes, {"tokens": int(ids.numel()), "seconds": 0.0}),
-        }
+        out = worker.forward(ids, **options)
+        pieces = {"forward_metrics": lambda: worker.forward(ids, **options)}
+        for a in analyses.selected(worker.cfg.analyses):
+            if a.capture:
+                pieces[f"reduce_{a.name}"] = lambda r=a.capture.reduce, c=dataclasses.replace(ctx[a.name], out=out): r(c)
+        pieces["parquet_writes"] = lambda: worker._write(part_name(chunk_ids), writes, {"tokens": int(ids.size), "seconds": 0.0})
         seconds = median_times(pieces, warmup=1, repeats=repeats, cuda=cuda)
     return {k: round(v * 1e3, 2) for k, v in seconds.items()}
 
@@ -146,12 +145,12 @@ def host_breakdown(worker, batch, repeats: int, cuda: bool) -> dict:
 def bench_size(size: str, args, tokens: np.ndarray, decode: list[str], target_id: int) -> dict:
     cuda = args.device == "cuda"
     model = build_model(size, device=args.device, dtype=args.dtype)
-    batch, chunk_ids = make_batch(tokens, decode, args.batch, args.tokens, target_id)
-    ids = torch.as_tensor(chunk_ids, dtype=torch.long, device=args.device)
+    batch, input_ids, parts = make_plan(tokens, decode, args.batch, args.tokens, target_id)
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=args.device)
     n_tok = ids.numel()
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as store_dir:
-        worker = make_worker(size, model, args.device, args.dtype, store_dir, chunk_ids, target_id)
-        occurrences = int((chunk_ids[:, 1:] == target_id).sum())
+        worker = make_worker(size, model, args.device, args.dtype, store_dir, input_ids, parts)
+        occurrences = int((input_ids[:, 1:] == target_id).sum())
 
         @torch.inference_mode()
         def plain():
@@ -161,7 +160,7 @@ def bench_size(size: str, args, tokens: np.ndarray, decode: list[str], target_id
         def plain_body():
             model.transformer(input_ids=ids, output_hidden_states=True)
 
-        # worker(batch) rewrites the same part names each time (atomic renames), so files do not pile up.
+        # worker(chunk ids) rewrites the same part names each time (atomic renames), so files do not pile up.
         seconds = median_times({"plain": plain, "plain_body": plain_body, "metrics": lambda: metrics_only(worker, batch),
                                 "capture": lambda: capture_no_writes(worker, batch), "worker": lambda: worker_call(worker, batch)},
                                warmup=args.warmup, repeats=args.repeats, cuda=cuda)

@@ -9,6 +9,8 @@ from jobs.analyses.neurons import figures as neuron_figures
 from jobs.report import write_report
 from tests.test_figures import MODELS, make_tables
 
+pytestmark = pytest.mark.slow  # renders figures and runs the job end to end
+
 PARAMS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168}
 ACROSS_NAMES = ["across_path_r", "across_rotation_t", "across_neurons_frac", "across_mi_excess", "across_attn_ar"]
 

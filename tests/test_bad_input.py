@@ -12,9 +12,6 @@ from tests.conftest import save_tiny_model
 from tests.corpus import write_corpus
 
 
-pytestmark = pytest.mark.usefixtures("ray_local")  # corpus errors are found by the corpus stage, on Ray
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
@@ -119,6 +116,8 @@ def test_missing_tokenizer_says_so(capsys, setup, tmp_path):
     assert "no tokenizer" in run_bad(capsys, setup, "--models", str(folder))
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")  # reaches the corpus stage, on Ray
 def test_parquet_text_not_strings_and_corrupt(capsys, setup, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -133,6 +132,8 @@ def test_parquet_text_not_strings_and_corrupt(capsys, setup, tmp_path):
     assert "bad.parquet" in run_bad(capsys, setup, "--data", str(tmp_path / "bad.parquet"))
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")  # reaches the corpus stage, on Ray
 def test_jsonl_bad_line_named(capsys, setup, tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text('{"text": "Mary met her friend."}\n[1, 2]\n')

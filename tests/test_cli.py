@@ -12,9 +12,6 @@ from tests.conftest import save_tiny_model
 from tests.corpus import write_corpus
 
 
-pytestmark = pytest.mark.usefixtures("ray_local")  # corpus errors are found by the corpus stage, on Ray
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
@@ -63,6 +60,8 @@ def test_pickle_weights_refused(capsys, setup, tmp_path):
     assert "--allow-pickle" in run_bad(capsys, setup, "--models", str(folder))
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")  # reaches the corpus stage, on Ray
 def test_missing_and_empty_data(capsys, setup, tmp_path):
     assert "no such file" in run_bad(capsys, setup, "--data", str(tmp_path / "nope.txt"))
     (tmp_path / "empty.txt").write_text("")
@@ -71,11 +70,15 @@ def test_missing_and_empty_data(capsys, setup, tmp_path):
     assert "no text" in run_bad(capsys, setup, "--data", str(tmp_path / "blank.txt"))
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")  # reaches the corpus stage, on Ray
 def test_corpus_shorter_than_a_chunk(capsys, setup, tmp_path):
     (tmp_path / "short.txt").write_text("Mary met her friend.\n")
     assert "fewer than one chunk" in run_bad(capsys, setup, "--data", str(tmp_path / "short.txt"))
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")  # reaches the corpus stage, on Ray
 def test_invalid_utf8_names_the_line(capsys, setup, tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"fine line\nanother fine line\nbad \xff\xfe here\n")
     assert "line 3" in run_bad(capsys, setup, "--data", str(tmp_path / "bad.txt"))
@@ -85,6 +88,8 @@ def test_chunk_tokens_above_n_positions(capsys, setup):
     assert "n_positions 256" in run_bad(capsys, setup, "--chunk-tokens", "512")
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")  # reaches the corpus stage, on Ray
 def test_target_not_one_token_or_absent(capsys, setup):
     assert "not one" in run_bad(capsys, setup, "--target", " hermeneutics")
     assert "never occurs" in run_bad(capsys, setup, "--target", " cat")
@@ -122,6 +127,7 @@ def test_yaml_then_cli_wins(tmp_path):
     assert c.out == f"results/{c.run_id}"
 
 
+@pytest.mark.slow
 def test_unknown_hub_model_offline(setup):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "--models", "gpt2-nonexistent-size", "--data", setup["data"],
@@ -131,6 +137,7 @@ def test_unknown_hub_model_offline(setup):
     assert not os.path.exists(setup["root"] / "offline-run")
 
 
+@pytest.mark.slow
 def test_help_documents_every_flag():
     p = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "--help"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0

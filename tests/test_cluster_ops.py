@@ -17,6 +17,8 @@ from tests.raycluster import (
     BIN, REPO, HeadNode, LocalCluster, RayEnv, check_running, finish, markers, model_actors, probe_args, start_probe, wait_for,
 )
 
+pytestmark = pytest.mark.slow  # Ray clusters
+
 CHUNK, N_CHUNKS = 32, 12
 SHAPES = {"tiny-a": {"n_layer": 3, "n_embd": 32, "n_inner": 64}, "tiny-b": {"n_layer": 2, "n_embd": 48, "n_inner": 96}}
 

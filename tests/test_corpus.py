@@ -15,6 +15,8 @@ from probe_core.tokens import chunk_stream, decode_table, proper_noun_labels
 from tests.corpus import write_corpus
 from tests.reference import read_rows, tokenize_rows
 
+pytestmark = pytest.mark.slow  # the corpus stage on Ray Data
+
 CHUNK = 16
 
 

@@ -18,6 +18,8 @@ from tests.raycluster import (
     finish, markers, probe_args, start_probe, temporaries, wait_for,
 )
 
+pytestmark = pytest.mark.slow  # Ray clusters and killed processes
+
 CHUNK, N_CHUNKS = 32, 24
 LAYERS = {"tiny-a": 3, "tiny-b": 2}
 TOTAL = N_CHUNKS * len(LAYERS)  # _progress markers of a finished run (batch size 1)

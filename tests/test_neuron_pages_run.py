@@ -16,6 +16,8 @@ from probe_core import neuron_pages as npg
 from tests.corpus import write_corpus
 from tests.test_neuron_pages import brute
 
+pytestmark = pytest.mark.slow  # runs the job end to end on Ray
+
 CHUNK, N_CHUNKS, K, W = 16, 8, 3, 2
 TABLES = ("neuron_stats", "neuron_examples", "neuron_vocab")
 

@@ -12,6 +12,8 @@ from transformers import GPT2LMHeadModel
 from jobs.cli import main
 from tests.conftest import build_tokenizer, two_model_inputs
 
+pytestmark = pytest.mark.slow  # runs the job end to end on Ray
+
 CHUNK = 64
 
 

@@ -10,6 +10,8 @@ from jobs.cli import main
 from tests.conftest import two_model_inputs
 from tests.raycluster import PER_TOKEN, assert_one_row_per_key, assert_same_tables, markers, read_tables
 
+pytestmark = pytest.mark.slow  # runs the job on Ray
+
 CHUNK, N_CHUNKS = 64, 8
 LAYERS = {"tiny-a": 3, "tiny-b": 2}
 

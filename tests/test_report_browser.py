@@ -15,6 +15,8 @@ from jobs.report import write_report
 from tests.test_across_sizes import _manifest, with_new_columns
 from tests.test_figures import make_tables
 
+pytestmark = pytest.mark.slow  # headless Chromium
+
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 

@@ -11,6 +11,8 @@ from tests.conftest import save_tiny_model
 from tests.corpus import write_corpus
 from tests.s3server import s3_server
 
+pytestmark = pytest.mark.slow  # runs the job on Ray against an S3 server
+
 
 @pytest.fixture(scope="module")
 def s3_run(tmp_path_factory):

@@ -105,6 +105,7 @@ def small(tmp_path_factory):
     return {"root": root, "model": save_tiny_model(root / "tiny"), "data": write_corpus(root / "c.txt", n_rows=30)}
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_exits_2_before_writing(small, capsys):
     """The first run's manifest is written as `probe run` writes it (plan stage), then `--resume` with other
     result-changing settings and other speed settings."""
@@ -214,6 +215,7 @@ def test_resources_that_appear_while_waiting_are_accepted(monkeypatch):
     assert 20.0 <= clock.now < 30.0
 
 
+@pytest.mark.slow
 def test_device_cuda_without_a_gpu_exits_2_and_writes_nothing(small):
     """A real local Ray instance in a child process: no GPU there, so --device cuda fails before any write."""
     import subprocess
@@ -232,6 +234,7 @@ def test_device_cuda_without_a_gpu_exits_2_and_writes_nothing(small):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_with_the_estimate_and_the_run_stays_resumable(small, capsys, monkeypatch):
     """ENOSPC from an actor's writer (wrapped as Ray wraps it) during capture; Ray and the actors are stubbed."""
     import errno
@@ -264,6 +267,7 @@ def test_disk_full_is_one_line_with_the_estimate_and_the_run_stays_resumable(sma
 
 @pytest.mark.ray
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+@pytest.mark.slow
 def test_a_signal_stops_the_run_in_one_line(tmp_path, sig, code):
     """Ctrl-C (SIGINT) or a scheduler's SIGTERM during capture: one line, the resume command, exit 130/143."""
     import signal
