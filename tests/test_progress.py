@@ -38,3 +38,20 @@ def test_prints_at_most_every_interval(capsys):
     clock.now = 9.0
     progress.update("a", 1, 10, seconds=0.1)  # the last batch always prints
     assert capsys.readouterr().out.splitlines() == ["[capture] a: 10/10 chunks, 10 tok/s, done"]
+
+
+def test_stage_bar_lines_rate_eta_and_heartbeat():
+    """Off a terminal every update is one line with counts, rate and ETA; a line repeats while nothing finishes."""
+    import io
+    import time
+
+    from jobs.progress import StageBar
+
+    out = io.StringIO()
+    with StageBar("stats", "tasks done", 4, "tasks", every=0.2, file=out) as bar:
+        time.sleep(0.5)  # nothing finishes: the heartbeat still prints
+        bar.update(4)
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert lines[0].startswith("[stats] tasks done: 0/4 tasks") and len([x for x in lines if " 0/4 " in x]) >= 2
+    assert lines[-1].startswith("[stats] tasks done: 4/4 tasks,") and "tasks/s" in lines[-1] and "ETA 00:00" in lines[-1]
