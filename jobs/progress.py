@@ -37,12 +37,14 @@ class StageBar(tqdm):
     ``file``: default stderr (a bar on a terminal, one line per update elsewhere).
     """
 
-    def __init__(self, stage: str, what: str, total: int, unit: str = "", every: float = EVERY_S, file=None, initial: int = 0):
+    def __init__(self, stage: str, what: str, total: int, unit: str = "", every: float = EVERY_S, file=None, initial: int = 0,
+                 postfix: str | None = None):
         stream = sys.stderr if file is None else file
         out = stream if stream.isatty() else LineWriter(stream)
         super().__init__(total=total, desc=f"[{stage}] {what}", unit=f" {unit}" if unit else "", file=out,
                          mininterval=every, maxinterval=every, miniters=1, smoothing=0, bar_format=FORMAT,
-                         dynamic_ncols=False, disable=False, initial=initial)
+                         dynamic_ncols=False, disable=False, initial=initial,
+                         postfix=postfix)
         self.every = every
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, daemon=True)

@@ -58,6 +58,7 @@ def _run_leased(cfg: RunConfig, inputs: Inputs, store: Store) -> str:
         per_model = ", ".join(f"{m} x{len(s)}" + (f" ({s[0]:g} GPU each)" if s and s[0] else "") for m, s in shares.items())
         log(f"[capture] {sum(map(len, shares.values()))} model actors ({per_model}), {len(plan.batches())} batches of up to {plan.batch_size} chunks")
         manifest.stage("capture", "running")
+        capture.wait_loaded(workers)
         skipped = capture.capture_until_complete(plan, store, workers)
         removed = store.remove_temporaries()  # every batch has returned and flushed: no writer is running
         if removed:
