@@ -92,3 +92,22 @@ def test_model_loading_is_shown(ray_local, capsys):
     assert lines[0].startswith("[capture] models loaded: 0/2 actors") and "loading a replica 0" in lines[0]
     assert any("1/2 actors" in line and "loading b replica 0" in line for line in lines)  # the heartbeat while b loads
     assert lines[-1].startswith("[capture] models loaded: 2/2 actors") and "loading" not in lines[-1]
+
+
+@pytest.mark.slow
+def test_stats_progress_names_tasks_per_analysis_and_the_slowest(ray_local, capsys):
+    import ray
+
+    from jobs.run import wait_stats
+
+    def sleep(seconds: float) -> None:
+        time.sleep(seconds)
+
+    nap = ray.remote(num_cpus=0)(sleep)
+    tasks = [("mi", "mi tiny layer 0/1", nap.remote(2.0)), ("mi", "mi tiny layer 1/1", nap.remote(0.0)),
+             ("path", "path tiny task 1/1", nap.remote(0.0))]
+    wait_stats(tasks, every=0.3)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("[stats] tasks done: 0/3 tasks") and lines[0].endswith("mi 0/2, path 0/1; slowest: mi tiny layer 0/1")
+    assert any(line.endswith("mi 1/2, path 1/1; slowest: mi tiny layer 0/1") for line in lines)  # the heartbeat while it runs
+    assert lines[-1].startswith("[stats] tasks done: 3/3 tasks,") and lines[-1].endswith("mi 2/2, path 1/1")
