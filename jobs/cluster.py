@@ -49,9 +49,6 @@ def start_ray(cfg: RunConfig) -> str:
 
 
 def _init_ray(cfg: RunConfig) -> str:
-    # Ray's C++ core prints connection warnings on a healthy start (retries while its processes come up) that a
-    # user cannot act on; errors still print. The processes Ray starts inherit it; a value set by the user wins.
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)

@@ -77,7 +77,8 @@ def _run_leased(cfg: RunConfig, inputs: Inputs, store: Store) -> str:
         log("[report] figures and report.html")
         # A task, not the driver: the summaries and figures read whole tables, so their memory grows with the
         # corpus, and the driver's must not (it may be a small head node).
-        ray.get(ray.remote(num_cpus=1)(make_report).remote(store, manifest.data))
+        path = ray.get(ray.remote(num_cpus=1)(make_report).remote(store, manifest.data))
+        log(f"[report] wrote {path} ({time.perf_counter() - t2:.0f}s)")
         manifest.stage("report", "done", time.perf_counter() - t2)
     except UsageError:
         raise
