@@ -8,6 +8,7 @@ import pytest
 from jobs.cli import main
 from jobs.config import RunConfig
 from jobs.errors import UsageError
+from jobs.manifest import STAGES
 from tests.conftest import save_tiny_model
 from tests.corpus import write_corpus
 
@@ -151,7 +152,7 @@ def test_unknown_data_suffix(capsys, setup, tmp_path):
 def test_query_output_errors(capsys, setup, tmp_path):
     run = tmp_path / "run"
     (run / "activations" / "model=m" / "layer=1").mkdir(parents=True)
-    (run / "manifest.json").write_text("{}")
+    (run / "manifest.json").write_text(json.dumps({"stages": {s: {"status": "done"} for s in STAGES}}))  # a finished run
     import pyarrow as pa
     import pyarrow.parquet as pq
 
