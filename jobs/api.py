@@ -117,13 +117,13 @@ def open_run(uri: str, warn: bool = True) -> Run:
 
 def run_problems(run: Run) -> list[str]:
     """What makes a run unsafe to read as final: another run holding its lease, stages not done, batches missing."""
-    holder = Lease(run.store).live_holder()
-    if holder is not None:
-        return [f"{run.uri} is in progress (probe run on host {holder.get('host')}, pid {holder.get('pid')}): "
-                f"its tables are incomplete until it finishes"]
     stages = run.manifest.get("stages", {})
     not_done = [f"{STAGE_WORDS[s]} {stages[s].get('status', 'not done')}" if s in stages else f"{STAGE_WORDS[s]} not run"
                 for s in STAGES if stages.get(s, {}).get("status") != "done"]
+    holder = Lease(run.store).live_holder()
+    if holder is not None:
+        return [f"{run.uri} is in progress (probe run on host {holder.get('host')}, pid {holder.get('pid')}"
+                + "".join(f"; {x}" for x in not_done) + "): its tables are incomplete until it finishes"]
     if not not_done:
         return []
     data, size = run.manifest.get("data", {}), run.manifest.get("batch_size")

@@ -1,6 +1,7 @@
 """Reading a run: the Python API (``jobs.api``), and the warnings and absent-table answers that it,
 ``probe query`` and ``probe report`` share."""
-import json
+import contextlib
+import io
 import shutil
 
 import numpy as np
@@ -23,11 +24,23 @@ def run_dir(ray_local, tmp_path_factory):
     """A finished run of two analyses (path and neurons: no mi, rotation, attn_ar tables)."""
     root = tmp_path_factory.mktemp("api")
     model, data = save_tiny_model(root / "tiny"), write_corpus(root / "c.txt", n_rows=40)
-    out = str(root / "run")
-    code = main(["run", "--models", model, "--data", data, "--out", out, "--chunk-tokens", str(CHUNK), "--max-tokens",
-                 str(CHUNK * 6), "--batch-size", "2", "--max-samples", "20", "--analyses", "path,neurons", "--run-id", "r1"])
+    out, err = str(root / "run"), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["run", "--models", model, "--data", data, "--out", out, "--chunk-tokens", str(CHUNK), "--max-tokens",
+                     str(CHUNK * 6), "--batch-size", "2", "--max-samples", "20", "--analyses", "path,neurons", "--run-id", "r1"])
     assert code == 0
+    (root / "run.err").write_text(err.getvalue())
     return out
+
+
+def test_every_stage_shows_progress(run_dir):
+    lines = open(f"{run_dir}.err").read().splitlines()
+    for start in ("[corpus] units tokenized: 0/1 units", "[corpus] shards written: 1/1 shards", "[capture] models loaded: 1/1 actors",
+                  "[stats] tasks done: 0/5 tasks"):
+        assert any(line.startswith(start) for line in lines), start
+    # per analysis: path's one task, neurons' fit per layer (3) and heatmap
+    last = [line for line in lines if line.startswith("[stats] ")][-1]
+    assert last.startswith("[stats] tasks done: 5/5 tasks,") and last.endswith("path 1/1, neurons 4/4")
 
 
 @pytest.fixture
@@ -92,6 +105,7 @@ def test_run_in_progress_warns(cut_short, capsys):
         lease.release()
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"probe: warning: {cut_short} is in progress (probe run on host ")
+    assert err[0].endswith("; statistics failed; the report not run): its tables are incomplete until it finishes")
 
 
 def test_probe_report_warns_and_shows_progress(cut_short, capsys):
