@@ -9,7 +9,7 @@ from jobs.cli import main
 from jobs.config import RunConfig
 from jobs.errors import UsageError
 from jobs.manifest import STAGES
-from tests.conftest import save_tiny_model
+from tests.conftest import error_lines, save_tiny_model
 from tests.corpus import write_corpus
 
 
@@ -26,7 +26,7 @@ def one_line(capsys, argv) -> str:
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = error_lines(err)  # stage progress lines may come first
     assert len(lines) == 1 and lines[0].startswith("probe: error: "), err
     assert "Traceback" not in err
     return lines[0]
