@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import analyses
+from jobs.corpus import CORPUS
 from jobs.errors import UsageError, one_line
 from jobs.manifest import STAGES, read_manifest
 from jobs.query import check_footers, open_store, scan_tables
@@ -57,8 +58,8 @@ class Run:
         """Why this run has no table ``name``: its analysis was not run, the run stopped before the stage that
         writes it, or no such table exists."""
         owner = next((a for a in analyses.REGISTRY.values() if name in {t.name for t in a.tables}), None)
-        if owner is None and name not in ("corpus", "tokens"):
-            known = sorted({t.name for a in analyses.REGISTRY.values() for t in a.tables} | {"corpus", "tokens"})
+        if owner is None and name != CORPUS.name:
+            known = sorted({t.name for a in analyses.REGISTRY.values() for t in a.tables} | {CORPUS.name})
             return f"no table `{name}` in any run (tables: {', '.join(known)})"
         chosen = {a.name for a in analyses.selected(self.manifest.get("config", {}).get("analyses") or analyses.names())}
         if owner is not None and owner.name not in chosen:

@@ -72,6 +72,8 @@ def test_open_run_tables_and_activations(run_dir, capsys):
     np.testing.assert_array_equal(x, np.array(frame["values"].to_list(), dtype=np.float16))
     with pytest.raises(UsageError, match="no activations for model other"):
         run.activations("other", 1)
+    with pytest.raises(UsageError, match=r"^no table `layer_metric` in any run \(tables: .*layer_metrics"):
+        run.sql("SELECT * FROM layer_metric")
 
 
 def test_a_table_of_an_analysis_not_run_says_so(run_dir, capsys):
