@@ -67,7 +67,8 @@ class Analysis:
     - inputs(cfg, tokenizer, models) -> its checked inputs, before Ray starts (models: the ``ModelSpec``s)
     - min_chunk_tokens: (the least --chunk-tokens it gives an answer at, why), or None
     - plan(ctx: PlanContext) -> its frozen part of the plan, after the corpus stage; describe(plan, part) -> plan lines
-    - capture: the actor side; stats(ctx: StatsContext, model) -> Ray refs of its statistics tasks
+    - capture: the actor side; stats(ctx: StatsContext, model) -> Ray refs of its statistics tasks, or
+      (label, ref) pairs such as ("layer 7/24", ref), which the stage's progress names
     - disk_bytes(plan, model) -> rough uncompressed bytes it writes for one model
     - heading, blurb, summaries(tables, manifest) -> [(caption, DataFrame)], figures: its report section
     - across(tables) -> a LazyFrame of per-model columns for the across-sizes table; across_figures

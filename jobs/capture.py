@@ -8,21 +8,23 @@ import ray
 
 from jobs.cluster import actor_resources, log
 from jobs.corpus import CorpusReader
-from jobs.dispatch import ReplicaSet, dispatch
+from jobs.dispatch import ReplicaSet, died_for_good, dispatch
 from jobs.plan import Plan
+from jobs.progress import EVERY_S, StageBar
 from jobs.store import Store
 from jobs.worker import ModelWorker, WorkerConfig, part_name
 
 
 class Progress:
-    """Per model: chunks done of total, tokens/s and ETA, printed at most every ``every`` seconds.
+    """Per model: chunks done of total, tokens/s and ETA, printed at most every ``every`` seconds, and at least
+    that often through ``tick`` (the dispatch loop's heartbeat), from before the first batch returns.
 
     A model's rate runs from its first finished batch (so loading weights does not dilute it) to its
     latest one, and so stops when the model is done; until a second batch is in, it is the worker's
     own compute rate. ``clock`` is injectable for tests.
     """
 
-    def __init__(self, totals: dict[str, int], skipped: dict[str, int], chunk_tokens: int, every: float = 5.0,
+    def __init__(self, totals: dict[str, int], skipped: dict[str, int], chunk_tokens: int, every: float = EVERY_S,
                  clock=time.perf_counter):
         self.totals, self.done, self.chunk_tokens = totals, dict(skipped), chunk_tokens
         self.clock, self.every, self.last = clock, every, float("-inf")
@@ -38,9 +40,18 @@ class Progress:
         self.compute_rate[model] = tokens / max(seconds, 1e-9)
         self.done[model] += chunks
         if now - self.last >= self.every or all(self.done[m] >= self.totals[m] for m in self.totals):
-            self.last = now
-            for line in self.lines():
-                log(line)
+            self.show(now)
+
+    def tick(self) -> None:
+        """The heartbeat: print if nothing was printed for ``every`` seconds (also before the first batch)."""
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.show(now)
+
+    def show(self, now: float) -> None:
+        self.last = now
+        for line in self.lines():
+            log(line)
 
     def rate(self, model: str) -> float | None:
         if model in self.first and self.latest[model] > self.first[model]:
@@ -80,6 +91,24 @@ def start_workers(plan: Plan, store: Store, shares: dict[str, list[float]]) -> R
     return ReplicaSet({m.name: actors[m.name] for m in plan.models}, plan.n_chunks)
 
 
+def wait_loaded(workers: ReplicaSet, every: float = EVERY_S) -> None:
+    """Show model loading: actors ready of all, and the first one still loading. An actor that dies while
+    loading is left to the dispatch loop (its model's other replicas take over, or the run fails there)."""
+    pending = {a.ready.remote(): f"{m} replica {i}" for m, actors in workers.actors.items() for i, a in enumerate(actors)}
+    loading = lambda: f"loading {next(iter(pending.values()))}"  # noqa: E731
+    with StageBar("capture", "models loaded", len(pending), "actors", every=every, postfix=loading()) as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            pending.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except Exception as e:
+                if not died_for_good(e):
+                    raise
+            bar.set_postfix_str(loading() if pending else "", refresh=False)
+            bar.update(1)
+
+
 def run_capture(plan: Plan, store: Store, workers: ReplicaSet, only: dict | None = None) -> dict:
     """Stream batches to every model's replicas (one queue per model, at most ``max_in_flight`` per
     actor; jobs/dispatch.py); skip finished parts on --resume. ``only``: the batches to (re)compute per model."""
@@ -98,6 +127,7 @@ def run_capture(plan: Plan, store: Store, workers: ReplicaSet, only: dict | None
     needed = collections.Counter(part_name(b) for batches in todo.values() for b in batches)  # models still to get each batch
     progress = Progress({m: plan.n_chunks for m in todo}, {m: plan.n_chunks - sum(len(b) for b in todo[m]) for m in todo},
                         plan.cfg.chunk_tokens)
+    progress.tick()  # shown before the first batch returns
     refs: dict[str, ray.ObjectRef] = {}
 
     def payload(chunk_ids: np.ndarray) -> ray.ObjectRef:
@@ -113,7 +143,7 @@ def run_capture(plan: Plan, store: Store, workers: ReplicaSet, only: dict | None
             del refs[part]  # the batch object is freed once every model has it
         progress.update(model, len(chunk_ids), result["tokens"], result["seconds"])
 
-    dispatch(workers, todo, payload, done, plan.cfg.max_in_flight, log)
+    dispatch(workers, todo, payload, done, plan.cfg.max_in_flight, log, tick=progress.tick)
     workers.flush(log)
     return {m: skipped[m] for m in skipped}
 

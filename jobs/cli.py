@@ -130,7 +130,7 @@ def _shutdown_ray() -> None:
 def cmd_query(args) -> int:
     import polars as pl
 
-    from jobs.query import run_query
+    from jobs.api import run_query
 
     if args.output:
         check_output_file(args.output)
@@ -171,9 +171,10 @@ def write_result(result, path: str) -> None:
 
 
 def cmd_report(args) -> int:
-    from jobs.query import make_report, open_run
+    from jobs.api import open_run
+    from jobs.query import make_report
 
-    print(make_report(open_run(args.out)))
+    print(make_report(open_run(args.out).store))
     return 0
 
 

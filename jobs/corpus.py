@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.errors import UsageError
+from jobs.progress import StageBar
 from jobs.store import Store, Table
 from probe_core.tokens import chunk_count, chunk_stream, proper_noun_labels_from_ids, vocab_flags
 
@@ -243,9 +244,13 @@ def run_corpus_stage(source, tokenizer, decode: list[str], cfg, store: Store,
     # Each output row names its unit, so the blocks' order does not matter.
     tokenized = ds.map_batches(tokenize_units, batch_size=1, batch_format="pyarrow", num_cpus=1,
                                concurrency=read_tasks,
-                               fn_kwargs={"units": source.units, "tokenizer": tokenizer, "text_column": cfg.text_column}
-                               ).materialize()
-    blocks = tokenized.to_arrow_refs()
+                               fn_kwargs={"units": source.units, "tokenizer": tokenizer, "text_column": cfg.text_column})
+    # Streamed rather than materialized, so units are counted as their blocks arrive; the driver keeps the refs.
+    blocks = []
+    with StageBar("corpus", "units tokenized", len(source.units), "units") as bar:
+        for bundle in tokenized.iter_internal_ref_bundles():
+            blocks.extend(bundle.block_refs)
+            bar.update(sum(m.num_rows or 0 for m in bundle.metadata))
     counts = ray.get([ray.remote(block_counts).remote(b) for b in blocks])
     n_units = len(source.units)
     where = np.zeros((n_units, 2), np.int64)  # (block, row in block) of each unit
@@ -300,9 +305,14 @@ def run_corpus_stage(source, tokenizer, decode: list[str], cfg, store: Store,
             spans.append((ref_index[blk], int(where[u, 1]), int(lo), int(hi), int(row_start[u]), f))
         pending.append(task.remote(store.uri, s, spans, a > 0, s * sc, t, vocab_ref, names, sample_chunks,
                                    source.fingerprint, *refs))
-    stats = {**done, **{r["shard"]: r for r in ray.get(pending)}}
     if done:
         log(f"[corpus] {len(done)} of {n_shards} shards already written, skipped")
+    stats = dict(done)
+    with StageBar("corpus", "shards written", n_shards, "shards", initial=len(done)) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            stats.update((r["shard"], r) for r in ray.get(ready))
+            bar.update(len(ready))
     ordered = [stats[s] for s in range(n_shards)]
     index = CorpusIndex(
         source=source.spec, source_fingerprint=source.fingerprint, n_rows=int(unit_rows.sum()), stream_tokens=stream,

@@ -67,11 +67,13 @@ class ReplicaSet:
 
 
 def dispatch(replicas: ReplicaSet, todo: dict[str, list[np.ndarray]], payload: Callable[[np.ndarray], ray.ObjectRef],
-             done: Callable[[str, np.ndarray, dict], None], max_in_flight: int, log: Callable[[str], None]) -> None:
+             done: Callable[[str, np.ndarray, dict], None], max_in_flight: int, log: Callable[[str], None],
+             tick: Callable[[], None] | None = None, tick_s: float = 1.0) -> None:
     """Run every batch of ``todo`` ({model: [chunk ids (B,)]}) on the model's replicas.
 
     payload(chunk_ids) -> the batch's object ref (the caller shares one object across models);
-    done(model, chunk_ids, result) is called once per batch, when a replica returns it.
+    done(model, chunk_ids, result) is called once per batch, when a replica returns it;
+    tick() at least every ``tick_s`` seconds while batches run (the progress heartbeat).
     """
     queues = {m: collections.deque(batches) for m, batches in todo.items()}
     load = {m: [0] * len(replicas.actors[m]) for m in todo}
@@ -91,7 +93,11 @@ def dispatch(replicas: ReplicaSet, todo: dict[str, list[np.ndarray]], payload: C
     for model in todo:
         fill(model)
     while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=tick_s if tick else None)
+        if tick:
+            tick()
+        if not ready:
+            continue
         model, i, chunk_ids = in_flight.pop(ready[0])
         load[model][i] -= 1
         try:

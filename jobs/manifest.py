@@ -12,6 +12,7 @@ from jobs.store import Store
 # Settings that change only speed or location, never a result; every other RunConfig field (also any
 # field added later) changes results, so a --resume must repeat it. ``models`` is compared separately
 # (adding a model on resume is allowed).
+STAGES = ("plan", "corpus", "capture", "stats", "report")  # in run order; each in manifest.json's ``stages`` when reached
 SPEED_SETTINGS = frozenset({"batch_size", "max_in_flight", "replicas", "device", "address", "placement_timeout", "actor_resources",
                             "models", "out", "run_id", "resume", "allow_pickle", "no_space_check"})
 

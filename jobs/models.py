@@ -218,7 +218,9 @@ def load_model(spec: ModelSpec, device: str, dtype: str, allow_pickle: bool = Fa
     """Load a GPT2LMHeadModel in eval mode; safetensors only unless allow_pickle, never remote code."""
     import torch
     from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a carriage-return bar per actor garbles job logs; capture prints model loading
     model = GPT2LMHeadModel.from_pretrained(
         spec.source, use_safetensors=None if allow_pickle else True, trust_remote_code=False, dtype=getattr(torch, dtype)
     )

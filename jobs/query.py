@@ -1,4 +1,5 @@
-"""Reading a finished run: every table as a lazy polars scan, SQL over them, the figures and report."""
+"""A run's files: every table as a lazy polars scan, the check of their footers, the figures and report
+(``jobs.api`` opens a run for users on top of these)."""
 import os
 import tempfile
 
@@ -7,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.errors import UsageError, one_line
-from jobs.manifest import read_manifest
+from jobs.progress import StageBar
 from jobs.schema import all_tables
 from jobs.store import Store
 
@@ -55,15 +56,6 @@ def open_store(uri: str, what: str) -> Store:
         raise UsageError(f"{what} {uri} cannot be opened ({one_line(e)[:200]})") from None
 
 
-def open_run(uri: str) -> Store:
-    store = open_store(uri, "the run folder")
-    if not store.exists("manifest.json"):
-        raise UsageError(f"{uri} holds no run (no manifest.json): give the --out folder of a probe run")
-    read_manifest(store)
-    check_footers(store)
-    return store
-
-
 def check_footers(store: Store) -> None:
     """The one check of a run's files where a run is opened: UsageError naming the first Parquet file whose
     footer cannot be read (a truncated shard), or whose columns are not the ones this version writes (a run
@@ -83,21 +75,11 @@ def check_footers(store: Store) -> None:
                                  f"rerun it with this version into a new --out")
 
 
-def run_query(uri: str, sql: str) -> pl.DataFrame:
-    store = open_run(uri)
-    context = pl.SQLContext(scan_tables(store))
-    try:
-        return context.execute(sql).collect()
-    except Exception as e:  # polars raises several error types for bad SQL or unknown tables
-        names = ", ".join(sorted(context.tables()))
-        raise UsageError(f"query failed: {one_line(e)} (tables: {names})") from None
-
-
 def make_report(store: Store, manifest: dict | None = None) -> str:
     """Render every figure under OUT/figures and write OUT/report.html; returns the report's path."""
     # Here, not at the top: matplotlib is only for the report, and probe query should not pay its import.
     from jobs.across_sizes import model_info
-    from jobs.figures import render_all
+    from jobs.figures import render_all, specs
     from jobs.report import write_report
 
     manifest = manifest or store.read_json("manifest.json")
@@ -106,7 +88,8 @@ def make_report(store: Store, manifest: dict | None = None) -> str:
         local = store.root if store.is_local else tmp
         info = model_info(manifest, tables)
         n_layers = {m: n for m, n in zip(info["model"], info["n_layer"]) if n is not None}
-        figures = render_all(tables, os.path.join(local, "figures"), n_layers=n_layers)
+        with StageBar("report", "figures", len(specs()), "figures") as bar:
+            figures = render_all(tables, os.path.join(local, "figures"), n_layers=n_layers, on_figure=bar.update)
         path = write_report(local, manifest, tables, figures)
         if not store.is_local:
             for root, _, files in os.walk(local):

@@ -1,5 +1,6 @@
 """The driver of ``probe run``, stage by stage: inputs, Ray (jobs/cluster.py), corpus (Ray Data) and plan,
 capture (model actors; jobs/capture.py), statistics (Ray tasks), report."""
+import collections
 import errno
 import os
 import time
@@ -15,6 +16,7 @@ from jobs.dispatch import ReplicaSet
 from jobs.errors import UsageError, innermost_cause, plain_error
 from jobs.manifest import Manifest
 from jobs.plan import Inputs, Plan, check_free_space, check_inputs, make_plan
+from jobs.progress import EVERY_S, StageBar
 from jobs.query import make_report
 from jobs.store import LEASE, Lease, Store
 
@@ -58,6 +60,7 @@ def _run_leased(cfg: RunConfig, inputs: Inputs, store: Store) -> str:
         per_model = ", ".join(f"{m} x{len(s)}" + (f" ({s[0]:g} GPU each)" if s and s[0] else "") for m, s in shares.items())
         log(f"[capture] {sum(map(len, shares.values()))} model actors ({per_model}), {len(plan.batches())} batches of up to {plan.batch_size} chunks")
         manifest.stage("capture", "running")
+        capture.wait_loaded(workers)
         skipped = capture.capture_until_complete(plan, store, workers)
         removed = store.remove_temporaries()  # every batch has returned and flushed: no writer is running
         if removed:
@@ -74,7 +77,8 @@ def _run_leased(cfg: RunConfig, inputs: Inputs, store: Store) -> str:
         log("[report] figures and report.html")
         # A task, not the driver: the summaries and figures read whole tables, so their memory grows with the
         # corpus, and the driver's must not (it may be a small head node).
-        ray.get(ray.remote(num_cpus=1)(make_report).remote(store, manifest.data))
+        path = ray.get(ray.remote(num_cpus=1)(make_report).remote(store, manifest.data))
+        log(f"[report] wrote {path} ({time.perf_counter() - t2:.0f}s)")
         manifest.stage("report", "done", time.perf_counter() - t2)
     except UsageError:
         raise
@@ -133,7 +137,34 @@ def disk_full_message(e: BaseException, cfg: RunConfig, plan: Plan | None) -> st
 
 
 def run_stats(plan: Plan, store: Store, workers: ReplicaSet, task_gpu: float) -> None:
-    """Launch every analysis's statistics tasks for every model at once, then wait for all of them."""
+    """Launch every analysis's statistics tasks for every model at once, then wait for all of them. An analysis's
+    ``stats`` returns refs or (label, ref) pairs; a ref's label is then e.g. ``mi gpt2-medium layer 7/24``."""
     ctx = StatsContext(plan, store, workers, {"num_gpus": task_gpu} if task_gpu > 0 else {})
-    ray.get([ref for m in plan.models for a in analyses.selected(plan.cfg.analyses) if a.stats for ref in a.stats(ctx, m)])
+    tasks = []
+    for m in plan.models:
+        for a in analyses.selected(plan.cfg.analyses):
+            items = a.stats(ctx, m) if a.stats else []
+            for i, item in enumerate(items):
+                what, ref = item if isinstance(item, tuple) else (f"task {i + 1}/{len(items)}", item)
+                tasks.append((a.name, f"{a.name} {m.name} {what}", ref))
+    wait_stats(tasks)
 
+
+def wait_stats(tasks: list[tuple[str, str, ray.ObjectRef]], every: float = EVERY_S) -> None:
+    """Wait for (analysis, label, ref) tasks, showing tasks done of total per analysis and the slowest still running
+    (the earliest launched of those left: tasks start in launch order). The first failure raises."""
+    label = {ref: (name, what) for name, what, ref in tasks}
+    totals, done = collections.Counter(name for name, _, _ in tasks), collections.Counter()
+    pending = [ref for _, _, ref in tasks]
+
+    def status() -> str:
+        counts = ", ".join(f"{name} {done[name]}/{n}" for name, n in totals.items())
+        return f"{counts}; slowest: {label[pending[0]][1]}" if pending else counts
+
+    with StageBar("stats", "tasks done", len(pending), "tasks", every=every, postfix=status()) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+            done[label[ready[0]][0]] += 1
+            bar.set_postfix_str(status(), refresh=False)
+            bar.update(1)

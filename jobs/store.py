@@ -271,11 +271,19 @@ class Lease:
     def check_free(self, held: dict | None = None) -> None:
         """Raise a UsageError naming the holder if another run holds a live lease on the folder."""
         held = self._read() if held is None else held
-        if held is not None and self.clock() - float(held.get("refreshed", 0)) < LEASE_STALE_S and not self._holder_dead(held):
+        if self._live(held):
             raise UsageError(
                 f"{self.store.uri} is in use by another probe run (host {held.get('host')}, pid {held.get('pid')}, "
                 f"started {_utc(held.get('started'))}); wait for it, or remove {LEASE} if that run is gone "
                 f"(a lease is stale {LEASE_STALE_S:.0f} s after its last refresh)")
+
+    def live_holder(self) -> dict | None:
+        """The lease of a run that holds the folder now (refreshed within ``LEASE_STALE_S``, holder alive), else None."""
+        held = self._read()
+        return held if self._live(held) else None
+
+    def _live(self, held: dict | None) -> bool:
+        return held is not None and self.clock() - float(held.get("refreshed", 0)) < LEASE_STALE_S and not self._holder_dead(held)
 
     def _holder_dead(self, held: dict) -> bool:
         """A holder on this host whose process is gone (a killed run) leaves a lease that is stale at once."""

@@ -75,6 +75,10 @@ class ModelWorker:
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self.pending = None
 
+    def ready(self) -> bool:
+        """Answers once the weights are loaded (the driver shows model loading with it)."""
+        return True
+
     def __call__(self, chunk_ids: np.ndarray) -> dict:
         """Computes the batch (B,) of chunk indices, then hands its shards to the background writer, so
         writing overlaps the next batch's forward pass. At most one write is outstanding; ``flush`` waits for it.

@@ -280,6 +280,13 @@ def _numpy_edges(lo: np.ndarray, hi: np.ndarray, bins: int) -> np.ndarray:
     return np.ascontiguousarray(edges.T)
 
 
+def _writable(x) -> np.ndarray:
+    """``x`` as a contiguous array torch may wrap: copied only when read-only (an object-store array),
+    since torch warns on read-only memory; the values are unchanged."""
+    arr = np.ascontiguousarray(x)
+    return arr if arr.flags.writeable else arr.copy()
+
+
 def _as_tensor(x, device) -> torch.Tensor:
     """Validated (n >= 2, d >= 1) finite float32/float64 tensor on ``device``."""
     if isinstance(x, torch.Tensor):
@@ -288,8 +295,7 @@ def _as_tensor(x, device) -> torch.Tensor:
         arr = np.asarray(x)
         if arr.dtype.kind not in "biuf":
             raise ValueError(f"x must be numeric, got dtype {arr.dtype}")
-        arr = np.ascontiguousarray(arr)
-        xt = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # torch warns on read-only memory
+        xt = torch.from_numpy(_writable(arr))
     _check_shape(tuple(xt.shape))
     if xt.dtype in (torch.float16, torch.bfloat16):
         xt = xt.float()
@@ -390,8 +396,8 @@ def bin_codes(x, edges: np.ndarray) -> np.ndarray:
 
     Applied block by block of tokens with edges from the min/max over all tokens, the codes equal
     those of one call on all tokens, so MI from them equals the notebook's function exactly."""
-    xt = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-    e = torch.from_numpy(np.ascontiguousarray(edges)).to(xt.device)
+    xt = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(_writable(x))
+    e = torch.from_numpy(_writable(edges)).to(xt.device)
     if e.shape[1] - 1 > 256:
         raise ValueError("uint8 codes hold at most 256 bins")
     cols = xt.T.to(e.dtype).contiguous()
@@ -411,7 +417,7 @@ def histogram_mi_codes(codes, bins: int = 15, block_dims: int | None = None, dev
     blocks of tokens when the one-hot would exceed ``_ONEHOT_BYTES``, so memory stays bounded in N.
     """
     bins = _check_bins(bins)
-    c = torch.as_tensor(np.ascontiguousarray(codes)) if not isinstance(codes, torch.Tensor) else codes
+    c = torch.from_numpy(_writable(codes)) if not isinstance(codes, torch.Tensor) else codes
     if device is not None:
         c = c.to(device)
     _check_shape(tuple(c.shape))

@@ -5,11 +5,18 @@ loading code that users run against real checkpoints.
 """
 import json
 import os
+import re
 
 import pytest
 import torch
 
+PROGRESS = re.compile(r"^\[(corpus|capture|stats|report)\] [a-z ]+: \d+/\d+ ")
 TINY = dict(n_layer=3, n_embd=32, n_head=4, n_positions=256, vocab_size=50257, n_inner=64)
+
+
+def error_lines(err: str) -> list[str]:
+    """The non-blank lines of stderr that are not stage progress (``[corpus] units tokenized: ...``, jobs/progress.py)."""
+    return [line for line in err.splitlines() if line.strip() and not PROGRESS.match(line)]
 
 
 def build_tokenizer():

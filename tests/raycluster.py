@@ -207,10 +207,10 @@ def markers(out: str) -> set[str]:
 
 def read_tables(out: str) -> dict[str, pl.DataFrame]:
     """Every table of a run, rows sorted by its keys (then its floats) so runs compare row for row."""
-    from jobs.query import open_run, scan_tables
+    from jobs.api import open_run
 
     tables = {}
-    for name, scan in scan_tables(open_run(out)).items():
+    for name, scan in open_run(out).tables().items():
         frame = scan.collect()
         keys = [c for c, t in frame.schema.items() if not t.is_nested() and not t.is_float()]
         floats = [c for c, t in frame.schema.items() if t.is_float()]
@@ -242,7 +242,7 @@ def assert_same_tables(got: str, want: str) -> None:
 
 def assert_one_row_per_key(out: str, n_chunks: int, chunk_tokens: int, n_layer: dict[str, int]) -> None:
     """No shard missing or written twice: every (model, chunk, pos[, layer]) key exactly once."""
-    from jobs.query import run_query
+    from jobs.api import run_query
 
     for table, per_token in (("tokens", None), ("layer_metrics", "layer"), ("attn_norms", "layer")):
         keys = ["model", "chunk", "pos"] + ([per_token] if per_token else [])

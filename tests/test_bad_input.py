@@ -8,7 +8,8 @@ import pytest
 from jobs.cli import main
 from jobs.config import RunConfig
 from jobs.errors import UsageError
-from tests.conftest import save_tiny_model
+from jobs.manifest import STAGES
+from tests.conftest import error_lines, save_tiny_model
 from tests.corpus import write_corpus
 
 
@@ -22,7 +23,7 @@ def one_line(capsys, argv) -> str:
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = error_lines(err)  # stage progress lines may come first
     assert len(lines) == 1 and lines[0].startswith("probe: error: "), err
     assert "Traceback" not in err
     return lines[0]
@@ -152,7 +153,7 @@ def test_unknown_data_suffix(capsys, setup, tmp_path):
 def test_query_output_errors(capsys, setup, tmp_path):
     run = tmp_path / "run"
     (run / "activations" / "model=m" / "layer=1").mkdir(parents=True)
-    (run / "manifest.json").write_text("{}")
+    (run / "manifest.json").write_text(json.dumps({"stages": {s: {"status": "done"} for s in STAGES}}))  # a finished run
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -8,7 +8,7 @@ import pytest
 from jobs.cli import main
 from jobs.config import build_config
 from jobs.errors import UsageError
-from tests.conftest import save_tiny_model
+from tests.conftest import error_lines, save_tiny_model
 from tests.corpus import write_corpus
 
 
@@ -25,7 +25,7 @@ def run_bad(capsys, setup, *extra, out=None):
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2, err
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = error_lines(err)  # stage progress lines may come first
     assert len(lines) == 1 and lines[0].startswith("probe: error: "), err
     assert "Traceback" not in err
     if out.endswith("never-written"):

@@ -41,7 +41,7 @@ def target_occurrences(data: str) -> int:
 
 
 def check_row_counts(out: str, data: str, analyses=("path", "rotation", "neurons", "mi", "attn_ar")) -> None:
-    from jobs.query import run_query
+    from jobs.api import run_query
 
     def counts(table, by="model"):
         frame = run_query(out, f"SELECT {by}, count(*) AS n FROM {table} GROUP BY {by}")

@@ -94,7 +94,7 @@ def test_a_new_analysis_runs_end_to_end_without_edits(toy, tmp_path, tiny_model_
     assert main(["run", "--models", tiny_model_dir, "--data", data, "--out", out, "--analyses", "toy",
                  "--chunk-tokens", "32", "--max-tokens", "96", "--batch-size", "2"]) == 0
 
-    from jobs.query import run_query
+    from jobs.api import run_query
 
     norms = run_query(out, "SELECT * FROM toy_norms").sort("chunk", "pos")
     tokens = run_query(out, "SELECT chunk, pos, token_id FROM tokens").sort("chunk", "pos")

@@ -181,3 +181,15 @@ def test_stage_reads_a_streamed_dataset_in_order(ray_local, gpt2_tokenizer, tmp_
 
 def write_names(i: int) -> str:
     return ["Mary", "John", "Alice"][i % 3] + " and " + ["Robert", "Sarah"][i % 2]
+
+
+def test_stage_prints_units_tokenized_and_shards_written(ray_local, files, gpt2_tokenizer, tmp_path, small_shards, capsys):
+    """Progress lines on stderr (one a line off a terminal): counts of units and shards, rate and ETA."""
+    source, _, index = run_stage(config(files, tmp_path / "run"), gpt2_tokenizer, unit_bytes=300)
+    lines = capsys.readouterr().err.splitlines()
+    units = [line for line in lines if line.startswith("[corpus] units tokenized: ")]
+    shards = [line for line in lines if line.startswith("[corpus] shards written: ")]
+    assert units[0].startswith(f"[corpus] units tokenized: 0/{len(source.units)} units")  # shown before any unit is done
+    assert units[-1].startswith(f"[corpus] units tokenized: {len(source.units)}/{len(source.units)} units")
+    assert shards[-1].startswith(f"[corpus] shards written: {index.n_shards}/{index.n_shards} shards")
+    assert all(", ETA " in line and "/s" in line and "\r" not in line for line in units + shards)

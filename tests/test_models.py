@@ -20,3 +20,16 @@ def test_n_params_equals_the_models_parameter_count(name):
     spec = ModelSpec(source=name, name=name, n_layer=n_layer, n_embd=n_embd, d_mlp=n_inner or 4 * n_embd,
                      n_positions=config.n_positions, vocab_size=config.vocab_size, config={})
     assert spec.n_params == sum(p.numel() for p in model.parameters())  # parameters() counts the tied head once
+
+
+def test_loading_prints_no_carriage_return_bar(tiny_model_dir, capsys):
+    """Transformers' "Loading weights" bar (carriage returns in every actor's log) is off; capture prints loading."""
+    from transformers.utils import logging as hf_logging
+
+    from jobs.models import load_model
+
+    hf_logging.enable_progress_bar()
+    spec = ModelSpec(source=tiny_model_dir, name="tiny", n_layer=3, n_embd=32, d_mlp=64, n_positions=256,
+                     vocab_size=50257, config={})
+    load_model(spec, "cpu", "float32")
+    assert "Loading weights" not in capsys.readouterr().err

@@ -339,3 +339,22 @@ def test_null_mean_tracks_theoretical_bias():
     null = pair_mi_codes(null_codes(codes, 0), i, j, 15)
     # Gaussian tails leave outer bins sparse, so the bias is below (B-1)^2/(2N ln 2) but of its order
     assert 0.2 * plugin_bias_bits(2048) < null.mean() < 1.5 * plugin_bias_bits(2048)
+
+
+def test_read_only_codes_as_from_the_object_store_give_no_warning_and_same_values():
+    """A Ray task gets its codes as a read-only array; torch warned on every MI run."""
+    import warnings
+
+    from probe_core.mutual_info import bin_codes, bin_edges, histogram_mi_codes
+
+    x = _dependent()
+    codes = bin_codes(x, bin_edges(x.min(0), x.max(0), 15))
+    expected = histogram_mi_codes(codes.copy(), 15)
+    codes.flags.writeable = False
+    x.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = histogram_mi_codes(codes, 15)
+        np.testing.assert_array_equal(bin_codes(x, bin_edges(x.min(0), x.max(0), 15)), codes)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)

@@ -11,7 +11,7 @@ from transformers import GPT2LMHeadModel
 
 from jobs import capture
 from jobs.cli import main
-from jobs.query import run_query
+from jobs.api import run_query
 from probe_core import neuron_pages as npg
 from tests.corpus import write_corpus
 from tests.test_neuron_pages import brute

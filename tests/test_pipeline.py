@@ -33,7 +33,7 @@ def run_dir(ray_local, inputs):
 
 
 def table(run_dir, name) -> pl.DataFrame:
-    from jobs.query import run_query
+    from jobs.api import run_query
 
     return run_query(run_dir, f"SELECT * FROM {name}")
 

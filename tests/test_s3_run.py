@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from jobs.cli import main
-from jobs.query import run_query
+from jobs.api import run_query
 from tests.conftest import save_tiny_model
 from tests.corpus import write_corpus
 from tests.s3server import s3_server

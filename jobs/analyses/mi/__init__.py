@@ -161,20 +161,22 @@ def write_mi(store_uri: str, model: str, layer: int, n_tokens: int, dim_i, dim_j
 
 
 def stats(ctx, m) -> list:
-    """One histogram task per hidden_states layer, or for KSG (about 1 s a column) tasks over blocks of columns."""
+    """One histogram task per hidden_states layer, or for KSG (about 1 s a column) tasks over blocks of columns;
+    (label, ref) pairs, one per layer."""
     cfg, store, part = ctx.plan.cfg, ctx.store, ctx.plan.parts[NAME]
     # uint8 bin codes from the worker for the histogram (4x smaller than float32 hidden states); floats for KSG.
     bins = cfg.mi_bins if cfg.mi_method == "histogram" and cfg.mi_bins <= 256 else None
     hidden = ctx.workers[m.name].apply.options(num_returns=m.n_layer + 1).remote(hidden_for, np.arange(part.chunks), part.tokens, bins)
     if cfg.mi_method == "histogram":
         task = ray.remote(layer_mi).options(**ctx.gpu)
-        return [task.remote(store.uri, m.name, layer, h, cfg.mi_bins, ctx.use_gpu, cfg.seed) for layer, h in enumerate(hidden)]
+        return [(f"layer {layer}/{m.n_layer}", task.remote(store.uri, m.name, layer, h, cfg.mi_bins, ctx.use_gpu, cfg.seed))
+                for layer, h in enumerate(hidden)]
     d, refs = m.n_embd, []
     block = min(KSG_COLUMNS_PER_TASK, math.ceil((d - 1) / 8))  # at least 8 tasks a layer
     columns, write = ray.remote(ksg_columns), ray.remote(write_ksg)
     for layer, h in enumerate(hidden):
         parts = [columns.remote(h, range(lo, min(lo + block, d - 1)), cfg.seed) for lo in range(0, d - 1, block)]
-        refs.append(write.remote(store.uri, m.name, layer, part.tokens, d, *parts))
+        refs.append((f"layer {layer}/{m.n_layer}", write.remote(store.uri, m.name, layer, part.tokens, d, *parts)))
     return refs
 
 

@@ -242,7 +242,8 @@ def stats(ctx, m) -> list:
     fits = [task.remote(ctx.store.uri, m.name, layer, list(owners.values()), part.labels, plan.cfg.alpha, ctx.use_gpu,
                         *[blocks[block_index(layer)] for blocks in per_replica])
             for layer in map(int, table_layers(m.n_layer))]
-    return fits + [ray.remote(heatmap).remote(ctx.store.uri, m.name, workers[m.name], part.keys, plan.n_chunks, *fits)]
+    trace = ray.remote(heatmap).remote(ctx.store.uri, m.name, workers[m.name], part.keys, plan.n_chunks, *fits)
+    return [(f"layer {layer}/{m.n_layer}", ref) for layer, ref in enumerate(fits, 1)] + [("heatmap", trace)]
 
 
 # ---------------------------------------------------------------- report
