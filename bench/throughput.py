@@ -74,7 +74,7 @@ def make_worker(size: str, model, device: str, dtype: str, store_dir: str, ids: 
     c = model.config
     spec = ModelSpec(source=f"random-{size}", name=size, n_layer=c.n_layer, n_embd=c.n_embd, d_mlp=c.n_inner or 4 * c.n_embd,
                      n_positions=c.n_positions, vocab_size=c.vocab_size, config={})
-    cfg = RunConfig(analyses=analyses.names(), device=device, dtype=dtype, chunk_tokens=ids.shape[1])
+    cfg = RunConfig(analyses=analyses.defaults(), device=device, dtype=dtype, chunk_tokens=ids.shape[1])
     with mock.patch("jobs.worker.load_model", return_value=model):
         return ModelWorker(spec, WorkerConfig.of(cfg), store_dir, ArrayChunks(ids), parts, threads=0)
 
