@@ -6,6 +6,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs import analyses
 from jobs.errors import UsageError, one_line
 from jobs.manifest import read_manifest
 from jobs.schema import all_tables
@@ -94,7 +95,7 @@ def run_query(uri: str, sql: str) -> pl.DataFrame:
 
 
 def make_report(store: Store, manifest: dict | None = None) -> str:
-    """Render every figure under OUT/figures and write OUT/report.html; returns the report's path."""
+    """Render every figure under OUT/figures, the analyses' pages and OUT/report.html; returns the report's path."""
     # Here, not at the top: matplotlib is only for the report, and probe query should not pay its import.
     from jobs.across_sizes import model_info
     from jobs.figures import render_all
@@ -107,7 +108,8 @@ def make_report(store: Store, manifest: dict | None = None) -> str:
         info = model_info(manifest, tables)
         n_layers = {m: n for m, n in zip(info["model"], info["n_layer"]) if n is not None}
         figures = render_all(tables, os.path.join(local, "figures"), n_layers=n_layers)
-        path = write_report(local, manifest, tables, figures)
+        pages = {a.name: a.pages(tables, local) for a in analyses.REGISTRY.values() if a.pages}
+        path = write_report(local, manifest, tables, figures, pages)
         if not store.is_local:
             for root, _, files in os.walk(local):
                 for name in files:
