@@ -241,7 +241,7 @@ def disk_bytes(plan, m) -> int:
 
 
 # ---------------------------------------------------------------- what users see: pages and ``probe neuron``
-def pages(t: dict, run_dir: str) -> list:
+def report_pages(t: dict, run_dir: str) -> list:
     """The neuron pages beside report.html (links back to this section)."""
     return write_pages(t, run_dir, f"#{NAME}")
 
@@ -265,5 +265,5 @@ ANALYSIS = Analysis(
           "random sample of those that activate it, and the tokens its output promotes and suppresses.",
     tables=(STATS, EXAMPLES, VOCAB), options=OPTIONS, check=check, plan=plan, describe=describe,
     capture=Capture(reduce=reduce, forward=forward, state=new_state), stats=stats, disk_bytes=disk_bytes,
-    summaries=summaries, figures=FIGURES, pages=pages, commands=(NEURON,), default=False,  # its state update roughly triples capture time on CPU
+    summaries=summaries, figures=FIGURES, pages=report_pages, commands=(NEURON,), default=False,  # its state update roughly triples capture time on CPU
 )
