@@ -89,3 +89,19 @@ def test_neuron_pages_render_in_headless_chromium(tmp_path):
         assert px.std() > 10 and (px < 128).mean() > 0.005, path
     dom = _chromium(tmp_path, f"file://{os.path.join(os.path.dirname(index), first)}", "--dump-dom").stdout
     assert dom.count('class="t a"') >= 1 and "<svg" in dom  # outlined tokens and the histogram drawn
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no chromium binary on PATH (apt-get install chromium; .ci/run does)")
+def test_neuron_index_sorts_on_a_header_click(tmp_path):
+    out, _ = write_run(tmp_path / "run")
+    make_report(Store(out))
+    index = open(os.path.join(out, "neuron_pages", "gpt2", "index.html"), encoding="utf-8").read()
+    column = re.findall(r"<th>([^<]+)</th>", index).index("max")
+    clicked = tmp_path / "clicked.html"  # the index with two clicks on "max" appended: ascending, then descending
+    click = f'<script>const th=document.querySelectorAll("table.sort th")[{column}];th.click();th.click();</script>'
+    clicked.write_text(index.replace("</body>", click + "</body>"), encoding="utf-8")
+    dom = _chromium(tmp_path, f"file://{clicked}", "--dump-dom").stdout
+    rows = re.findall(r"<tr>(.*?)</tr>", dom.split("<tbody>")[1])
+    values = [float(re.findall(r'data-v="([^"]*)"', r)[column]) for r in rows]
+    assert len(values) > 3 and values == sorted(values, reverse=True) and values != [
+        float(re.findall(r'data-v="([^"]*)"', r)[column]) for r in re.findall(r"<tr>(.*?)</tr>", index.split("<tbody>")[1])]
