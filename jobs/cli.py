@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("out", help="the run folder or URI")
     q.add_argument("sql", help='e.g. "SELECT model, avg(path_step) FROM layer_metrics GROUP BY model"')
     q.add_argument("--output", help="write the result to a .csv or .parquet file instead of printing it")
-    r = sub.add_parser("report", help="(re)write OUT/report.html and OUT/figures/")
+    r = sub.add_parser("report", help="(re)write OUT/report.html, OUT/figures/ and the analyses' pages")
     r.add_argument("out", help="the run folder or URI")
     for analysis in analyses.REGISTRY.values():
         for command in analysis.commands:
