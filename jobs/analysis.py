@@ -46,6 +46,17 @@ class FigureSpec:
 
 
 @dataclass(frozen=True)
+class Command:
+    """A ``probe <name> OUT ...`` subcommand an analysis adds: ``arguments`` are (flags, argparse keywords) after the
+    run folder; ``run(tables, args) -> exit code`` gets the opened run's LazyFrames (``jobs.query.scan_tables``)."""
+
+    name: str
+    help: str
+    arguments: tuple[tuple[tuple[str, ...], dict], ...]
+    run: Callable
+
+
+@dataclass(frozen=True)
 class Capture:
     """The actor side of an analysis, called by the model actor for every batch.
 
@@ -72,6 +83,8 @@ class Analysis:
     - disk_bytes(plan, model) -> rough uncompressed bytes it writes for one model
     - heading, blurb, summaries(tables, manifest) -> [(caption, DataFrame)], figures: its report section
     - across(tables) -> a LazyFrame of per-model columns for the across-sizes table; across_figures
+    - pages(tables, run_dir_local) -> [(title, href relative to the run folder)]: static pages it writes beside
+      report.html, linked from its section; commands: the ``probe`` subcommands it adds
     """
 
     name: str
@@ -90,6 +103,8 @@ class Analysis:
     figures: tuple[FigureSpec, ...] = ()
     across: Callable | None = None
     across_figures: tuple[FigureSpec, ...] = ()
+    pages: Callable | None = None
+    commands: tuple[Command, ...] = ()
     always: bool = False  # run whatever --analyses says (its tables key the others)
     default: bool = True  # in the default --analyses (an expensive analysis is asked for by name)
     min_chunk_tokens: tuple[int, str] | None = None

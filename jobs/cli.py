@@ -1,5 +1,6 @@
-"""The ``probe`` command: ``probe run``, ``probe query``, ``probe report``. Each command imports what it needs
-(Ray and torch through ``jobs.run`` take seconds; polars), so ``probe --help`` and a bad flag answer at once."""
+"""The ``probe`` command: ``probe run``, ``probe query``, ``probe report`` and the analyses' subcommands. The parser
+needs the analyses' flags and subcommands, so it imports the registry (and with it torch and Ray: a few seconds);
+each command imports the rest of what it needs."""
 import argparse
 import os
 import signal
@@ -75,14 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("out", help="the run folder or URI")
     q.add_argument("sql", help='e.g. "SELECT model, avg(path_step) FROM layer_metrics GROUP BY model"')
     q.add_argument("--output", help="write the result to a .csv or .parquet file instead of printing it")
-    r = sub.add_parser("report", help="(re)write OUT/report.html and OUT/figures/")
+    r = sub.add_parser("report", help="(re)write OUT/report.html, OUT/figures/ and the analyses' pages")
     r.add_argument("out", help="the run folder or URI")
+    for analysis in analyses.REGISTRY.values():
+        for command in analysis.commands:
+            c = sub.add_parser(command.name, help=command.help, description=command.help)
+            c.add_argument("out", help="the run folder or URI")
+            for flags, kwargs in command.arguments:
+                c.add_argument(*flags, **({**kwargs, "type": _int} if kwargs.get("type") is int else kwargs))
+            c.set_defaults(analysis_command=command)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a bad flag already reported in one line
         return e.code if isinstance(e.code, int) else 2
     try:
-        return COMMANDS[args.command](args)
+        command = getattr(args, "analysis_command", None)
+        return cmd_analysis(command, args) if command else COMMANDS[args.command](args)
     except UsageError as e:
         print(f"probe: error: {e}", file=sys.stderr)
         return 2
@@ -176,6 +185,13 @@ def cmd_report(args) -> int:
 
     print(make_report(open_run(args.out).store))
     return 0
+
+
+def cmd_analysis(command, args) -> int:
+    """An analysis's subcommand, given the opened run's tables."""
+    from jobs.api import open_run
+
+    return command.run(open_run(args.out).tables(), args)
 
 
 COMMANDS = {"run": cmd_run, "query": cmd_query, "report": cmd_report}

@@ -7,6 +7,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs import analyses
 from jobs.errors import UsageError, one_line
 from jobs.progress import StageBar
 from jobs.schema import all_tables
@@ -76,7 +77,7 @@ def check_footers(store: Store) -> None:
 
 
 def make_report(store: Store, manifest: dict | None = None) -> str:
-    """Render every figure under OUT/figures and write OUT/report.html; returns the report's path."""
+    """Render every figure under OUT/figures, the analyses' pages and OUT/report.html; returns the report's path."""
     # Here, not at the top: matplotlib is only for the report, and probe query should not pay its import.
     from jobs.across_sizes import model_info
     from jobs.figures import render_all, specs
@@ -90,7 +91,8 @@ def make_report(store: Store, manifest: dict | None = None) -> str:
         n_layers = {m: n for m, n in zip(info["model"], info["n_layer"]) if n is not None}
         with StageBar("report", "figures", len(specs()), "figures") as bar:
             figures = render_all(tables, os.path.join(local, "figures"), n_layers=n_layers, on_figure=bar.update)
-        path = write_report(local, manifest, tables, figures)
+        pages = {a.name: a.pages(tables, local) for a in analyses.REGISTRY.values() if a.pages}
+        path = write_report(local, manifest, tables, figures, pages)
         if not store.is_local:
             for root, _, files in os.walk(local):
                 for name in files:

@@ -1,5 +1,6 @@
 """Offline HTML report of a run: one self-contained page (inline CSS, PNG figures as base64 data URIs,
-no scripts, no external resources). Every text that comes from data is HTML-escaped."""
+no scripts, no external resources), linking the static pages analyses write beside it (``Analysis.pages``).
+Every text that comes from data is HTML-escaped."""
 from __future__ import annotations
 
 import base64
@@ -120,27 +121,38 @@ def _header(run_dir: str, manifest: dict) -> str:
             f"{_stages(manifest.get('stages'))}<nav>{nav}</nav></header>")
 
 
-def _section(key: str, heading: str, blurb: str, figs: list[dict], tables: list, run_dir: str) -> str:
-    parts = [f'<section id="{key}"><h2>{html.escape(heading)}</h2><p>{html.escape(blurb)}</p>']
+def _links(links: list) -> str:
+    """The section's static pages as a list of relative links."""
+    if not links:
+        return ""
+    items = "".join(f'<li><a href="{html.escape(href, quote=True)}">{html.escape(title)}</a></li>' for title, href in links)
+    return f'<ul class="pages">{items}</ul>'
+
+
+def _section(key: str, heading: str, blurb: str, figs: list[dict], tables: list, run_dir: str, links: list = ()) -> str:
+    parts = [f'<section id="{key}"><h2>{html.escape(heading)}</h2><p>{html.escape(blurb)}</p>{_links(links)}']
     figs_html = [_figure(f, run_dir) for f in figs]
     tables_html = [_table(df.columns, df.rows(), cap) for cap, df in tables]
     parts += tables_html + figs_html if key == ACROSS[0] else figs_html + tables_html  # overview: table first
-    if not figs and not tables:
+    if not figs and not tables and not links:
         parts.append('<p class="empty">Not run: its tables are absent or empty.</p>')
     return "".join(parts) + "</section>"
 
 
-def write_report(run_dir_local: str, manifest: dict, tables: dict[str, pl.LazyFrame], figures: list[dict]) -> str:
+def write_report(run_dir_local: str, manifest: dict, tables: dict[str, pl.LazyFrame], figures: list[dict],
+                 pages: dict[str, list] | None = None) -> str:
     """Write ``<run_dir_local>/report.html`` (atomically) and return its path.
 
-    ``figures``: entries of ``jobs.figures.render_all``; ``tables``: the run's LazyFrames (absent or None = not run).
+    ``figures``: entries of ``jobs.figures.render_all``; ``tables``: the run's LazyFrames (absent or None = not run);
+    ``pages``: {section: [(title, href relative to the run folder)]} from the analyses' ``pages``.
     """
     manifest = manifest or {}
     present = {k: v for k, v in tables.items() if v is not None}
     body = [_header(run_dir_local, manifest)]
     for key, heading, blurb in sections():
         figs = [f for f in figures if f.get("section") == key]
-        body.append(_section(key, heading, blurb, figs, _summaries(key, present, manifest), run_dir_local))
+        body.append(_section(key, heading, blurb, figs, _summaries(key, present, manifest), run_dir_local,
+                             (pages or {}).get(key, [])))
     title = html.escape(f"gpt2-probe report: {manifest.get('run_id', '')}")
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>'

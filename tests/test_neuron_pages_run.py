@@ -123,3 +123,22 @@ def test_interrupted_run_resumes_to_the_same_tables(base, tiny_model_dir, data, 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     assert run(tiny_model_dir, data, out, "--batch-size", "2", "--replicas", "2", "--resume") == 0
     assert_same(tables(out), base[0])
+
+
+@pytest.mark.slow
+def test_the_run_writes_pages_and_probe_neuron_reads_them(base, capsys):
+    """The end of the run writes the selected neurons' pages, linked from report.html; ``probe neuron`` prints
+    the top example with its own token marked."""
+    got, out = base
+    report = (out / "report.html").read_text(encoding="utf-8")
+    index = out / "neuron_pages" / "tiny-gpt2" / "index.html"
+    assert 'href="neuron_pages/tiny-gpt2/index.html"' in report and index.is_file()
+    pages = sorted(p.name for p in index.parent.glob("L*-N*.html"))
+    assert len(pages) == got["neuron_stats"]["layer"].n_unique() * 5
+    top = got["neuron_examples"].filter((pl.col("layer") == 1) & (pl.col("neuron") == 0) & (pl.col("kind") == "top")
+                                        & (pl.col("rank") == 0)).row(0, named=True)
+    token = run_query(str(out), f"SELECT token FROM corpus WHERE chunk = {top['chunk']} AND pos = {top['pos']}").item()
+    capsys.readouterr()
+    assert main(["neuron", str(out), "--model", "tiny-gpt2", "--layer", "1", "--neuron", "0"]) == 0
+    text = capsys.readouterr().out
+    assert f"⟦{token.translate(str.maketrans({chr(10): '↵', chr(13): '␍', chr(9): '⇥'}))}⟧" in text

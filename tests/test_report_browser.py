@@ -11,9 +11,12 @@ import pytest
 from PIL import Image
 
 from jobs import figures
+from jobs.query import make_report
 from jobs.report import write_report
+from jobs.store import Store
 from tests.test_across_sizes import _manifest, with_new_columns
 from tests.test_figures import make_tables
+from tests.test_neuron_page_view import write_run
 
 pytestmark = pytest.mark.slow  # headless Chromium
 
@@ -54,3 +57,51 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert im.size == (1280, 4000)
         px = np.asarray(im.convert("L"), dtype=float)
     assert px.std() > 10 and (px < 128).mean() > 0.01  # text and figures drawn, not a blank page
+
+
+def _chromium(tmp_path, url: str, *flags) -> subprocess.CompletedProcess:
+    return subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", *flags, url],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no chromium binary on PATH (apt-get install chromium; .ci/run does)")
+def test_neuron_pages_render_in_headless_chromium(tmp_path):
+    """The report links each model's neuron index; the index and a neuron page render with content, every
+    image decodes and every relative link resolves."""
+    out, _ = write_run(tmp_path / "run")
+    report = make_report(Store(out))
+    pages = [os.path.join(out, h) for h in re.findall(r'href="(neuron_pages/[^"#]+)"', open(report, encoding="utf-8").read())]
+    assert pages
+    index = pages[0]
+    first = re.search(r'href="(L\d+-N\d+\.html)"', open(index, encoding="utf-8").read()).group(1)
+    for path in (report, index, os.path.join(os.path.dirname(index), first)):
+        html = open(path, encoding="utf-8").read()
+        _images(html, os.path.dirname(path))
+        for href in re.findall(r'href="([^"#:]+)(?:#[^"]*)?"', html):
+            assert os.path.isfile(os.path.join(os.path.dirname(path), href)), f"{path}: broken link {href}"
+        dom = _chromium(tmp_path, f"file://{path}", "--dump-dom").stdout
+        assert "<h1>" in dom and len(re.sub(r"<[^>]+>", "", dom).strip()) > 200, path
+        shot = tmp_path / "page.png"
+        _chromium(tmp_path, f"file://{path}", f"--screenshot={shot}", "--window-size=1100,1400")
+        with Image.open(shot) as im:
+            px = np.asarray(im.convert("L"), dtype=float)
+        assert px.std() > 10 and (px < 128).mean() > 0.005, path
+    dom = _chromium(tmp_path, f"file://{os.path.join(os.path.dirname(index), first)}", "--dump-dom").stdout
+    assert dom.count('class="t a"') >= 1 and "<svg" in dom  # outlined tokens and the histogram drawn
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no chromium binary on PATH (apt-get install chromium; .ci/run does)")
+def test_neuron_index_sorts_on_a_header_click(tmp_path):
+    out, _ = write_run(tmp_path / "run")
+    make_report(Store(out))
+    index = open(os.path.join(out, "neuron_pages", "gpt2", "index.html"), encoding="utf-8").read()
+    column = re.findall(r"<th>([^<]+)</th>", index).index("max")
+    clicked = tmp_path / "clicked.html"  # the index with two clicks on "max" appended: ascending, then descending
+    click = f'<script>const th=document.querySelectorAll("table.sort th")[{column}];th.click();th.click();</script>'
+    clicked.write_text(index.replace("</body>", click + "</body>"), encoding="utf-8")
+    dom = _chromium(tmp_path, f"file://{clicked}", "--dump-dom").stdout
+    rows = re.findall(r"<tr>(.*?)</tr>", dom.split("<tbody>")[1])
+    values = [float(re.findall(r'data-v="([^"]*)"', r)[column]) for r in rows]
+    assert len(values) > 3 and values == sorted(values, reverse=True) and values != [
+        float(re.findall(r'data-v="([^"]*)"', r)[column]) for r in re.findall(r"<tr>(.*?)</tr>", index.split("<tbody>")[1])]

@@ -18,8 +18,10 @@ import pyarrow as pa
 import ray
 import torch
 
-from jobs.analysis import Analysis, Capture, Option, Table
+from jobs.analysis import Analysis, Capture, Command, Option, Table
 from jobs.analyses.neuron_pages.figures import FIGURES, summaries
+from jobs.analyses.neuron_pages.html import write_pages
+from jobs.analyses.neuron_pages.page import neuron_page, page_text, select_neurons  # noqa: F401  (the API's entry points)
 from jobs.errors import UsageError
 from jobs.store import Store
 from probe_core import neuron_pages as pages
@@ -238,11 +240,30 @@ def disk_bytes(plan, m) -> int:
     return m.n_layer * m.d_mlp * per_neuron
 
 
+# ---------------------------------------------------------------- what users see: pages and ``probe neuron``
+def report_pages(t: dict, run_dir: str) -> list:
+    """The neuron pages beside report.html (links back to this section)."""
+    return write_pages(t, run_dir, f"#{NAME}")
+
+
+def cmd_neuron(t: dict, args) -> int:
+    """``probe neuron OUT --model M --layer L --neuron N``: the neuron's page as text."""
+    print(page_text(neuron_page(t, args.model, args.layer, args.neuron), args.model, args.layer, args.neuron))
+    return 0
+
+
+NEURON = Command("neuron", "print one neuron's page: statistics, contexts (activating token in ⟦ ⟧), promoted tokens", (
+    (("--model",), {"required": True, "help": "the model's name in the run (its model= partition)"}),
+    (("--layer",), {"required": True, "type": int, "help": "block 1..n_layer"}),
+    (("--neuron",), {"required": True, "type": int, "help": "index in d_mlp, from 0"}),
+), cmd_neuron)
+
+
 ANALYSIS = Analysis(
     name=NAME, heading="Neurons",
     blurb="Every MLP neuron over the whole corpus: activation statistics, the contexts that drive it most and a "
           "random sample of those that activate it, and the tokens its output promotes and suppresses.",
     tables=(STATS, EXAMPLES, VOCAB), options=OPTIONS, check=check, plan=plan, describe=describe,
     capture=Capture(reduce=reduce, forward=forward, state=new_state), stats=stats, disk_bytes=disk_bytes,
-    summaries=summaries, figures=FIGURES, default=False,  # its state update roughly triples capture time on CPU
+    summaries=summaries, figures=FIGURES, pages=report_pages, commands=(NEURON,), default=False,  # its state update roughly triples capture time on CPU
 )
