@@ -110,6 +110,7 @@ def _on_sigterm(signum, frame):
 
 
 def cmd_run(args) -> int:
+    from jobs.manifest import own_run_id
     from jobs.run import run
 
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
@@ -119,7 +120,7 @@ def cmd_run(args) -> int:
         run(cfg)
     except KeyboardInterrupt as e:
         _shutdown_ray()
-        print(f"interrupted: resume with probe run --resume --run-id {cfg.run_id} --out {cfg.out}", file=sys.stderr, flush=True)
+        print(f"interrupted: resume with probe run --resume --run-id {own_run_id(cfg)} --out {cfg.out}", file=sys.stderr, flush=True)
         return 143 if isinstance(e, Terminated) or _SIGTERM_SEEN else 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -44,6 +44,16 @@ def differing_settings(old: dict, new: dict) -> list[str]:
             for k in a if k in old and norm(a[k]) != norm(b[k])]
 
 
+def own_run_id(cfg) -> str:
+    """The run's own id for messages: a resume without --run-id has a fresh timestamp in ``cfg``; the manifest keeps the run's."""
+    if cfg.resume:
+        try:
+            return read_manifest(Store(cfg.out)).get("run_id") or cfg.run_id
+        except (OSError, UsageError):
+            pass
+    return cfg.run_id
+
+
 def read_manifest(store: Store) -> dict:
     """OUT/manifest.json, or UsageError saying what to do when it is cut short or not JSON."""
     try:

@@ -14,7 +14,7 @@ from jobs.cluster import log
 from jobs.config import RunConfig
 from jobs.dispatch import ReplicaSet
 from jobs.errors import UsageError, innermost_cause, plain_error
-from jobs.manifest import Manifest
+from jobs.manifest import Manifest, own_run_id
 from jobs.plan import Inputs, Plan, check_free_space, check_inputs, make_plan
 from jobs.progress import EVERY_S, StageBar
 from jobs.query import make_report
@@ -133,7 +133,7 @@ def disk_full_message(e: BaseException, cfg: RunConfig, plan: Plan | None) -> st
         return None
     estimate = f" (the plan estimated ~{sum(plan.disk_estimate().values()) / 2**30:.2f} GiB for the whole run)" if plan else ""
     return (f"no space left on the device of {cfg.out}{estimate}: "
-            f"free space, then resume with probe run --resume --run-id {cfg.run_id} --out {cfg.out}")
+            f"free space, then resume with probe run --resume --run-id {own_run_id(cfg)} --out {cfg.out}")
 
 
 def run_stats(plan: Plan, store: Store, workers: ReplicaSet, task_gpu: float) -> None:

@@ -259,3 +259,17 @@ def test_address_auto_at_an_instance_that_does_not_answer_times_out(tmp_path, mo
         with pytest.raises(UsageError, match="did not answer within 4 s"):
             cluster.start_ray(RunConfig(address="auto"))
         assert time.monotonic() - t0 < 15
+
+
+def test_messages_name_the_runs_own_id_on_a_resume_without_run_id(tmp_path):
+    """The interrupted and disk-full lines of a resume without --run-id name the run's id, not this call's timestamp."""
+    from jobs.config import RunConfig
+    from jobs.manifest import own_run_id
+    from jobs.store import Store
+
+    out = str(tmp_path / "run")
+    Store(out).write_json("manifest.json", {"run_id": "orig"})
+    resumed = RunConfig(out=out, resume=True).resolved()
+    assert resumed.run_id != "orig" and own_run_id(resumed) == "orig"
+    assert own_run_id(RunConfig(out=out, run_id="new").resolved()) == "new"  # not a resume: its own id
+    assert own_run_id(RunConfig(out=str(tmp_path / "none"), resume=True).resolved()).startswith("20")  # no manifest yet
