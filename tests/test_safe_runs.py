@@ -251,6 +251,7 @@ def test_disk_full_is_one_line_with_the_estimate_and_the_run_stays_resumable(sma
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the corpus stage runs on it
     capsys.readouterr()
     monkeypatch.setattr(capture, "start_workers", lambda plan, store, shares: {})
+    monkeypatch.setattr(capture, "wait_loaded", lambda workers: None)
     monkeypatch.setattr(capture, "capture_until_complete", full_disk)
     out = str(small["root"] / "full")
     try:

@@ -19,7 +19,7 @@ from jobs.manifest import SPEED_SETTINGS, Manifest
 from jobs.plan import check_inputs
 from jobs.sources import resolve_source
 from jobs.store import LEASE, Store
-from tests.conftest import save_tiny_model
+from tests.conftest import error_lines, save_tiny_model
 from tests.corpus import write_corpus
 
 
@@ -50,7 +50,7 @@ def one_line(capsys, argv) -> str:
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = error_lines(err)  # after the progress lines of the stages that ran
     assert len(lines) == 1 and lines[0].startswith("probe: error: "), err
     return lines[0]
 
