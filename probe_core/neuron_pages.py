@@ -286,27 +286,35 @@ def _windows(flat: torch.Tensor, rows: torch.Tensor, neuron: torch.Tensor, t_len
     return torch.where(inside, values, torch.full_like(values, float("nan")))
 
 
-def _merge_batch(s: Examples, rows: torch.Tensor, flat: torch.Tensor, keys: torch.Tensor, t_len: int,
-                 cfg: PagesConfig, kind: str, prio_of=None) -> Examples:
-    """Merge the batch's candidate rows (N, kk) (-1: none) into the state's examples, as ``_select`` of
-    the state and the batch's examples; context windows are cut only for the batch's rows that stay."""
-    k, n = cfg.k, rows.shape[0]
+def _merge_batches(s: LayerState, rows: torch.Tensor, flat: torch.Tensor, keys: torch.Tensor, t_len: int,
+                   cfg: PagesConfig, batch_prio) -> tuple[Examples, Examples, Examples]:
+    """Merge the batch's candidate rows (3N, kk) (top, bottom, sample; -1: none) into the state's three
+    example sets at once, as ``_select`` of the state and the batch's examples would (one int64 sort key:
+    -value for top, value for bottom, the priority for the sample); context windows are cut only for the
+    batch's rows that stay."""
+    k, n = cfg.k, flat.shape[1]
     ok = rows >= 0
     r = rows.clamp(min=0)
-    neuron = torch.arange(n, device=rows.device)
-    fill = {"top": -float("inf"), "bottom": float("inf"), "random_active": 0.0}[kind]
-    value = torch.cat([s.value, torch.where(ok, flat[r, neuron[:, None]], fill)], 1)
-    key = torch.cat([s.key, torch.where(ok, keys[r], EMPTY_KEY)], 1)
-    prio = None if prio_of is None else torch.cat([s.prio, torch.where(ok, prio_of(r), NO_PRIORITY)], 1)
+    neuron = torch.arange(3 * n, device=rows.device) % n
+    v = flat[r, neuron[:, None]]  # (3N, kk)
+    fill = torch.tensor([-float("inf"), float("inf"), 0.0], device=rows.device).repeat_interleave(n)[:, None]
+    sign = torch.tensor([-1, 1], device=rows.device).repeat_interleave(n)[:, None]
+    fill_primary = torch.cat([_ordered(fill[:2 * n]) * sign, torch.full((n, 1), NO_PRIORITY, device=rows.device)])
+    primary_b = torch.cat([_ordered(v[:2 * n]) * sign, batch_prio(r[2 * n:])])
+    value = torch.cat([torch.cat([s.top.value, s.bottom.value, s.sample.value]), torch.where(ok, v, fill)], 1)
+    key = torch.cat([torch.cat([s.top.key, s.bottom.key, s.sample.key]), torch.where(ok, keys[r], EMPTY_KEY)], 1)
+    primary = torch.cat([torch.cat([-_ordered(s.top.value), _ordered(s.bottom.value), s.sample.prio]),
+                         torch.where(ok, primary_b, fill_primary)], 1)
     order = torch.sort(key, dim=1, stable=True).indices
-    primary = (prio if kind == "random_active" else value).gather(1, order)
-    order = order.gather(1, torch.sort(primary, dim=1, stable=True, descending=kind == "top").indices)[:, :k]
-    context = s.context.gather(1, order.clamp(max=k - 1)[..., None].expand(-1, -1, s.context.shape[-1]))
+    order = order.gather(1, torch.sort(primary.gather(1, order), dim=1, stable=True).indices)[:, :k]
+    state_context = torch.cat([s.top.context, s.bottom.context, s.sample.context])
+    context = state_context.gather(1, order.clamp(max=k - 1)[..., None].expand(-1, -1, state_context.shape[-1]))
     nb, slot = (order >= k).nonzero(as_tuple=True)
     if len(nb):
-        context[nb, slot] = _windows(flat, rows[nb, order[nb, slot] - k], nb, t_len, cfg.window)
-    take = lambda t: None if t is None else t.gather(1, order)  # noqa: E731
-    return Examples(take(value), take(key), context, take(prio))
+        context[nb, slot] = _windows(flat, rows[nb, order[nb, slot] - k], nb % n, t_len, cfg.window)
+    value, key, primary = value.gather(1, order), key.gather(1, order), primary.gather(1, order)
+    return tuple(Examples(value[i * n:(i + 1) * n], key[i * n:(i + 1) * n], context[i * n:(i + 1) * n],
+                          primary[2 * n:] if i == 2 else None) for i in range(3))
 
 
 def _candidates(mask_fn, unfilled: torch.Tensor, m: int, limit: int):
@@ -368,14 +376,17 @@ def update_layer(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: Pages
     xt = []  # (N, M), made once if some kind needs the full topk
     transposed = lambda: xt[0] if xt else xt.append(flat.T.contiguous()) or xt[0]  # noqa: E731
 
-    best = {}
-    for kind, e, largest in (("top", s.top, True), ("bottom", s.bottom, False)):
+    rows = torch.full((3, n, kk), -1, dtype=torch.int64, device=dev)  # top, bottom, sample
+    candidates = []  # (row, 3N-column, int64 sort key ascending) of the kinds on the candidate route
+    for i, (e, largest) in enumerate(((s.top, True), (s.bottom, False))):
         thr = e.value[:, -1]
         found = _candidates(lambda: flat >= thr if largest else flat <= thr, e.key[:, -1] == EMPTY_KEY, m, limit)
         if found is None:
-            best[kind] = _best_rows(transposed(), kk, largest)
+            rows[i] = _best_rows(transposed(), kk, largest)
         else:
-            best[kind] = _rank_candidates(*found, flat[found], n, kk, largest)
+            row, col = found
+            order_key = _ordered(flat[row, col])
+            candidates.append((row, col + i * n, -order_key if largest else order_key))
 
     h_token = token_hash(chunks, pos)  # (M,)
     odd = neuron_hash(cfg.seed, cfg.salt, layer, n, dev) | 1  # (N,): priority = h_token * odd (see ``priority``)
@@ -388,21 +399,23 @@ def update_layer(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: Pages
         row, col = found
         act = flat[row, col] > 0
         row, col = row[act], col[act]
-        sample_rows = _rank_candidates(row, col, prio[row, col], n, kk, False)
+        candidates.append((row, col + 2 * n, prio[row, col]))
     else:
         p = h_token[None, :] * odd[:, None]  # (N, M)
         p.masked_fill_(transposed() <= 0, NO_PRIORITY)
         vals, sample_rows = p.topk(kk, dim=1, largest=False, sorted=False)
-        sample_rows.masked_fill_(vals == NO_PRIORITY, -1)  # inactive picks (fewer than kk active tokens)
-    prio_of = lambda r: h_token[r] * odd[:, None]  # noqa: E731
+        rows[2] = sample_rows.masked_fill_(vals == NO_PRIORITY, -1)  # inactive picks (fewer than kk active tokens)
+    rows = rows.view(3 * n, kk)
+    if candidates:
+        row, col, order_key = (torch.cat(c) for c in zip(*candidates))
+        rows = torch.maximum(rows, _rank_candidates(row, col, order_key, 3 * n, kk, False))  # one route per kind
+    top, bottom, sample = _merge_batches(s, rows, flat, keys, t_len, cfg, lambda r: h_token[r] * odd[:, None])
 
     return LayerState(
         **_merge_moments(s, n_b, mean_b, m2_b),
         min=torch.minimum(s.min, flat.amin(0)), max=torch.maximum(s.max, flat.amax(0)),
         n_active=s.n_active + n_active, hist=s.hist + hist,
-        top=_merge_batch(s.top, best["top"], flat, keys, t_len, cfg, "top"),
-        bottom=_merge_batch(s.bottom, best["bottom"], flat, keys, t_len, cfg, "bottom"),
-        sample=_merge_batch(s.sample, sample_rows, flat, keys, t_len, cfg, "random_active", prio_of),
+        top=top, bottom=bottom, sample=sample,
     )
 
 
