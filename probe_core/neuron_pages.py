@@ -15,6 +15,7 @@ A token is keyed by ``chunk * T + pos`` (T: tokens per chunk). Every update and 
 independent of batching and order (the moments up to float64 rounding), so replicas' states merge.
 Batches hold whole chunks; a state records which chunks it has seen (``PagesState.chunks``).
 """
+import contextlib
 import hashlib
 import threading
 from dataclasses import dataclass, fields, replace
@@ -223,6 +224,20 @@ def merge(a: PagesState, b: PagesState) -> PagesState:
 # - contexts are cut only for the batch's examples that survive the merge with the state.
 _WS = threading.local()
 _CANDIDATES_PER_SLOT = 4  # the candidate route while candidates <= this * N * (k + 1)
+_SMALL_THREADS = 1  # threads for the tail on small tensors: on a shared CPU each parallel op waits for its slowest thread
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    """torch's intra-op threads set to ``count`` (0: unchanged) inside the block."""
+    before = torch.get_num_threads()
+    if count and count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count and count != before:
+            torch.set_num_threads(before)
 
 
 def _scratch(nbytes: int, device) -> torch.Tensor:
@@ -406,17 +421,18 @@ def update_layer(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: Pages
         vals, sample_rows = p.topk(kk, dim=1, largest=False, sorted=False)
         rows[2] = sample_rows.masked_fill_(vals == NO_PRIORITY, -1)  # inactive picks (fewer than kk active tokens)
     rows = rows.view(3 * n, kk)
-    if candidates:
-        row, col, order_key = (torch.cat(c) for c in zip(*candidates))
-        rows = torch.maximum(rows, _rank_candidates(row, col, order_key, 3 * n, kk, False))  # one route per kind
-    top, bottom, sample = _merge_batches(s, rows, flat, keys, t_len, cfg, lambda r: h_token[r] * odd[:, None])
-
-    return LayerState(
-        **_merge_moments(s, n_b, mean_b, m2_b),
-        min=torch.minimum(s.min, flat.amin(0)), max=torch.maximum(s.max, flat.amax(0)),
-        n_active=s.n_active + n_active, hist=s.hist + hist,
-        top=top, bottom=bottom, sample=sample,
-    )
+    batch_min, batch_max = flat.amin(0), flat.amax(0)
+    with _threads(_SMALL_THREADS if dev.type == "cpu" else 0):  # the tail works on small tensors
+        if candidates:
+            row, col, order_key = (torch.cat(c) for c in zip(*candidates))
+            rows = torch.maximum(rows, _rank_candidates(row, col, order_key, 3 * n, kk, False))  # one route per kind
+        top, bottom, sample = _merge_batches(s, rows, flat, keys, t_len, cfg, lambda r: h_token[r] * odd[:, None])
+        return LayerState(
+            **_merge_moments(s, n_b, mean_b, m2_b),
+            min=torch.minimum(s.min, batch_min), max=torch.maximum(s.max, batch_max),
+            n_active=s.n_active + n_active, hist=s.hist + hist,
+            top=top, bottom=bottom, sample=sample,
+        )
 
 
 def update(state: PagesState, layer_index: int, x: torch.Tensor, chunk) -> PagesState:
