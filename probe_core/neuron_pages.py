@@ -293,12 +293,25 @@ def _rank_candidates(row: torch.Tensor, col: torch.Tensor, primary: torch.Tensor
 
 def _windows(flat: torch.Tensor, rows: torch.Tensor, neuron: torch.Tensor, t_len: int, window: int) -> torch.Tensor:
     """flat (M, N) with row b * T + t; rows (S,) (-1: none), neuron (S,) -> x at t-W..t+W of each row's
-    chunk: (S, 2W + 1) float32, NaN outside the chunk (and for row -1)."""
-    r = rows.clamp(min=0)
-    t = (r % t_len)[:, None] + torch.arange(-window, window + 1, device=flat.device)
-    inside = (t >= 0) & (t < t_len) & (rows >= 0)[:, None]
-    values = flat[(r - r % t_len)[:, None] + t.clamp(0, t_len - 1), neuron[:, None]]
-    return torch.where(inside, values, torch.full_like(values, float("nan")))
+    chunk: (S, 2W + 1) float32, NaN outside the chunk (and for row -1). Windows wholly inside their
+    chunk (almost all) are one ``take``; the others are masked."""
+    n = flat.shape[1]
+    t = rows % t_len
+    step = torch.arange(-window, window + 1, device=flat.device)
+    edge = (t < window) | (t >= t_len - window) | (rows < 0)
+    out = flat.reshape(-1).take((rows * n + neuron)[:, None] + step * n) if not bool(edge.any()) else None
+    if out is not None:
+        return out
+    inner = (~edge).nonzero().squeeze(1)
+    out = torch.empty((len(rows), 2 * window + 1), dtype=flat.dtype, device=flat.device)
+    out[inner] = flat.reshape(-1).take((rows[inner] * n + neuron[inner])[:, None] + step * n)
+    e = edge.nonzero().squeeze(1)
+    r = rows[e].clamp(min=0)
+    te = (r % t_len)[:, None] + step
+    inside = (te >= 0) & (te < t_len) & (rows[e] >= 0)[:, None]
+    values = flat[(r - r % t_len)[:, None] + te.clamp(0, t_len - 1), neuron[e][:, None]]
+    out[e] = torch.where(inside, values, torch.full_like(values, float("nan")))
+    return out
 
 
 def _merge_batches(s: LayerState, rows: torch.Tensor, flat: torch.Tensor, keys: torch.Tensor, t_len: int,
@@ -322,8 +335,11 @@ def _merge_batches(s: LayerState, rows: torch.Tensor, flat: torch.Tensor, keys: 
                          torch.where(ok, primary_b, fill_primary)], 1)
     order = torch.sort(key, dim=1, stable=True).indices
     order = order.gather(1, torch.sort(primary.gather(1, order), dim=1, stable=True).indices)[:, :k]
-    state_context = torch.cat([s.top.context, s.bottom.context, s.sample.context])
-    context = state_context.gather(1, order.clamp(max=k - 1)[..., None].expand(-1, -1, state_context.shape[-1]))
+    c = s.top.context.shape[-1]
+    context = torch.empty((3 * n, k, c), dtype=torch.float32, device=rows.device)
+    slot_index = order.clamp(max=k - 1)[..., None].expand(-1, -1, c)
+    for i, e in enumerate((s.top, s.bottom, s.sample)):
+        torch.gather(e.context, 1, slot_index[i * n:(i + 1) * n], out=context[i * n:(i + 1) * n])
     nb, slot = (order >= k).nonzero(as_tuple=True)
     if len(nb):
         context[nb, slot] = _windows(flat, rows[nb, order[nb, slot] - k], nb % n, t_len, cfg.window)
@@ -408,7 +424,7 @@ def update_layer(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: Pages
     # An active token with priority NO_PRIORITY counts as inactive (it marks an empty slot).
     thr = s.sample.prio[:, -1].clamp(max=NO_PRIORITY - 1)
     prio = scratch.view(torch.int64)[:m * n].view(m, n)  # the moments' scratch, free again
-    found = _candidates(lambda: torch.mul(prio.copy_(h_token[:, None].expand(m, n)), odd, out=prio) <= thr,
+    found = _candidates(lambda: torch.mul(h_token[:, None], odd, out=prio) <= thr,
                         s.sample.prio[:, -1] == NO_PRIORITY, m, limit)
     if found is not None:
         row, col = found
