@@ -336,16 +336,19 @@ def _merge_batches(s: LayerState, rows: torch.Tensor, flat: torch.Tensor, keys: 
     order = torch.sort(key, dim=1, stable=True).indices
     order = order.gather(1, torch.sort(primary.gather(1, order), dim=1, stable=True).indices)[:, :k]
     c = s.top.context.shape[-1]
-    context = torch.empty((3 * n, k, c), dtype=torch.float32, device=rows.device)
     slot_index = order.clamp(max=k - 1)[..., None].expand(-1, -1, c)
-    for i, e in enumerate((s.top, s.bottom, s.sample)):
-        torch.gather(e.context, 1, slot_index[i * n:(i + 1) * n], out=context[i * n:(i + 1) * n])
+    # Each set gets tensors of its own (no views of a 3N tensor: pickling a view ships its whole storage).
+    context = [e.context.gather(1, slot_index[i * n:(i + 1) * n]) for i, e in enumerate((s.top, s.bottom, s.sample))]
     nb, slot = (order >= k).nonzero(as_tuple=True)
     if len(nb):
-        context[nb, slot] = _windows(flat, rows[nb, order[nb, slot] - k], nb % n, t_len, cfg.window)
-    value, key, primary = value.gather(1, order), key.gather(1, order), primary.gather(1, order)
-    return tuple(Examples(value[i * n:(i + 1) * n], key[i * n:(i + 1) * n], context[i * n:(i + 1) * n],
-                          primary[2 * n:] if i == 2 else None) for i in range(3))
+        windows = _windows(flat, rows[nb, order[nb, slot] - k], nb % n, t_len, cfg.window)
+        kind = nb // n
+        for i in range(3):
+            sel = (kind == i).nonzero().squeeze(1)
+            context[i][nb[sel] - i * n, slot[sel]] = windows[sel]
+    part = lambda t, i: t[i * n:(i + 1) * n].gather(1, order[i * n:(i + 1) * n])  # noqa: E731
+    return tuple(Examples(part(value, i), part(key, i), context[i], part(primary, i) if i == 2 else None)
+                 for i in range(3))
 
 
 def _candidates(mask_fn, unfilled: torch.Tensor, m: int, limit: int):
