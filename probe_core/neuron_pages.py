@@ -15,7 +15,9 @@ A token is keyed by ``chunk * T + pos`` (T: tokens per chunk). Every update and 
 independent of batching and order (the moments up to float64 rounding), so replicas' states merge.
 Batches hold whole chunks; a state records which chunks it has seen (``PagesState.chunks``).
 """
+import contextlib
 import hashlib
+import threading
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -212,63 +214,179 @@ def merge(a: PagesState, b: PagesState) -> PagesState:
 
 
 # ---------------------------------------------------------------- one batch
+# How the update stays cheap on a CPU (it runs inside the forward pass, once per layer and batch):
+# - scratch: the (M, N) float64/float32/int32/int64 intermediates live in one reused buffer per thread
+#   (a fresh 25-50 MB tensor is mmap'ed and page-faults on every call, which cost more than the arithmetic);
+# - examples: once a neuron's k slots are filled, only the batch's tokens at least as good as its k-th
+#   example (value >= top's, <= bottom's, priority <= the sample's) can enter, so those candidates are
+#   found with one comparison and ``nonzero`` and ranked by a sort of the few of them; the full
+#   ``topk`` over the batch runs only while slots are unfilled (the first batch) or when too many tie;
+# - contexts are cut only for the batch's examples that survive the merge with the state.
+_WS = threading.local()
+_CANDIDATES_PER_SLOT = 4  # the candidate route while candidates <= this * N * (k + 1)
+_SMALL_THREADS = 1  # threads for the tail on small tensors: on a shared CPU each parallel op waits for its slowest thread
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    """torch's intra-op threads set to ``count`` (0: unchanged) inside the block."""
+    before = torch.get_num_threads()
+    if count and count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count and count != before:
+            torch.set_num_threads(before)
+
+
+def _scratch(nbytes: int, device) -> torch.Tensor:
+    """A reused byte buffer of ``nbytes`` on a CPU (one per thread); elsewhere a fresh one (CUDA caches)."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    buf = getattr(_WS, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        _WS.buf = None
+        with torch.inference_mode(False):  # usable in and outside inference mode
+            buf = _WS.buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf[:nbytes]
+
+
 def _ordered(v: torch.Tensor) -> torch.Tensor:
     """float32 -> int64 with the same order (-0.0 counted as +0.0)."""
     bits = (v + 0.0).view(torch.int32).long()
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-def _best_rows(x: torch.Tensor, kk: int, largest: bool) -> torch.Tensor:
-    """Rows of the kk largest (smallest) values per column of x (M, N), ties by row ascending -> (N, kk).
+def _best_rows(xt: torch.Tensor, kk: int, largest: bool) -> torch.Tensor:
+    """Columns of the kk largest (smallest) values per row of xt (N, M), ties by column ascending -> (N, kk).
 
-    torch.topk breaks ties arbitrarily, so columns where the boundary value is tied are redone on an
-    int64 key that orders by value, then row (only those columns: ties are rare in float activations)."""
-    extra = int(kk < x.shape[0])  # one more than kk shows whether the boundary value is tied outside the set
-    values, rows = x.topk(kk + extra, dim=0, largest=largest, sorted=False)  # (kk + extra, N); sorting here is slow
-    values, order = values.sort(dim=0, descending=largest)
-    rows = rows.gather(0, order)[:kk]
-    tied = (values[kk] == values[kk - 1]).nonzero().squeeze(1) if extra else torch.zeros(0, dtype=torch.int64)
+    torch.topk breaks ties arbitrarily, so rows where the boundary value is tied are redone on an
+    int64 key that orders by value, then column (only those rows: ties are rare in float activations)."""
+    m = xt.shape[1]
+    extra = int(kk < m)  # one more than kk shows whether the boundary value is tied outside the set
+    values, cols = xt.topk(kk + extra, dim=1, largest=largest, sorted=False)  # (N, kk + extra); sorting here is slow
+    values, order = values.sort(dim=1, descending=largest)
+    cols = cols.gather(1, order)[:, :kk]
+    tied = (values[:, kk] == values[:, kk - 1]).nonzero().squeeze(1) if extra else torch.zeros(0, dtype=torch.int64)
     if len(tied):
-        r = torch.arange(x.shape[0], dtype=torch.int64, device=x.device)[:, None]
-        key = _ordered(x[:, tied]) * (1 << 32) + (((1 << 32) - 1 - r) if largest else r)
-        rows[:, tied] = key.topk(kk, dim=0, largest=largest).indices
-    return rows.T
+        r = torch.arange(m, dtype=torch.int64, device=xt.device)
+        key = _ordered(xt[tied]) * (1 << 32) + (((1 << 32) - 1 - r) if largest else r)
+        cols[tied] = key.topk(kk, dim=1, largest=largest).indices
+    return cols
 
 
-def _windows(x: torch.Tensor, rows: torch.Tensor, window: int) -> torch.Tensor:
-    """x (B, T, N), rows (N, kk) flat b * T + t -> x at t-W..t+W of each row's chunk: (N, kk, 2W + 1), NaN outside."""
-    _, t_len, n = x.shape
-    t = (rows % t_len)[..., None] + torch.arange(-window, window + 1, device=x.device)
-    inside = (t >= 0) & (t < t_len)
-    values = x[(rows // t_len)[..., None], t.clamp(0, t_len - 1), torch.arange(n, device=x.device)[:, None, None]]
-    return torch.where(inside, values.float(), torch.full_like(values, float("nan"), dtype=torch.float32))
+def _rank_candidates(row: torch.Tensor, col: torch.Tensor, primary: torch.Tensor, n: int, kk: int,
+                     descending: bool) -> torch.Tensor:
+    """Candidates (row, col) in row-major order (``nonzero``'s) with a sort key ``primary`` -> per column
+    the rows of its kk best, by primary, then row ascending: (n, kk) int64, -1 where a column has fewer."""
+    order = torch.sort(primary, stable=True, descending=descending).indices
+    order = order[torch.sort(col[order], stable=True).indices]  # by column, then primary, then row
+    col_sorted = col[order]
+    counts = torch.bincount(col, minlength=n)
+    rank = torch.arange(len(order), device=col.device) - (torch.cumsum(counts, 0) - counts)[col_sorted]
+    keep = rank < kk
+    rows = torch.full((n, kk), -1, dtype=torch.int64, device=col.device)
+    rows[col_sorted[keep], rank[keep]] = row[order[keep]]
+    return rows
 
 
-def _batch_examples(x, flat, rows, keys, window, prio=None) -> Examples:
-    n_idx = torch.arange(flat.shape[1], device=flat.device)[:, None]
-    return Examples(flat[rows, n_idx], keys[rows], _windows(x, rows, window),
-                    None if prio is None else prio[rows, n_idx])
+def _windows(flat: torch.Tensor, rows: torch.Tensor, neuron: torch.Tensor, t_len: int, window: int) -> torch.Tensor:
+    """flat (M, N) with row b * T + t; rows (S,) (-1: none), neuron (S,) -> x at t-W..t+W of each row's
+    chunk: (S, 2W + 1) float32, NaN outside the chunk (and for row -1). Windows wholly inside their
+    chunk (almost all) are one ``take``; the others are masked."""
+    n = flat.shape[1]
+    t = rows % t_len
+    step = torch.arange(-window, window + 1, device=flat.device)
+    edge = (t < window) | (t >= t_len - window) | (rows < 0)
+    out = flat.reshape(-1).take((rows * n + neuron)[:, None] + step * n) if not bool(edge.any()) else None
+    if out is not None:
+        return out
+    inner = (~edge).nonzero().squeeze(1)
+    out = torch.empty((len(rows), 2 * window + 1), dtype=flat.dtype, device=flat.device)
+    out[inner] = flat.reshape(-1).take((rows[inner] * n + neuron[inner])[:, None] + step * n)
+    e = edge.nonzero().squeeze(1)
+    r = rows[e].clamp(min=0)
+    te = (r % t_len)[:, None] + step
+    inside = (te >= 0) & (te < t_len) & (rows[e] >= 0)[:, None]
+    values = flat[(r - r % t_len)[:, None] + te.clamp(0, t_len - 1), neuron[e][:, None]]
+    out[e] = torch.where(inside, values, torch.full_like(values, float("nan")))
+    return out
 
 
-def _pad(e: Examples, k: int, fill: float) -> Examples:
-    """Pad a batch's kk < k examples (a batch with fewer than k tokens) with empty slots."""
-    missing = k - e.value.shape[1]
-    if missing <= 0:
-        return e
-    pad = lambda t, v: torch.cat([t, torch.full((t.shape[0], missing, *t.shape[2:]), v, dtype=t.dtype, device=t.device)], 1)  # noqa: E731
-    return Examples(pad(e.value, fill), pad(e.key, EMPTY_KEY), pad(e.context, float("nan")),
-                    None if e.prio is None else pad(e.prio, NO_PRIORITY))
+def _merge_batches(s: LayerState, rows: torch.Tensor, flat: torch.Tensor, keys: torch.Tensor, t_len: int,
+                   cfg: PagesConfig, batch_prio) -> tuple[Examples, Examples, Examples]:
+    """Merge the batch's candidate rows (3N, kk) (top, bottom, sample; -1: none) into the state's three
+    example sets at once, as ``_select`` of the state and the batch's examples would (one int64 sort key:
+    -value for top, value for bottom, the priority for the sample); context windows are cut only for the
+    batch's rows that stay."""
+    k, n = cfg.k, flat.shape[1]
+    ok = rows >= 0
+    r = rows.clamp(min=0)
+    neuron = torch.arange(3 * n, device=rows.device) % n
+    v = flat[r, neuron[:, None]]  # (3N, kk)
+    fill = torch.tensor([-float("inf"), float("inf"), 0.0], device=rows.device).repeat_interleave(n)[:, None]
+    sign = torch.tensor([-1, 1], device=rows.device).repeat_interleave(n)[:, None]
+    fill_primary = torch.cat([_ordered(fill[:2 * n]) * sign, torch.full((n, 1), NO_PRIORITY, device=rows.device)])
+    primary_b = torch.cat([_ordered(v[:2 * n]) * sign, batch_prio(r[2 * n:])])
+    value = torch.cat([torch.cat([s.top.value, s.bottom.value, s.sample.value]), torch.where(ok, v, fill)], 1)
+    key = torch.cat([torch.cat([s.top.key, s.bottom.key, s.sample.key]), torch.where(ok, keys[r], EMPTY_KEY)], 1)
+    primary = torch.cat([torch.cat([-_ordered(s.top.value), _ordered(s.bottom.value), s.sample.prio]),
+                         torch.where(ok, primary_b, fill_primary)], 1)
+    order = torch.sort(key, dim=1, stable=True).indices
+    order = order.gather(1, torch.sort(primary.gather(1, order), dim=1, stable=True).indices)[:, :k]
+    c = s.top.context.shape[-1]
+    slot_index = order.clamp(max=k - 1)[..., None].expand(-1, -1, c)
+    # Each set gets tensors of its own (no views of a 3N tensor: pickling a view ships its whole storage).
+    context = [e.context.gather(1, slot_index[i * n:(i + 1) * n]) for i, e in enumerate((s.top, s.bottom, s.sample))]
+    nb, slot = (order >= k).nonzero(as_tuple=True)
+    if len(nb):
+        windows = _windows(flat, rows[nb, order[nb, slot] - k], nb % n, t_len, cfg.window)
+        kind = nb // n
+        for i in range(3):
+            sel = (kind == i).nonzero().squeeze(1)
+            context[i][nb[sel] - i * n, slot[sel]] = windows[sel]
+    part = lambda t, i: t[i * n:(i + 1) * n].gather(1, order[i * n:(i + 1) * n])  # noqa: E731
+    return tuple(Examples(part(value, i), part(key, i), context[i], part(primary, i) if i == 2 else None)
+                 for i in range(3))
+
+
+def _candidates(mask_fn, unfilled: torch.Tensor, m: int, limit: int):
+    """(row, col) of ``mask_fn()``'s true entries, or None when they would be (or are) more than ``limit``."""
+    if int(unfilled.sum()) * m > limit:
+        return None
+    row, col = mask_fn().nonzero(as_tuple=True)
+    return None if len(row) > limit else (row, col)
+
+
+def _moments_hist(flat: torch.Tensor, scratch: torch.Tensor):
+    """(mean, m2) in float64 (two passes over a float64 copy), the histogram (N, HIST_BINS + 2) and the
+    count of x > 0 (N,) of flat (M, N), using ``scratch`` (at least M * N * 8 bytes).
+
+    The histogram's bin is the number of edges <= x, clamp(floor(4x) + 33, 0, 65): x * 4 is exact in
+    float32 (a power of two), so this equals ``searchsorted(HIST_EDGES, x, "right")``. One ``bincount``
+    also counts x > 0: with a = clamp(4x, -33, 32), u = floor(a) + ceil(a) is 2 floor(a) on an edge and
+    2 floor(a) + 1 between edges, so bin = floor(u / 2) + 33 and x > 0 iff u >= 1."""
+    m, n = flat.shape
+    x64 = scratch.view(torch.float64)[:m * n].view(m, n)
+    x64.copy_(flat)
+    mean = x64.sum(0) / m
+    m2 = x64.sub_(mean).square_().sum(0)
+    a, b = scratch.view(torch.float32)[:2 * m * n].view(2, m, n)  # x64 is no longer needed
+    lo = HIST_LO * HIST_PER_UNIT
+    torch.mul(flat, HIST_PER_UNIT, out=a).clamp_(lo - 1, -lo)
+    torch.ceil(a, out=b)
+    width = 2 * (HIST_BINS + 2)  # codes u - 2 lo + 2 in [0, 2 * (HIST_BINS + 1)] per neuron
+    a.floor_().add_(b).add_(torch.arange(n, dtype=torch.float32, device=flat.device) * width - 2 * (lo - 1))  # exact: n * width < 2**24
+    code = b.view(torch.int32).copy_(a)
+    counts = torch.bincount(code.view(-1), minlength=n * width).view(n, width)
+    hist = counts.view(n, HIST_BINS + 2, 2).sum(2)
+    return mean, m2, hist, counts[:, 2 - 2 * lo + 1:].sum(1)
 
 
 def _histogram(flat: torch.Tensor) -> torch.Tensor:
-    """Counts of (M, N) over HIST_EDGES per column -> (N, HIST_BINS + 2) int64.
-
-    The bin is the number of edges <= x, clamp(floor(4x) + 33, 0, 65): x * 4 is exact in float32 (a power
-    of two), so this equals ``searchsorted(HIST_EDGES, x, "right")`` at ~1/6 of bucketize's cost."""
-    n, width = flat.shape[1], HIST_BINS + 2
-    code = (flat * HIST_PER_UNIT).floor_().add_(1 - HIST_LO * HIST_PER_UNIT).clamp_(0, width - 1)
-    code += torch.arange(n, dtype=code.dtype, device=code.device) * width  # exact: n * width < 2**24
-    return torch.bincount(code.long().reshape(-1), minlength=n * width).view(n, width)
+    """Counts of (M, N) over HIST_EDGES per column -> (N, HIST_BINS + 2) int64."""
+    return _moments_hist(flat.float(), torch.empty(flat.numel() * 8, dtype=torch.uint8))[2]
 
 
 def update_layer(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesConfig, layer: int) -> LayerState:
@@ -278,38 +396,62 @@ def update_layer(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: Pages
     if t_len != cfg.chunk_tokens:
         raise ValueError(f"a batch of {t_len} tokens per chunk, but the state counts {cfg.chunk_tokens}")
     dev = x.device
-    x = x.float()
-    flat = x.reshape(b_len * t_len, n)  # (M, N): row b * T + t, ascending in (chunk, pos) as chunks ascend
+    flat = x.float().reshape(b_len * t_len, n)  # (M, N): row b * T + t, ascending in (chunk, pos) as chunks ascend
     chunk = torch.as_tensor(chunk, dtype=torch.int64, device=dev)
     pos = torch.arange(t_len, dtype=torch.int64, device=dev).repeat(b_len)
     chunks = chunk.repeat_interleave(t_len)
     keys = chunks * t_len + pos  # (M,)
     m, kk = flat.shape[0], min(cfg.k, flat.shape[0])
+    limit = _CANDIDATES_PER_SLOT * n * (cfg.k + 1)
+    scratch = _scratch(m * n * 8, dev)
 
-    var_b, mean_b = torch.var_mean(flat.double(), dim=0, correction=0)
-    m2_b = var_b * m
+    mean_b, m2_b, hist, n_active = _moments_hist(flat, scratch)
     n_b = torch.full((n,), m, dtype=torch.int64, device=dev)
-    hist = _histogram(flat)
-    active = flat > 0
+    xt = []  # (N, M), made once if some kind needs the full topk
+    transposed = lambda: xt[0] if xt else xt.append(flat.T.contiguous()) or xt[0]  # noqa: E731
 
-    prio = priority(neuron_hash(cfg.seed, cfg.salt, layer, n, dev), token_hash(chunks, pos))  # (M, N)
-    prio = prio.masked_fill_(~active, NO_PRIORITY)
-    sample_rows = prio.topk(kk, dim=0, largest=False, sorted=False).indices.T  # (N, kk)
-    sample = _batch_examples(x, flat, sample_rows, keys, cfg.window, prio)
-    # Inactive picks (a neuron with fewer than kk active tokens) are dropped as empty slots.
-    dropped = sample.prio == NO_PRIORITY
-    sample = Examples(sample.value, sample.key.masked_fill(dropped, EMPTY_KEY), sample.context, sample.prio)
+    rows = torch.full((3, n, kk), -1, dtype=torch.int64, device=dev)  # top, bottom, sample
+    candidates = []  # (row, 3N-column, int64 sort key ascending) of the kinds on the candidate route
+    for i, (e, largest) in enumerate(((s.top, True), (s.bottom, False))):
+        thr = e.value[:, -1]
+        found = _candidates(lambda: flat >= thr if largest else flat <= thr, e.key[:, -1] == EMPTY_KEY, m, limit)
+        if found is None:
+            rows[i] = _best_rows(transposed(), kk, largest)
+        else:
+            row, col = found
+            order_key = _ordered(flat[row, col])
+            candidates.append((row, col + i * n, -order_key if largest else order_key))
 
-    top = _batch_examples(x, flat, _best_rows(flat, kk, True), keys, cfg.window)
-    bottom = _batch_examples(x, flat, _best_rows(flat, kk, False), keys, cfg.window)
-    return LayerState(
-        **_merge_moments(s, n_b, mean_b, m2_b),
-        min=torch.minimum(s.min, flat.amin(0)), max=torch.maximum(s.max, flat.amax(0)),
-        n_active=s.n_active + active.sum(0), hist=s.hist + hist,
-        top=_select(s.top, _pad(top, cfg.k, -float("inf")), cfg.k, "top"),
-        bottom=_select(s.bottom, _pad(bottom, cfg.k, float("inf")), cfg.k, "bottom"),
-        sample=_select(s.sample, _pad(sample, cfg.k, 0.0), cfg.k, "random_active"),
-    )
+    h_token = token_hash(chunks, pos)  # (M,)
+    odd = neuron_hash(cfg.seed, cfg.salt, layer, n, dev) | 1  # (N,): priority = h_token * odd (see ``priority``)
+    # An active token with priority NO_PRIORITY counts as inactive (it marks an empty slot).
+    thr = s.sample.prio[:, -1].clamp(max=NO_PRIORITY - 1)
+    prio = scratch.view(torch.int64)[:m * n].view(m, n)  # the moments' scratch, free again
+    found = _candidates(lambda: torch.mul(h_token[:, None], odd, out=prio) <= thr,
+                        s.sample.prio[:, -1] == NO_PRIORITY, m, limit)
+    if found is not None:
+        row, col = found
+        act = flat[row, col] > 0
+        row, col = row[act], col[act]
+        candidates.append((row, col + 2 * n, prio[row, col]))
+    else:
+        p = h_token[None, :] * odd[:, None]  # (N, M)
+        p.masked_fill_(transposed() <= 0, NO_PRIORITY)
+        vals, sample_rows = p.topk(kk, dim=1, largest=False, sorted=False)
+        rows[2] = sample_rows.masked_fill_(vals == NO_PRIORITY, -1)  # inactive picks (fewer than kk active tokens)
+    rows = rows.view(3 * n, kk)
+    batch_min, batch_max = flat.amin(0), flat.amax(0)
+    with _threads(_SMALL_THREADS if dev.type == "cpu" else 0):  # the tail works on small tensors
+        if candidates:
+            row, col, order_key = (torch.cat(c) for c in zip(*candidates))
+            rows = torch.maximum(rows, _rank_candidates(row, col, order_key, 3 * n, kk, False))  # one route per kind
+        top, bottom, sample = _merge_batches(s, rows, flat, keys, t_len, cfg, lambda r: h_token[r] * odd[:, None])
+        return LayerState(
+            **_merge_moments(s, n_b, mean_b, m2_b),
+            min=torch.minimum(s.min, batch_min), max=torch.maximum(s.max, batch_max),
+            n_active=s.n_active + n_active, hist=s.hist + hist,
+            top=top, bottom=bottom, sample=sample,
+        )
 
 
 def update(state: PagesState, layer_index: int, x: torch.Tensor, chunk) -> PagesState:
