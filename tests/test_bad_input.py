@@ -5,11 +5,10 @@ import shutil
 
 import pytest
 
-from jobs.cli import main
 from jobs.config import RunConfig
 from jobs.errors import UsageError
 from jobs.manifest import STAGES
-from tests.conftest import error_lines, save_tiny_model
+from tests.conftest import refused_line, save_tiny_model
 from tests.corpus import write_corpus
 
 
@@ -19,19 +18,9 @@ def setup(tmp_path_factory):
     return {"root": root, "model": save_tiny_model(root / "tiny"), "data": write_corpus(root / "c.txt", n_rows=30)}
 
 
-def one_line(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = error_lines(err)  # stage progress lines may come first
-    assert len(lines) == 1 and lines[0].startswith("probe: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 def run_bad(capsys, setup, *extra, out=None):
     out = out or str(setup["root"] / "never-written")
-    line = one_line(capsys, ["run", "--models", setup["model"], "--data", setup["data"], "--out", out, "--chunk-tokens", "64", *extra])
+    line = refused_line(capsys, ["run", "--models", setup["model"], "--data", setup["data"], "--out", out, "--chunk-tokens", "64", *extra])
     assert not os.path.exists(setup["root"] / "never-written")
     return line
 
@@ -51,7 +40,7 @@ def test_yaml_values_of_the_wrong_type(capsys, setup, tmp_path, yaml_text, key):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml_text)
     out = setup["root"] / "never-written"
-    assert key in one_line(capsys, ["run", "--config", str(cfg), "--out", str(out)])  # a flag would win over the YAML value
+    assert key in refused_line(capsys, ["run", "--config", str(cfg), "--out", str(out)])  # a flag would win over the YAML value
     assert not out.exists()
 
 
@@ -160,16 +149,16 @@ def test_query_output_errors(capsys, setup, tmp_path):
     pq.write_table(pa.table({"chunk": pa.array([0], pa.int32()), "pos": pa.array([0], pa.int32()), "label": [True],
                              "values": pa.array([[1.0, 2.0]], pa.list_(pa.float16(), 2))}),
                    run / "activations" / "model=m" / "layer=1" / "p.parquet")
-    assert "does not exist" in one_line(capsys, ["query", str(run), "SELECT 1 AS x", "--output", str(tmp_path / "no" / "x.csv")])
+    assert "does not exist" in refused_line(capsys, ["query", str(run), "SELECT 1 AS x", "--output", str(tmp_path / "no" / "x.csv")])
     out = tmp_path / "x.csv"
-    assert "nested" in one_line(capsys, ["query", str(run), "SELECT * FROM activations", "--output", str(out)])
+    assert "nested" in refused_line(capsys, ["query", str(run), "SELECT * FROM activations", "--output", str(out)])
     assert not out.exists()
 
 
 def test_query_and_report_on_a_non_run(capsys, tmp_path):
-    assert "no manifest.json" in one_line(capsys, ["query", str(tmp_path), "SELECT 1"])
-    assert "no manifest.json" in one_line(capsys, ["report", str(tmp_path)])
-    assert "cannot be opened" in one_line(capsys, ["query", "foo://x", "SELECT 1"])
+    assert "no manifest.json" in refused_line(capsys, ["query", str(tmp_path), "SELECT 1"])
+    assert "no manifest.json" in refused_line(capsys, ["report", str(tmp_path)])
+    assert "cannot be opened" in refused_line(capsys, ["query", "foo://x", "SELECT 1"])
 
 
 def test_a_run_of_another_layout_is_refused_where_it_is_opened(capsys, tmp_path):
@@ -184,5 +173,5 @@ def test_a_run_of_another_layout_is_refused_where_it_is_opened(capsys, tmp_path)
     old = {"target": [" her"], "layer": pa.array([1], pa.int16()), "t": [1.0]}
     pq.write_table(pa.table(old), run / "rotation" / "model=m" / "all.parquet")
     for command in (["query", str(run), "SELECT * FROM rotation"], ["report", str(run)]):
-        line = one_line(capsys, command)
+        line = refused_line(capsys, command)
         assert "another version" in line and "table rotation lacks" in line and "source" in line, line

@@ -19,7 +19,7 @@ from jobs.manifest import SPEED_SETTINGS, Manifest
 from jobs.plan import check_inputs
 from jobs.sources import resolve_source
 from jobs.store import LEASE, Store
-from tests.conftest import error_lines, save_tiny_model
+from tests.conftest import refused_line, save_tiny_model
 from tests.corpus import write_corpus
 
 
@@ -46,15 +46,6 @@ def small(tmp_path_factory):
     return {"root": root, "model": save_tiny_model(root / "tiny"), "data": write_corpus(root / "c.txt", n_rows=30)}
 
 
-def one_line(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = error_lines(err)  # after the progress lines of the stages that ran
-    assert len(lines) == 1 and lines[0].startswith("probe: error: "), err
-    return lines[0]
-
-
 def base_args(small, out, *extra):
     return ["run", "--models", small["model"], "--data", small["data"], "--out", str(out), "--chunk-tokens", "64", *extra]
 
@@ -78,7 +69,7 @@ def test_resume_with_other_weights_is_refused_naming_the_model(small, tmp_path, 
               "--analyses", "path", "--chunk-tokens", "64"])
     save_tiny_model(tmp_path / "mine", seed=2)  # same config, other weights
     capsys.readouterr()
-    line = one_line(capsys, ["run", "--models", model, "--data", small["data"], "--out", str(out), "--run-id", "orig",
+    line = refused_line(capsys, ["run", "--models", model, "--data", small["data"], "--out", str(out), "--run-id", "orig",
                              "--resume", "--analyses", "path", "--chunk-tokens", "64"])
     assert "mine" in line and "weights" in line, line
     assert (out / "manifest.json").read_text() == before
@@ -103,11 +94,11 @@ def test_weights_hash_is_cached_on_path_size_and_mtime(tmp_path, monkeypatch):
 def test_sentences_longer_than_n_positions_or_without_the_target_name_the_line(small, tmp_path, capsys, no_ray):
     long = tmp_path / "long.txt"
     long.write_text("Mary thanked her brother.\n\n" + "Alice called her" * 200 + ".\n")  # line 3: ~600 tokens > 256
-    line = one_line(capsys, base_args(small, tmp_path / "o1", "--analyses", "path,rotation", "--sentences", str(long)))
+    line = refused_line(capsys, base_args(small, tmp_path / "o1", "--analyses", "path,rotation", "--sentences", str(long)))
     assert "line 3" in line and "n_positions 256" in line and "tiny" in line, line
     none = tmp_path / "none.txt"
     none.write_text(" her brother thanked John.\n")  # the target only as the first token: nothing to compare it with
-    line = one_line(capsys, base_args(small, tmp_path / "o2", "--analyses", "path,rotation", "--sentences", str(none)))
+    line = refused_line(capsys, base_args(small, tmp_path / "o2", "--analyses", "path,rotation", "--sentences", str(none)))
     assert "line 1" in line and "' her'" in line, line
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
@@ -130,7 +121,7 @@ def test_a_sentence_without_the_target_is_named_in_the_plan(small, tmp_path, gpt
 def test_chunk_tokens_below_what_the_analyses_need(small, tmp_path, capsys, no_ray, tokens, analyses, minimum, who):
     args = ["run", "--models", small["model"], "--data", small["data"], "--out", str(tmp_path / "o"), "--chunk-tokens", tokens,
             "--analyses", analyses]
-    line = one_line(capsys, args)
+    line = refused_line(capsys, args)
     assert f"--chunk-tokens {tokens}" in line and f"at least {minimum}" in line and who in line, line
     with pytest.raises(UsageError):
         RunConfig(chunk_tokens=int(tokens), analyses=tuple(analyses.split(",")))
@@ -156,7 +147,7 @@ def test_a_model_folder_as_data_is_refused(small, tmp_path, capsys, no_ray):
     folder = tmp_path / "model"
     shutil.copytree(small["model"], folder)
     (folder / "merges.txt").write_text("#version: 0.2\nĠ t\n")  # as a slow tokenizer saves it: a .txt file
-    line = one_line(capsys, ["run", "--models", small["model"], "--data", str(folder), "--out", str(tmp_path / "o"),
+    line = refused_line(capsys, ["run", "--models", small["model"], "--data", str(folder), "--out", str(tmp_path / "o"),
                              "--chunk-tokens", "64"])
     assert "a model folder, not a corpus" in line, line
 
@@ -174,7 +165,7 @@ def test_resume_takes_the_same_data_spelled_relative(small, tmp_path, monkeypatc
 def test_rerun_suggests_the_runs_own_id_and_resume_keeps_it(small, tmp_path, capsys):
     out = tmp_path / "run"
     first_run(small, out)
-    line = one_line(capsys, base_args(small, out, "--analyses", "path"))
+    line = refused_line(capsys, base_args(small, out, "--analyses", "path"))
     assert "--resume --run-id orig" in line, line
     cfg = build_config({"models": small["model"], "data": small["data"], "out": str(out), "chunk_tokens": 64,
                         "analyses": "path", "resume": True})  # no --run-id: a fresh timestamp
@@ -212,7 +203,7 @@ def test_too_little_free_space_is_refused_before_capture(small, tmp_path, capsys
     capsys.readouterr()
     out = tmp_path / "new" / "run"
     try:
-        line = one_line(capsys, base_args(small, out, "--analyses", "path"))
+        line = refused_line(capsys, base_args(small, out, "--analyses", "path"))
     finally:
         ray.shutdown()
     assert "has 1000 B free, less than the ~" in line and "before capture" in line and "--no-space-check" in line, line
