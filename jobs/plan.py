@@ -16,14 +16,8 @@ from jobs.models import ModelSpec, load_tokenizer, resolve_model
 from jobs.query import open_store
 from jobs.replicas import parse_replicas, requested_counts
 from jobs.sources import Source, resolve_source
-from jobs.store import LEASE, Lease, Store
+from jobs.store import LEASE, Lease, Store, size_text
 from probe_core.tokens import decode_table
-
-
-def _size(b: float) -> str:
-    if b < 2**16:  # a free-space figure can be this small; "0.0 MiB" would hide it
-        return f"{b:.0f} B"
-    return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
 
 
 def nearest_existing(path: str) -> str:
@@ -86,11 +80,11 @@ class Plan:
             f"  batch size {self.batch_size} chunks",
         ]
         for m in self.models:
-            lines.append(f"  model {m.name} writes ~{_size(est[m.name])}")
+            lines.append(f"  model {m.name} writes ~{size_text(est[m.name])}")
         for a in analyses.selected(self.cfg.analyses):
             if a.describe:
                 lines += a.describe(self, self.parts.get(a.name))
-        lines.append(f"  disk: ~{_size(sum(est.values()))} in all")
+        lines.append(f"  disk: ~{size_text(sum(est.values()))} in all")
         return "\n".join(lines)
 
 
@@ -133,7 +127,7 @@ def check_free_space(plan: Plan, store: Store) -> None:
     where = nearest_existing(store.root)
     free = shutil.disk_usage(where).free
     if free < need:
-        raise UsageError(f"--out {cfg.out}: its filesystem ({where}) has {_size(free)} free, less than the ~{_size(need)} the plan "
+        raise UsageError(f"--out {cfg.out}: its filesystem ({where}) has {size_text(free)} free, less than the ~{size_text(need)} the plan "
                          f"estimates this run will still write (checked after the corpus stage, before capture): free space, "
                          f"choose another --out, or pass --no-space-check")
 

@@ -30,6 +30,13 @@ class Table:
     partitions: tuple[str, ...] = ("model",)
 
 
+def size_text(b: float) -> str:
+    """Bytes for plan lines and size refusals: GiB from 256 MiB up, MiB from 64 KiB, else bytes."""
+    if b < 2**16:  # a free-space figure can be this small; "0.0 MiB" would hide it
+        return f"{b:.0f} B"
+    return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
+
+
 def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, root path) for a local path or any URI pyarrow understands (s3://, gs://, file://)."""
     if "://" in uri:

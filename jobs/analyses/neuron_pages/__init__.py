@@ -23,7 +23,7 @@ from jobs.analyses.neuron_pages.figures import FIGURES, summaries
 from jobs.analyses.neuron_pages.html import write_pages
 from jobs.analyses.neuron_pages.page import neuron_page, page_text, select_neurons  # noqa: F401  (the API's entry points)
 from jobs.errors import UsageError
-from jobs.store import Store
+from jobs.store import Store, size_text
 from probe_core import neuron_pages as pages
 
 NAME = "neuron_pages"
@@ -87,17 +87,13 @@ def plan(ctx) -> Part:
         big = {name: b for name, b in sizes.items() if b > share}
         if big:
             name, b = max(big.items(), key=lambda kv: kv[1])
-            raise UsageError(f"{NAME}: the state of {name} needs {_size(b)}, more than its actor's share "
-                             f"({_size(share)} of {_size(available)} available): lower --examples-k or --context-tokens")
+            raise UsageError(f"{NAME}: the state of {name} needs {size_text(b)}, more than its actor's share "
+                             f"({size_text(share)} of {size_text(available)} available): lower --examples-k or --context-tokens")
     return Part(cfg.examples_k, cfg.context_tokens, sizes)
 
 
-def _size(b: float) -> str:
-    return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
-
-
 def describe(plan, part) -> list:
-    sizes = ", ".join(f"{name} {_size(b)}" for name, b in part.state_bytes.items())
+    sizes = ", ".join(f"{name} {size_text(b)}" for name, b in part.state_bytes.items())
     return [f"  {NAME}: k={part.k} examples per kind, {part.window} context tokens per side; "
             f"state per actor: {sizes}"]
 

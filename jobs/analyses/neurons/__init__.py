@@ -20,7 +20,7 @@ from jobs.analyses.neurons.figures import ACROSS_FIGURES, FIGURES
 from jobs.corpus import draw_sample
 from jobs.plotting import by_model
 from jobs.replicas import gather_rows, split_by_owner
-from jobs.store import Store
+from jobs.store import Store, size_text
 from probe_core import capture as hooks
 from probe_core import neurons
 
@@ -68,9 +68,8 @@ def plan(ctx) -> Part:
 def describe(plan, part) -> list:
     acts = sum(len(part.keys) * m.n_layer * m.d_mlp * 2 for m in plan.models)
     held = f", chunk {plan.n_chunks - 1} held out" if plan.n_chunks > 1 else ""
-    size = f"{acts / 2**30:.2f} GiB" if acts >= 2**28 else f"{acts / 2**20:.1f} MiB"
     return [f"  {NAME}: {len(part.keys)} sampled tokens ({int(part.labels.sum())} proper nouns{held}); "
-            f"activations (float16, every layer): {size} in the object store and on disk"]
+            f"activations (float16, every layer): {size_text(acts)} in the object store and on disk"]
 
 
 # ---------------------------------------------------------------- capture: the actor keeps its sampled rows
