@@ -1,7 +1,7 @@
-"""Benchmark: the whole job (``probe run``, all five analyses) over the WikiText-2 raw test split.
+"""Benchmark: the whole job (``probe run``, the default analyses or ``--analyses``) over the WikiText-2 raw test split.
 
     python bench/end_to_end.py [--sizes tiny] [--device cpu|cuda] [--dtype float32] [--max-tokens N]
-                               [--chunk-tokens 1024] [--together] [--keep DIR]
+                               [--chunk-tokens 1024] [--together] [--analyses LIST] [--keep DIR]
 
 Random GPT-2s of the given sizes are saved to a temporary folder (``save_pretrained`` plus the real
 tokenizer); by default each size is its own run so the stage times are per model, and ``--together``
@@ -25,6 +25,8 @@ def job_args(models: list[str], out: str, args) -> list[str]:
            "--dtype", args.dtype, "--chunk-tokens", str(args.chunk_tokens)]
     if args.max_tokens:
         cli += ["--max-tokens", str(args.max_tokens)]
+    if args.analyses:
+        cli += ["--analyses", args.analyses]
     return cli
 
 
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=None, help="cap the corpus (default: the whole file)")
     p.add_argument("--chunk-tokens", type=int, default=1024)
     p.add_argument("--together", action="store_true", help="one job over all sizes instead of one job per size")
+    p.add_argument("--analyses", default=None, help="probe run --analyses (default: the default analyses)")
     p.add_argument("--keep", default=None, help="keep the models, runs and logs in this folder (default: a temporary one)")
     args = p.parse_args(argv)
     sizes = parse_sizes(args.sizes or ("tiny" if args.device == "cpu" else "gpt2,medium,large,xl"))
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    emit({"bench": "end_to_end", "device": args.device, "dtype": args.dtype, "max_tokens": args.max_tokens,
+    emit({"bench": "end_to_end", "device": args.device, "dtype": args.dtype, "max_tokens": args.max_tokens, "analyses": args.analyses,
           "chunk_tokens": args.chunk_tokens, "load_avg_1m_end": load_average(), "runs": runs})
     return 0
 

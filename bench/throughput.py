@@ -18,6 +18,12 @@ warm-up runs (CUDA synchronised). Variants, fastest expected first:
   folder), serially; ``worker_pipelined``: back-to-back calls whose writes overlap the next call's
   compute on the worker's background thread, as in the job (one timed run of ``--repeats`` calls).
 - ``--breakdown``: the milliseconds of each piece (forward, each analysis's ``reduce_<name>``, the writes run synchronously).
+- ``--pages-batches S``: the overhead of the opt-in ``neuron_pages`` analysis (target: at most 15% of capture time on
+  CPU, gpt2 shape, 2 threads). Two workers, one with the default analyses and one with ``neuron_pages`` added
+  (k=20, W=10), capture the same stream of S distinct batches of consecutive WikiText-2 chunks in one run,
+  alternating batch by batch; the second's state grows from empty as in a job. ``pages_overhead`` = its total time
+  over the first's - 1, also per quarter of the stream (the first batches fill the state and cost most; a longer
+  corpus costs less per batch).
 
 On CUDA, MFU = 2 * n_params * tok/s / peak, n_params = the model's parameters (tied wte counted once).
 Ends with one JSON line.
@@ -63,8 +69,9 @@ def make_plan(tokens: np.ndarray, decode: list[str], b: int, t: int, target_id: 
     return np.arange(b, dtype=np.int64), ids, parts
 
 
-def make_worker(size: str, model, device: str, dtype: str, store_dir: str, ids: np.ndarray, parts: dict):
-    """A ModelWorker around an in-memory model (``load_model`` patched out, so no checkpoint on disk)."""
+def make_worker(size: str, model, device: str, dtype: str, store_dir: str, ids: np.ndarray, parts: dict, extra=()):
+    """A ModelWorker around an in-memory model (``load_model`` patched out, so no checkpoint on disk), running the
+    default analyses and ``extra`` ones."""
     from jobs import analyses
     from jobs.config import RunConfig
     from jobs.corpus import ArrayChunks
@@ -74,7 +81,7 @@ def make_worker(size: str, model, device: str, dtype: str, store_dir: str, ids: 
     c = model.config
     spec = ModelSpec(source=f"random-{size}", name=size, n_layer=c.n_layer, n_embd=c.n_embd, d_mlp=c.n_inner or 4 * c.n_embd,
                      n_positions=c.n_positions, vocab_size=c.vocab_size, config={})
-    cfg = RunConfig(analyses=analyses.defaults(), device=device, dtype=dtype, chunk_tokens=ids.shape[1])
+    cfg = RunConfig(analyses=(*analyses.defaults(), *extra), device=device, dtype=dtype, chunk_tokens=ids.shape[1])
     with mock.patch("jobs.worker.load_model", return_value=model):
         return ModelWorker(spec, WorkerConfig.of(cfg), store_dir, ArrayChunks(ids), parts, threads=0)
 
@@ -142,9 +149,58 @@ def host_breakdown(worker, chunk_ids, repeats: int, cuda: bool) -> dict:
     return {k: round(v * 1e3, 2) for k, v in seconds.items()}
 
 
+def pages_stream(size: str, model, args, tokens: np.ndarray, decode: list[str], target_id: int) -> dict:
+    """Capture seconds of the same S batches with and without ``neuron_pages`` (see the module's docstring)."""
+    import time
+
+    from jobs.analyses import neuron_pages, neurons, rotation
+    from probe_core import neuron_pages as npg
+    from probe_core.tokens import proper_noun_labels
+
+    b, t, s = args.batch, args.tokens, args.pages_batches
+    chunks = tokens[: tokens.size // t * t].reshape(-1, t)
+    if len(chunks) < b * s:
+        raise ValueError(f"the corpus holds {len(chunks)} chunks of {t} tokens, fewer than --batch x --pages-batches")
+    ids = chunks[: b * s].astype(np.int32)
+    rng = np.random.default_rng(0)
+    n = max(1, round(ids.size * SAMPLE_DENSITY))
+    flat = np.sort(rng.choice(ids.size, size=n, replace=False))
+    proper = proper_noun_labels([decode[i] for i in ids.ravel()])
+    keys = np.stack([flat // t, flat % t], axis=1).astype(np.int64)
+    c = model.config
+    d_mlp = c.n_inner or 4 * c.n_embd
+    parts = {"neurons": neurons.Part(keys, proper[flat]), "rotation": rotation.Part(target_id, None),
+             "neuron_pages": neuron_pages.Part(20, 10, {size: npg.state_bytes(c.n_layer, d_mlp, 20, 10)})}
+    cuda = args.device == "cuda"
+    with tempfile.TemporaryDirectory(prefix="bench-pages-") as store_dir:
+        base = make_worker(size, model, args.device, args.dtype, store_dir, ids, parts)
+        pages = make_worker(size, model, args.device, args.dtype, store_dir, ids, parts, extra=(neuron_pages.NAME,))
+        times = {"capture": [], "capture_pages": []}
+        for i in range(s):
+            batch = np.arange(i * b, (i + 1) * b, dtype=np.int64)
+            for name, worker in (("capture", base), ("capture_pages", pages)):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                capture_no_writes(worker, batch)
+                if cuda:
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+        held = pages.state[neuron_pages.NAME].state.chunks.size
+    if held != b * s:
+        raise RuntimeError(f"the neuron_pages state holds {held} chunks, not the {b * s} captured")
+    q = max(1, s // 4)
+    quarters = [round(sum(times["capture_pages"][i:i + q]) / sum(times["capture"][i:i + q]) - 1, 4) for i in range(0, s, q)]
+    total = {k: sum(v) for k, v in times.items()}
+    return {"pages_batches": s, "capture_s": round(total["capture"], 2), "capture_pages_s": round(total["capture_pages"], 2),
+            "pages_overhead": round(total["capture_pages"] / total["capture"] - 1, 4), "pages_overhead_by_quarter": quarters}
+
+
 def bench_size(size: str, args, tokens: np.ndarray, decode: list[str], target_id: int) -> dict:
     cuda = args.device == "cuda"
     model = build_model(size, device=args.device, dtype=args.dtype)
+    if args.pages_batches:
+        return pages_stream(size, model, args, tokens, decode, target_id)
     batch, input_ids, parts = make_plan(tokens, decode, args.batch, args.tokens, target_id)
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=args.device)
     n_tok = ids.numel()
@@ -185,6 +241,11 @@ def bench_size(size: str, args, tokens: np.ndarray, decode: list[str], target_id
 
 
 def print_row(size: str, row: dict) -> None:
+    if "pages_overhead" in row:
+        print(f"{size:>7}: {row['pages_batches']} batches: capture {row['capture_s']:.1f} s, with neuron_pages "
+              f"{row['capture_pages_s']:.1f} s: overhead {row['pages_overhead']:+.1%} (by quarter of the stream: "
+              + ", ".join(f"{v:+.1%}" for v in row["pages_overhead_by_quarter"]) + ")", flush=True)
+        return
     if "breakdown_ms" in row:
         n_tok = row["tokens_per_batch"]
         print(f"{size:>7}: per batch of {n_tok} tokens: " + ", ".join(f"{k} {v:.1f} ms ({v * 1e3 / n_tok:.2f} us/tok)" for k, v in row["breakdown_ms"].items()))
@@ -205,6 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--breakdown", action="store_true", help="also time each piece of the worker (forward, each table, the Parquet writes)")
+    p.add_argument("--pages-batches", type=int, default=0, help="measure neuron_pages' overhead over this many distinct batches instead")
     p.add_argument("--peak-flops", type=float, default=989e12, help="accelerator peak FLOP/s for MFU (H100 SXM dense bf16: 989e12)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

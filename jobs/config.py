@@ -52,6 +52,7 @@ class RunConfig:
     activations_dtype: str = "float16"  # storage of the activations table; fits always see the float32 values
     examples_k: int = 20  # neuron pages: examples per kind and neuron, and promoted/suppressed tokens
     context_tokens: int = 10  # neuron pages: context tokens on each side of an example
+    pages_checkpoint_s: float = 600.0  # neuron pages: seconds of capture between checkpoints of an actor's state
     resume: bool = False
     no_space_check: bool = False  # run even where --out's filesystem has less free space than the plan's estimate
     allow_pickle: bool = False

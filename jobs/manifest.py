@@ -14,7 +14,8 @@ from jobs.store import Store
 # (adding a model on resume is allowed).
 STAGES = ("plan", "corpus", "capture", "stats", "report")  # in run order; each in manifest.json's ``stages`` when reached
 SPEED_SETTINGS = frozenset({"batch_size", "max_in_flight", "replicas", "device", "address", "placement_timeout", "actor_resources",
-                            "models", "out", "run_id", "resume", "allow_pickle", "no_space_check"})
+                            "models", "out", "run_id", "resume", "allow_pickle", "no_space_check",
+                            "pages_checkpoint_s"})
 
 
 # Settings that may name a local path: compared as absolute paths, so "c.txt" and "/data/c.txt" are one setting.

@@ -116,6 +116,15 @@ class Store:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return json.loads(f.read())
 
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def remove_folder(self, folder_rel: str) -> None:
+        """Delete a folder and everything under it (nothing if it does not exist)."""
+        if self.exists(folder_rel):
+            self.fs.delete_dir(self.path(folder_rel))
+
     def write_bytes(self, rel: str, payload: bytes) -> None:
         def write(p):
             with self.fs.open_output_stream(p) as f:

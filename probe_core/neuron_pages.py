@@ -3,13 +3,14 @@ streamed batch by batch with memory independent of the corpus, and each neuron's
 
 One ``LayerState`` per layer (N = d_mlp neurons, k examples, W context tokens on each side):
 
-- moments: ``n`` tokens, ``mean``, ``m2`` (float64, Chan's parallel update), ``min``, ``max`` (float32),
-  ``n_active`` (tokens with x > 0);
+- moments: ``n`` tokens, ``mean``, ``m2`` (float64, Chan's parallel update), ``n_active`` (tokens with x > 0);
+  min and max are the best bottom and top examples (k >= 1 keeps them);
 - ``hist`` (N, len(HIST_EDGES) + 1) int64 over the fixed ``HIST_EDGES``: bin 0 counts x < edges[0],
   bin i counts edges[i-1] <= x < edges[i], the last bin x >= edges[-1] (``np.searchsorted(edges, x, "right")``);
 - three ``Examples`` sets of k tokens per neuron: ``top`` (largest x), ``bottom`` (smallest x), both with
   ties broken by (chunk, pos) ascending, and ``sample`` (x > 0 with the smallest ``priority``, ties by
-  (chunk, pos)), each with its context: x at pos-W..pos+W within the chunk, NaN outside it.
+  (chunk, pos)), each with its context: x at pos-W..pos+W within the chunk, NaN outside it. A set's k
+  slots are unordered (a batch writes only the slots its new examples take); ``layer_tables`` orders them.
 
 A token is keyed by ``chunk * T + pos`` (T: tokens per chunk). Every update and merge is exact and
 independent of batching and order (the moments up to float64 rounding), so replicas' states merge.
@@ -68,11 +69,12 @@ def token_hash(chunk: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def priority(h_neuron: torch.Tensor, h_token: torch.Tensor) -> torch.Tensor:
-    """priority = h_token * (h_neuron | 1) mod 2**64, compared as signed int64: (N,), (M,) -> (M, N).
+    """priority = h_token + h_neuron mod 2**64, compared as signed int64: (N,), (M,) -> (M, N).
 
-    One multiply per (token, neuron): for a neuron, an odd factor permutes the (already mixed) token
-    hashes, so its k smallest are a uniform draw; a full mix per element cost the capture 2x on CPU."""
-    return h_token[:, None] * (h_neuron | 1)[None, :]
+    For one neuron, adding a constant permutes the (already mixed, uniform) token hashes, so its k smallest
+    are a uniform draw, and its candidates in a batch are the tokens whose hash lies in one cyclic interval:
+    a range of the batch's sorted token hashes (``_sample_candidates``), found without an (M, N) pass."""
+    return h_token[:, None] + h_neuron[None, :]
 
 
 # ---------------------------------------------------------------- state
@@ -105,8 +107,6 @@ class LayerState:
     n: torch.Tensor  # (N,) int64
     mean: torch.Tensor  # (N,) float64
     m2: torch.Tensor  # (N,) float64: sum of squared deviations from the mean
-    min: torch.Tensor  # (N,) float32
-    max: torch.Tensor  # (N,) float32
     n_active: torch.Tensor  # (N,) int64
     hist: torch.Tensor  # (N, len(HIST_EDGES) + 1) int64
     top: Examples
@@ -140,7 +140,7 @@ def _map(obj, fn):
 
 def state_bytes(n_layer: int, d_mlp: int, k: int, window: int) -> int:
     """Bytes of a model's state: per neuron 3 example sets (value, key, context; prio for one) + moments + hist."""
-    per_neuron = 3 * k * (4 + 8 + 4 * (2 * window + 1)) + k * 8 + 8 * 3 + 4 * 2 + 8 + 8 * (len(HIST_EDGES) + 1)
+    per_neuron = 3 * k * (4 + 8 + 4 * (2 * window + 1)) + k * 8 + 8 * 3 + 8 + 8 * (len(HIST_EDGES) + 1)
     return n_layer * d_mlp * per_neuron
 
 
@@ -158,7 +158,6 @@ def empty_layer(n: int, cfg: PagesConfig, device=None) -> LayerState:
     zeros = lambda dtype: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
     return LayerState(
         n=zeros(torch.int64), mean=zeros(torch.float64), m2=zeros(torch.float64),
-        min=torch.full((n,), float("inf"), device=device), max=torch.full((n,), -float("inf"), device=device),
         n_active=zeros(torch.int64), hist=torch.zeros((n, len(HIST_EDGES) + 1), dtype=torch.int64, device=device),
         top=_empty_examples(n, cfg, -float("inf"), False, device),
         bottom=_empty_examples(n, cfg, float("inf"), False, device),
@@ -170,18 +169,48 @@ def empty_state(n_layer: int, d_mlp: int, cfg: PagesConfig, device=None) -> Page
     return PagesState(cfg, tuple(empty_layer(d_mlp, cfg, device) for _ in range(n_layer)), np.zeros(0, np.int64))
 
 
+def to_tensors(state: PagesState) -> dict:
+    """The state as a flat {name: CPU tensor} (``torch.save``-able, loadable with ``weights_only=True``)."""
+    c = state.cfg
+    out = {"cfg": torch.tensor([c.k, c.window, c.chunk_tokens, c.seed, c.salt], dtype=torch.int64),
+           "chunks": torch.from_numpy(np.asarray(state.chunks, np.int64))}
+    for i, layer in enumerate(state.layers):
+        for f in fields(layer):
+            v = getattr(layer, f.name)
+            items = [(f"{f.name}.{g.name}", getattr(v, g.name)) for g in fields(v)] if isinstance(v, Examples) else [(f.name, v)]
+            for name, t in items:
+                if t is not None:
+                    out[f"{i}.{name}"] = t.detach().to("cpu")
+    return out
+
+
+def from_tensors(d: dict, device=None) -> PagesState:
+    """``to_tensors``' inverse."""
+    k, window, chunk_tokens, seed, salt = (int(v) for v in d["cfg"])
+    layers = []
+    for i in range(len({name.split(".")[0] for name in d} - {"cfg", "chunks"})):
+        get = lambda name, i=i: d[f"{i}.{name}"].to(device) if f"{i}.{name}" in d else None  # noqa: E731
+        sets = {e: Examples(*(get(f"{e}.{g}") for g in ("value", "key", "context", "prio"))) for e in ("top", "bottom", "sample")}
+        layers.append(LayerState(**{f.name: sets[f.name] if f.name in sets else get(f.name) for f in fields(LayerState)}))
+    return PagesState(PagesConfig(k, window, chunk_tokens, seed, salt), tuple(layers), d["chunks"].numpy().copy())
+
+
 # ---------------------------------------------------------------- merging
-def _select(a: Examples, b: Examples, k: int, kind: str) -> Examples:
-    """The k best of two example sets (disjoint tokens): ordered by value (top: descending, bottom:
-    ascending) or priority (sample), then key ascending. Two stable sorts: key first, then the primary."""
-    cat = Examples(*(torch.cat([getattr(a, f), getattr(b, f)], dim=1) if getattr(a, f) is not None else None
-                     for f in ("value", "key", "context", "prio")))
-    order = torch.sort(cat.key, dim=1, stable=True).indices
-    primary = (cat.prio if kind == "random_active" else cat.value).gather(1, order)
+def _best(e: Examples, k: int, kind: str) -> Examples:
+    """The k best slots of e, in order: by value (top: descending, bottom: ascending) or priority (sample),
+    then key ascending. Two stable sorts: key first, then the primary."""
+    order = torch.sort(e.key, dim=1, stable=True).indices
+    primary = (e.prio if kind == "random_active" else e.value).gather(1, order)
     order = order.gather(1, torch.sort(primary, dim=1, stable=True, descending=kind == "top").indices)[:, :k]
     take = lambda t: None if t is None else t.gather(1, order)  # noqa: E731
-    context = cat.context.gather(1, order[..., None].expand(-1, -1, cat.context.shape[-1]))
-    return Examples(take(cat.value), take(cat.key), context, take(cat.prio))
+    context = e.context.gather(1, order[..., None].expand(-1, -1, e.context.shape[-1]))
+    return Examples(take(e.value), take(e.key), context, take(e.prio))
+
+
+def _select(a: Examples, b: Examples, k: int, kind: str) -> Examples:
+    """The k best of two example sets (disjoint tokens), in order (``_best``)."""
+    return _best(Examples(*(torch.cat([getattr(a, f), getattr(b, f)], dim=1) if getattr(a, f) is not None else None
+                            for f in ("value", "key", "context", "prio"))), k, kind)
 
 
 def _merge_moments(a: LayerState, n_b, mean_b, m2_b) -> dict:
@@ -198,7 +227,6 @@ def merge_layer(a: LayerState, b: LayerState, cfg: PagesConfig) -> LayerState:
     """The state of the union of two disjoint token sets."""
     return LayerState(
         **_merge_moments(a, b.n, b.mean, b.m2),
-        min=torch.minimum(a.min, b.min), max=torch.maximum(a.max, b.max),
         n_active=a.n_active + b.n_active, hist=a.hist + b.hist,
         top=_select(a.top, b.top, cfg.k, "top"), bottom=_select(a.bottom, b.bottom, cfg.k, "bottom"),
         sample=_select(a.sample, b.sample, cfg.k, "random_active"),
@@ -215,16 +243,19 @@ def merge(a: PagesState, b: PagesState) -> PagesState:
 
 # ---------------------------------------------------------------- one batch
 # How the update stays cheap on a CPU (it runs inside the forward pass, once per layer and batch):
-# - scratch: the (M, N) float64/float32/int32/int64 intermediates live in one reused buffer per thread
-#   (a fresh 25-50 MB tensor is mmap'ed and page-faults on every call, which cost more than the arithmetic);
-# - examples: once a neuron's k slots are filled, only the batch's tokens at least as good as its k-th
-#   example (value >= top's, <= bottom's, priority <= the sample's) can enter, so those candidates are
-#   found with one comparison and ``nonzero`` and ranked by a sort of the few of them; the full
-#   ``topk`` over the batch runs only while slots are unfilled (the first batch) or when too many tie;
-# - contexts are cut only for the batch's examples that survive the merge with the state.
+# - one sweep over the (M, N) batch, block by block of rows (``_batch_passes``): each block and its float64
+#   copy stay in cache while the moments, histogram codes, min/max and threshold comparisons read it;
+# - examples: once a neuron's k slots are filled, only the batch's tokens at least as good as its worst
+#   example can enter: value >= top's, <= bottom's (one comparison each, in the sweep), and for the sample
+#   priority <= its worst, found from the sorted token hashes without touching (M, N). The few candidates
+#   are ranked by one sort. The full ``topk`` runs only while slots are unfilled (the first batch);
+# - slots are unordered (``layer_tables`` sorts them), so a batch writes only the slots its new examples
+#   take (``LayerDelta``), and cuts context windows only for those.
 _WS = threading.local()
 _CANDIDATES_PER_SLOT = 4  # the candidate route while candidates <= this * N * (k + 1)
 _SMALL_THREADS = 1  # threads for the tail on small tensors: on a shared CPU each parallel op waits for its slowest thread
+_NARROW = 4  # example rows with at most this many candidates are merged together, the others apart
+_BLOCK_ROWS = 128  # rows per block of the sweep: 128 x d_mlp float32 + float64 stays in a CPU's cache
 
 
 @contextlib.contextmanager
@@ -314,84 +345,208 @@ def _windows(flat: torch.Tensor, rows: torch.Tensor, neuron: torch.Tensor, t_len
     return out
 
 
-def _merge_batches(s: LayerState, rows: torch.Tensor, flat: torch.Tensor, keys: torch.Tensor, t_len: int,
-                   cfg: PagesConfig, batch_prio) -> tuple[Examples, Examples, Examples]:
-    """Merge the batch's candidate rows (3N, kk) (top, bottom, sample; -1: none) into the state's three
-    example sets at once, as ``_select`` of the state and the batch's examples would (one int64 sort key:
-    -value for top, value for bottom, the priority for the sample); context windows are cut only for the
-    batch's rows that stay."""
+def _primary(s: LayerState, rows: torch.Tensor, n: int):
+    """The state's (key, primary) of example ``rows`` (ascending, into top | bottom | sample, 0..3N): (R, k)
+    each; primary is the int64 sort key, ascending: -value for top, value for bottom, the sample's priority."""
+    bounds = torch.searchsorted(rows, torch.tensor([n, 2 * n], device=rows.device)).tolist()
+    local = [p - i * n for i, p in enumerate(torch.tensor_split(rows, bounds))]
+    key = torch.cat([e.key[r] for e, r in zip((s.top, s.bottom, s.sample), local)])
+    primary = torch.cat([-_ordered(s.top.value[local[0]]), _ordered(s.bottom.value[local[1]]), s.sample.prio[local[2]]])
+    return key, primary
+
+
+def _new_examples(s: LayerState, changed: torch.Tensor, rows: torch.Tensor, flat: torch.Tensor, keys: torch.Tensor,
+                  t_len: int, cfg: PagesConfig, h_token: torch.Tensor, h_neuron: torch.Tensor):
+    """Merge the batch's candidate rows (R, w) (-1: none) of the example rows ``changed`` (R,) with the state's
+    slots, as ``_select`` would: the k best by primary, then key. Returns the examples that enter, each taking
+    a slot one of the row's evicted examples frees: (row (E,) into 0..3N ascending, slot (E,), value, key,
+    primary (E,), context (E, 2W + 1)). Context windows are cut only for these."""
     k, n = cfg.k, flat.shape[1]
+    kind = (changed // n)[:, None]
+    neuron = changed % n
     ok = rows >= 0
     r = rows.clamp(min=0)
-    neuron = torch.arange(3 * n, device=rows.device) % n
-    v = flat[r, neuron[:, None]]  # (3N, kk)
-    fill = torch.tensor([-float("inf"), float("inf"), 0.0], device=rows.device).repeat_interleave(n)[:, None]
-    sign = torch.tensor([-1, 1], device=rows.device).repeat_interleave(n)[:, None]
-    fill_primary = torch.cat([_ordered(fill[:2 * n]) * sign, torch.full((n, 1), NO_PRIORITY, device=rows.device)])
-    primary_b = torch.cat([_ordered(v[:2 * n]) * sign, batch_prio(r[2 * n:])])
-    value = torch.cat([torch.cat([s.top.value, s.bottom.value, s.sample.value]), torch.where(ok, v, fill)], 1)
-    key = torch.cat([torch.cat([s.top.key, s.bottom.key, s.sample.key]), torch.where(ok, keys[r], EMPTY_KEY)], 1)
-    primary = torch.cat([torch.cat([-_ordered(s.top.value), _ordered(s.bottom.value), s.sample.prio]),
-                         torch.where(ok, primary_b, fill_primary)], 1)
-    order = torch.sort(key, dim=1, stable=True).indices
-    order = order.gather(1, torch.sort(primary.gather(1, order), dim=1, stable=True).indices)[:, :k]
-    c = s.top.context.shape[-1]
-    slot_index = order.clamp(max=k - 1)[..., None].expand(-1, -1, c)
-    # Each set gets tensors of its own (no views of a 3N tensor: pickling a view ships its whole storage).
-    context = [e.context.gather(1, slot_index[i * n:(i + 1) * n]) for i, e in enumerate((s.top, s.bottom, s.sample))]
-    nb, slot = (order >= k).nonzero(as_tuple=True)
-    if len(nb):
-        windows = _windows(flat, rows[nb, order[nb, slot] - k], nb % n, t_len, cfg.window)
-        kind = nb // n
-        for i in range(3):
-            sel = (kind == i).nonzero().squeeze(1)
-            context[i][nb[sel] - i * n, slot[sel]] = windows[sel]
-    part = lambda t, i: t[i * n:(i + 1) * n].gather(1, order[i * n:(i + 1) * n])  # noqa: E731
-    return tuple(Examples(part(value, i), part(key, i), context[i], part(primary, i) if i == 2 else None)
-                 for i in range(3))
+    v = flat[r, neuron[:, None]]  # (R, w)
+    sign = torch.where(kind == 0, -1, 1)
+    fill = torch.where(kind == 0, -float("inf"), torch.where(kind == 1, float("inf"), 0.0))
+    primary_b = torch.where(kind == 2, h_token[r] + h_neuron[neuron, None], _ordered(v) * sign)
+    fill_primary = torch.where(kind == 2, NO_PRIORITY, _ordered(fill) * sign)
+    s_key, s_primary = _primary(s, changed, n)
+    key = torch.cat([s_key, torch.where(ok, keys[r], EMPTY_KEY)], 1)
+    primary = torch.cat([s_primary, torch.where(ok, primary_b, fill_primary)], 1)
+    # Which k stay: one sort by primary; only where the k-th and (k+1)-th tie (repeated contexts give equal
+    # activations) does the key decide, and those rows are sorted again by key first.
+    ranked, order = torch.sort(primary, dim=1, stable=True)
+    if primary.shape[1] > k:
+        tied = (ranked[:, k] == ranked[:, k - 1]).nonzero().squeeze(1)
+        if len(tied):
+            by_key = torch.sort(key[tied], dim=1, stable=True).indices
+            order[tied] = by_key.gather(1, torch.sort(primary[tied].gather(1, by_key), dim=1, stable=True).indices)
+    kept = torch.zeros(key.shape, dtype=torch.bool, device=key.device).scatter_(1, order[:, :k], True)
+    # Exactly k stay, so a row frees as many slots as it takes batch examples; both lists are row-major: pair them.
+    # (An unfilled batch entry never stays: it ties with the state's empty slots, which sort first.)
+    free_r, free_slot = (~kept[:, :k]).nonzero(as_tuple=True)
+    new_r, new_j = kept[:, k:].nonzero(as_tuple=True)
+    batch_row = rows[new_r, new_j]
+    return (changed[new_r], free_slot, v[new_r, new_j], keys[batch_row], primary_b[new_r, new_j],
+            _windows(flat, batch_row, neuron[new_r], t_len, cfg.window))
 
 
-def _candidates(mask_fn, unfilled: torch.Tensor, m: int, limit: int):
-    """(row, col) of ``mask_fn()``'s true entries, or None when they would be (or are) more than ``limit``."""
-    if int(unfilled.sum()) * m > limit:
+def _sample_candidates(h_token: torch.Tensor, h_neuron: torch.Tensor, thr: torch.Tensor, limit: int):
+    """(row, col) with priority h_token[row] + h_neuron[col] <= thr[col] (int64, wrapping), rows ascending, or
+    None when more than ``limit``. For neuron n these are the tokens whose hash lies in the cyclic interval
+    [MIN - h_n, thr_n - h_n]: a range of the sorted token hashes (two ``searchsorted``), so no (M, N) pass."""
+    m = len(h_token)
+    hs, by_hash = torch.sort(h_token)
+    lo, hi = torch.iinfo(torch.int64).min - h_neuron, thr - h_neuron  # both wrap mod 2**64
+    first = torch.searchsorted(hs, lo)
+    past = torch.searchsorted(hs, hi, right=True)
+    count = torch.where(lo <= hi, past - first, m - first + past)  # lo > hi: the interval wraps past MAX
+    total = int(count.sum())
+    if total > limit:
         return None
-    row, col = mask_fn().nonzero(as_tuple=True)
-    return None if len(row) > limit else (row, col)
+    col = torch.repeat_interleave(torch.arange(len(h_neuron), device=h_token.device), count, output_size=total)
+    offset = torch.arange(total, device=h_token.device) - (torch.cumsum(count, 0) - count)[col]
+    row = by_hash[(first[col] + offset) % m]
+    order = torch.sort(row, stable=True).indices  # row-major, as ``nonzero`` gives: ties rank by row
+    return row[order], col[order]
 
 
-def _moments_hist(flat: torch.Tensor, scratch: torch.Tensor):
-    """(mean, m2) in float64 (two passes over a float64 copy), the histogram (N, HIST_BINS + 2) and the
-    count of x > 0 (N,) of flat (M, N), using ``scratch`` (at least M * N * 8 bytes).
+def _batch_passes(flat: torch.Tensor, thr_top: torch.Tensor | None, thr_bottom: torch.Tensor | None):
+    """Everything that reads the whole batch flat (M, N), in one sweep of row blocks: (mean, m2) (N,) float64 (two
+    passes over each block's float64 copy, blocks combined by Chan's update); a handle whose ``result()`` is the
+    histogram (N, HIST_BINS + 2) and the count of x > 0 (N,); the candidates (row, col) (row-major) with
+    x >= thr_top or x <= thr_bottom (None: that kind is not compared), or None without thresholds.
 
     The histogram's bin is the number of edges <= x, clamp(floor(4x) + 33, 0, 65): x * 4 is exact in
     float32 (a power of two), so this equals ``searchsorted(HIST_EDGES, x, "right")``. One ``bincount``
     also counts x > 0: with a = clamp(4x, -33, 32), u = floor(a) + ceil(a) is 2 floor(a) on an edge and
     2 floor(a) + 1 between edges, so bin = floor(u / 2) + 33 and x > 0 iff u >= 1."""
     m, n = flat.shape
-    x64 = scratch.view(torch.float64)[:m * n].view(m, n)
-    x64.copy_(flat)
-    mean = x64.sum(0) / m
-    m2 = x64.sub_(mean).square_().sum(0)
-    a, b = scratch.view(torch.float32)[:2 * m * n].view(2, m, n)  # x64 is no longer needed
+    dev = flat.device
+    rows = _BLOCK_ROWS if dev.type == "cpu" else m  # a GPU reads memory fast enough in one block
+    rows = min(rows, m)
+    compare = thr_top is not None or thr_bottom is not None
+    sizes = [-(-size // 8) * 8 for size in (rows * n * 8, rows * n * 4, rows * n * 4, m * n * 4, rows * n, m * n * int(compare))]
+    x64, a, b, codes, tmp, mask = (t[:size] for t, size in zip(torch.split(_scratch(sum(sizes), dev), sizes),
+                                                              (rows * n * 8, rows * n * 4, rows * n * 4, m * n * 4, rows * n, m * n)))
+    x64, a, b = x64.view(torch.float64).view(rows, n), a.view(torch.float32).view(rows, n), b.view(torch.float32).view(rows, n)
+    codes, tmp = codes.view(torch.int32).view(m, n), tmp.view(torch.bool).view(rows, n)
+    mask = mask.view(torch.bool).view(m, n) if compare else None
     lo = HIST_LO * HIST_PER_UNIT
-    torch.mul(flat, HIST_PER_UNIT, out=a).clamp_(lo - 1, -lo)
-    torch.ceil(a, out=b)
     width = 2 * (HIST_BINS + 2)  # codes u - 2 lo + 2 in [0, 2 * (HIST_BINS + 1)] per neuron
-    a.floor_().add_(b).add_(torch.arange(n, dtype=torch.float32, device=flat.device) * width - 2 * (lo - 1))  # exact: n * width < 2**24
-    code = b.view(torch.int32).copy_(a)
-    counts = torch.bincount(code.view(-1), minlength=n * width).view(n, width)
-    hist = counts.view(n, HIST_BINS + 2, 2).sum(2)
-    return mean, m2, hist, counts[:, 2 - 2 * lo + 1:].sum(1)
+    offsets = torch.arange(n, dtype=torch.float32, device=dev) * width - 2 * (lo - 1)  # exact: n * width < 2**24
+    starts = range(0, m, rows)
+    sums, m2s = (torch.empty((len(starts), n), dtype=torch.float64, device=dev) for _ in range(2))
+    for i, r0 in enumerate(starts):
+        block = flat[r0:r0 + rows]
+        nb = len(block)
+        x, ab, bb = x64[:nb], a[:nb], b[:nb]
+        x.copy_(block)
+        torch.sum(x, 0, out=sums[i])
+        torch.sum(x.sub_(sums[i] / nb).square_(), 0, out=m2s[i])
+        torch.mul(block, HIST_PER_UNIT, out=ab).clamp_(lo - 1, -lo)
+        torch.ceil(ab, out=bb)
+        codes[r0:r0 + nb].copy_(ab.floor_().add_(bb).add_(offsets))
+        if compare:
+            part = mask[r0:r0 + nb]
+            if thr_top is not None:
+                torch.ge(block, thr_top, out=part)
+            if thr_bottom is not None:
+                below = torch.le(block, thr_bottom, out=tmp[:nb])
+                part.logical_or_(below) if thr_top is not None else part.copy_(below)
+    counts = torch.tensor([min(rows, m - r0) for r0 in starts], dtype=torch.float64, device=dev)[:, None]
+    mean = sums.sum(0) / m
+    m2 = m2s.sum(0) + (counts * (sums / counts - mean) ** 2).sum(0)  # Chan's update of the blocks at once
+
+    def histogram():
+        counts = torch.bincount(codes.view(-1), minlength=n * width).view(n, width)
+        return counts.view(n, HIST_BINS + 2, 2).sum(2), counts[:, 2 - 2 * lo + 1:].sum(1)
+
+    # bincount runs on one thread: on a CPU it overlaps the (single-threaded) rest of the update on another one.
+    found = _sparse_nonzero(mask) if compare else None
+    hist = _Background(histogram) if dev.type == "cpu" else _Done(histogram())
+    return (mean, m2), hist, found
 
 
 def _histogram(flat: torch.Tensor) -> torch.Tensor:
     """Counts of (M, N) over HIST_EDGES per column -> (N, HIST_BINS + 2) int64."""
-    return _moments_hist(flat.float(), torch.empty(flat.numel() * 8, dtype=torch.uint8))[2]
+    return _batch_passes(flat.float(), None, None)[1].result()[0]
 
 
-def update_layer(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesConfig, layer: int) -> LayerState:
-    """Merge one layer's batch into its state: x (B, T, N) pre-activations of whole chunks ``chunk`` (B,),
-    ascending; ``layer`` is the table's layer number (1..n_layer), part of the sample's priority."""
+class _Background:
+    """``fn()`` on a thread of its own (torch releases the GIL in its kernels); ``result()`` joins it."""
+
+    def __init__(self, fn):
+        self.out = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.out = fn()
+        except BaseException as e:  # re-raised by result()
+            self.error = e
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.out
+
+
+@dataclass(frozen=True)
+class _Done:
+    out: object
+
+    def result(self):
+        return self.out
+
+
+def _sparse_nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask.nonzero(as_tuple=True)`` of a (M, N) bool mask with few true entries: the 8-byte words holding one
+    are found first (an eighth of the elements), then the bytes within them."""
+    m, n = mask.shape
+    flat = mask.reshape(-1)
+    if flat.numel() % 8 or flat.storage_offset() % 8:
+        return mask.nonzero(as_tuple=True)
+    words = flat.view(torch.int64).nonzero().squeeze(1)
+    word, byte = flat.view(-1, 8)[words].nonzero(as_tuple=True)
+    index = words[word] * 8 + byte
+    return index // n, index % n
+
+
+def _worst(s: LayerState):
+    """Per neuron (N,) the worst example of each set (top: its smallest value, bottom: largest, sample: largest
+    priority) and whether the set has an empty slot; the slots are unordered."""
+    unfilled = [(e.key == EMPTY_KEY).any(1) for e in (s.top, s.bottom, s.sample)]
+    return (s.top.value.amin(1), s.bottom.value.amax(1), s.sample.prio.amax(1)), unfilled
+
+
+@dataclass(frozen=True)
+class LayerDelta:
+    """One batch's contribution to a layer's state (``layer_delta``; ``apply_delta`` adds it): the batch's own
+    n, mean, m2, n_active, hist (N, ...), and the examples that enter: ``row`` (E,) ascending into
+    top | bottom | sample (0..3N), the ``slot`` (E,) each takes, value, key, primary (E,) (the sample's
+    priority), context (E, 2W + 1)."""
+
+    n: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+    n_active: torch.Tensor
+    hist: torch.Tensor
+    row: torch.Tensor
+    slot: torch.Tensor
+    value: torch.Tensor
+    key: torch.Tensor
+    primary: torch.Tensor
+    context: torch.Tensor
+
+
+def layer_delta(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesConfig, layer: int) -> LayerDelta:
+    """What one layer's batch changes in its state ``s`` (read, not written): x (B, T, N) pre-activations of
+    whole chunks ``chunk`` (B,), ascending, none of them in ``s``; ``layer`` is the table's layer number
+    (1..n_layer), part of the sample's priority."""
     b_len, t_len, n = x.shape
     if t_len != cfg.chunk_tokens:
         raise ValueError(f"a batch of {t_len} tokens per chunk, but the state counts {cfg.chunk_tokens}")
@@ -403,55 +558,95 @@ def update_layer(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: Pages
     keys = chunks * t_len + pos  # (M,)
     m, kk = flat.shape[0], min(cfg.k, flat.shape[0])
     limit = _CANDIDATES_PER_SLOT * n * (cfg.k + 1)
-    scratch = _scratch(m * n * 8, dev)
 
-    mean_b, m2_b, hist, n_active = _moments_hist(flat, scratch)
-    n_b = torch.full((n,), m, dtype=torch.int64, device=dev)
-    xt = []  # (N, M), made once if some kind needs the full topk
-    transposed = lambda: xt[0] if xt else xt.append(flat.T.contiguous()) or xt[0]  # noqa: E731
+    (thr_top, thr_bottom, thr_sample), unfilled = _worst(s)
+    # Unfilled slots (the first batches) make every token a candidate: the full topk is cheaper then.
+    full = [int(u.sum()) * m > limit for u in unfilled]
+    (mean_b, m2_b), histogram, found = _batch_passes(flat, None if full[0] else thr_top, None if full[1] else thr_bottom)
+    if found is not None and len(found[0]) > 2 * limit:  # too many ties with the worst examples
+        full[0] = full[1] = True
+    # The rest works on small tensors (one thread: on a shared CPU each parallel op waits for its slowest
+    # thread), while the histogram's bincount runs on another.
+    with _threads(_SMALL_THREADS if dev.type == "cpu" else 0):
+        xt = []  # (N, M), made once if some kind needs the full topk
+        transposed = lambda: xt[0] if xt else xt.append(flat.T.contiguous()) or xt[0]  # noqa: E731
 
-    rows = torch.full((3, n, kk), -1, dtype=torch.int64, device=dev)  # top, bottom, sample
-    candidates = []  # (row, 3N-column, int64 sort key ascending) of the kinds on the candidate route
-    for i, (e, largest) in enumerate(((s.top, True), (s.bottom, False))):
-        thr = e.value[:, -1]
-        found = _candidates(lambda: flat >= thr if largest else flat <= thr, e.key[:, -1] == EMPTY_KEY, m, limit)
-        if found is None:
-            rows[i] = _best_rows(transposed(), kk, largest)
-        else:
+        rows = torch.full((3, n, kk), -1, dtype=torch.int64, device=dev)  # top, bottom, sample
+        candidates = []  # (row, 3N-column, int64 sort key ascending) of the kinds on the candidate route
+        value = flat[found] if found is not None else None
+        for i, (largest, thr) in enumerate(((True, thr_top), (False, thr_bottom))):
+            if full[i]:
+                rows[i] = _best_rows(transposed(), kk, largest)
+                continue
             row, col = found
-            order_key = _ordered(flat[row, col])
-            candidates.append((row, col + i * n, -order_key if largest else order_key))
+            take = (value >= thr[col]) if largest else (value <= thr[col])
+            order_key = _ordered(value[take])
+            candidates.append((row[take], col[take] + i * n, -order_key if largest else order_key))
 
-    h_token = token_hash(chunks, pos)  # (M,)
-    odd = neuron_hash(cfg.seed, cfg.salt, layer, n, dev) | 1  # (N,): priority = h_token * odd (see ``priority``)
-    # An active token with priority NO_PRIORITY counts as inactive (it marks an empty slot).
-    thr = s.sample.prio[:, -1].clamp(max=NO_PRIORITY - 1)
-    prio = scratch.view(torch.int64)[:m * n].view(m, n)  # the moments' scratch, free again
-    found = _candidates(lambda: torch.mul(h_token[:, None], odd, out=prio) <= thr,
-                        s.sample.prio[:, -1] == NO_PRIORITY, m, limit)
-    if found is not None:
-        row, col = found
-        act = flat[row, col] > 0
-        row, col = row[act], col[act]
-        candidates.append((row, col + 2 * n, prio[row, col]))
-    else:
-        p = h_token[None, :] * odd[:, None]  # (N, M)
-        p.masked_fill_(transposed() <= 0, NO_PRIORITY)
-        vals, sample_rows = p.topk(kk, dim=1, largest=False, sorted=False)
-        rows[2] = sample_rows.masked_fill_(vals == NO_PRIORITY, -1)  # inactive picks (fewer than kk active tokens)
-    rows = rows.view(3 * n, kk)
-    batch_min, batch_max = flat.amin(0), flat.amax(0)
-    with _threads(_SMALL_THREADS if dev.type == "cpu" else 0):  # the tail works on small tensors
+        h_token = token_hash(chunks, pos)  # (M,)
+        h_neuron = neuron_hash(cfg.seed, cfg.salt, layer, n, dev)  # (N,): priority = h_token + h_neuron
+        # An active token with priority NO_PRIORITY counts as inactive (it marks an empty slot).
+        sampled = None if int(unfilled[2].sum()) * m > limit else \
+            _sample_candidates(h_token, h_neuron, thr_sample.clamp(max=NO_PRIORITY - 1), limit)
+        if sampled is not None:
+            row, col = sampled
+            act = flat[row, col] > 0
+            row, col = row[act], col[act]
+            candidates.append((row, col + 2 * n, h_token[row] + h_neuron[col]))
+        else:
+            p = h_token[None, :] + h_neuron[:, None]  # (N, M)
+            p.masked_fill_(transposed() <= 0, NO_PRIORITY)
+            vals, sample_rows = p.topk(kk, dim=1, largest=False, sorted=False)
+            rows[2] = sample_rows.masked_fill_(vals == NO_PRIORITY, -1)  # inactive picks (fewer than kk active tokens)
+        rows = rows.view(3 * n, kk)
         if candidates:
             row, col, order_key = (torch.cat(c) for c in zip(*candidates))
             rows = torch.maximum(rows, _rank_candidates(row, col, order_key, 3 * n, kk, False))  # one route per kind
-        top, bottom, sample = _merge_batches(s, rows, flat, keys, t_len, cfg, lambda r: h_token[r] * odd[:, None])
-        return LayerState(
-            **_merge_moments(s, n_b, mean_b, m2_b),
-            min=torch.minimum(s.min, batch_min), max=torch.maximum(s.max, batch_max),
-            n_active=s.n_active + n_active, hist=s.hist + hist,
-            top=top, bottom=bottom, sample=sample,
-        )
+        # Columns each example row uses (its candidates are packed at the left, except the full route's).
+        used = ((rows >= 0) * torch.arange(1, kk + 1, device=dev)).amax(1)
+        changed = used.nonzero().squeeze(1)
+        # Most rows have a few candidates and a few rows many: merging them apart keeps the sort narrow.
+        narrow = used[changed] <= _NARROW
+        groups = [(changed[narrow], min(_NARROW, kk)), (changed[~narrow], int(used.max()) if len(changed) else 0)]
+        parts = [_new_examples(s, c, rows[c, :w], flat, keys, t_len, cfg, h_token, h_neuron) for c, w in groups if len(c)]
+        if len(parts) == 1:
+            examples = parts[0]
+        elif parts:
+            examples = [torch.cat(t) for t in zip(*parts)]
+            order = torch.sort(examples[0], stable=True).indices  # rows ascending, as ``apply_delta`` splits them
+            examples = [t[order] for t in examples]
+        else:  # no example changes
+            none = torch.zeros(0, dtype=torch.int64, device=dev)
+            examples = (none, none, flat.new_zeros(0), none, none, flat.new_zeros((0, 2 * cfg.window + 1)))
+    n_b = torch.full((n,), m, dtype=torch.int64, device=dev)
+    hist, n_active = histogram.result()
+    return LayerDelta(n_b, mean_b, m2_b, n_active, hist, *examples)
+
+
+def apply_delta(s: LayerState, d: LayerDelta) -> LayerState:
+    """Add a batch's ``layer_delta`` to ``s`` in place (its tensors are written) and return ``s``."""
+    n, k = s.top.key.shape
+    with torch.inference_mode():
+        moments = _merge_moments(s, d.n, d.mean, d.m2)
+        for name, t in moments.items():
+            getattr(s, name).copy_(t)
+        s.n_active.add_(d.n_active)
+        s.hist.add_(d.hist)
+        bounds = [0, *torch.searchsorted(d.row, torch.tensor([n, 2 * n], device=d.row.device)).tolist(), len(d.row)]
+        for i, e in enumerate((s.top, s.bottom, s.sample)):
+            part = slice(bounds[i], bounds[i + 1])
+            index = (d.row[part] - i * n) * k + d.slot[part]
+            e.value.view(-1).index_copy_(0, index, d.value[part])
+            e.key.view(-1).index_copy_(0, index, d.key[part])
+            e.context.view(n * k, -1).index_copy_(0, index, d.context[part])
+            if e.prio is not None:
+                e.prio.view(-1).index_copy_(0, index, d.primary[part])
+    return s
+
+
+def update_layer(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesConfig, layer: int) -> LayerState:
+    """A new state: ``s`` with one layer's batch merged (``layer_delta`` added to a copy)."""
+    return apply_delta(_map(s, torch.clone), layer_delta(s, x, chunk, cfg, layer))
 
 
 def update(state: PagesState, layer_index: int, x: torch.Tensor, chunk) -> PagesState:
@@ -464,6 +659,15 @@ def update(state: PagesState, layer_index: int, x: torch.Tensor, chunk) -> Pages
 def seen(state: PagesState, chunk) -> PagesState:
     """Record a batch's chunks as merged (after every layer's ``update``)."""
     return replace(state, chunks=np.union1d(state.chunks, np.asarray(chunk, np.int64)))
+
+
+def commit(state: PagesState, deltas: dict, chunk) -> PagesState:
+    """Add a batch's deltas {layer_index (0-based): LayerDelta} to ``state`` in place and record its chunks:
+    the actor computes every layer's delta during the forward pass and commits once the pass has finished,
+    so a batch that fails part way (and is split and run again) is never counted twice."""
+    for index, d in deltas.items():
+        apply_delta(state.layers[index], d)
+    return seen(state, chunk)
 
 
 # ---------------------------------------------------------------- tables
@@ -486,14 +690,15 @@ def layer_tables(s: LayerState, cfg: PagesConfig, layer: int) -> tuple[pa.Table,
     hist = s.hist.numpy()
     stats = pa.table({
         "layer": np.full(n_neurons, layer, np.int16), "neuron": np.arange(n_neurons, dtype=np.int32), "n": n.astype(np.int64),
-        "mean": s.mean.numpy(), "sd": sd, "min": s.min.numpy().astype(np.float32), "max": s.max.numpy().astype(np.float32),
+        "mean": s.mean.numpy(), "sd": sd, "min": s.bottom.value.amin(1).numpy(), "max": s.top.value.amax(1).numpy(),
         "frac_active": frac.astype(np.float64),
         "hist": pa.ListArray.from_arrays(pa.array(np.arange(n_neurons + 1, dtype=np.int32) * hist.shape[1]), pa.array(hist.reshape(-1))),
     })
     parts = []
     for kind, e in zip(KINDS, (s.top, s.bottom, s.sample)):
+        e = _best(e, cfg.k, kind)  # the state's slots are unordered
         key = e.key.numpy()
-        neuron, rank = np.nonzero(key != EMPTY_KEY)  # filled slots, ranks in order (slots are sorted)
+        neuron, rank = np.nonzero(key != EMPTY_KEY)  # filled slots, ranks in order (empty ones sort last)
         k = key[neuron, rank]
         parts.append(pa.table({
             "layer": np.full(len(k), layer, np.int16), "neuron": neuron.astype(np.int32),

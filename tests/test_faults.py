@@ -7,6 +7,7 @@ module, and every run uses the same cluster shape: the driver sizes torch thread
 CPUs, and equal tables need equal arithmetic.
 """
 import os
+import re
 import signal
 import time
 
@@ -179,3 +180,42 @@ def test_driver_killed_then_resumed(resumed, baseline):
 
 def test_no_temporaries_left_after_a_resumed_run(resumed):
     assert temporaries(resumed["out"]) == []
+
+
+PAGES = ("--analyses", "neuron_pages", "--examples-k", "3", "--context-tokens", "2", "--pages-checkpoint-s", "0")
+
+
+def saved_states(out: str) -> dict[str, list[str]]:
+    """The neuron_pages checkpoints under OUT/_state, by model."""
+    root = os.path.join(out, "_state", "neuron_pages")
+    return {m: [f for f in os.listdir(os.path.join(root, f"model={m}")) if f.endswith(".pt")]
+            for m in LAYERS if os.path.isdir(os.path.join(root, f"model={m}"))}
+
+
+def test_neuron_pages_resumed_after_sigkill_starts_from_its_checkpoints(cluster, inputs):
+    """neuron_pages keeps its state in the actors: a SIGKILLed run resumes from the checkpoints (saved before every
+    batch here) to the tables of an undisturbed run, recomputing only the batches after the last checkpoint."""
+    out, log, proc = launch(cluster, inputs, "pages-baseline", *PAGES)
+    finish(proc, RUN_TIMEOUT, log)
+    assert not os.path.exists(os.path.join(out, "_state", "neuron_pages", "model=tiny-a"))  # removed once the tables exist
+    killed, log, proc = launch(cluster, inputs, "pages-kill", *PAGES)
+    try:
+        wait_for(in_progress(killed, proc, log, per_model=4), 120, "the first batches")
+        wait_for(lambda: len(saved_states(killed)) == len(LAYERS), 60, "a checkpoint of each model")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    wait_for(lambda: not cluster.model_actors(), 60, "the killed driver's actors to end", interval=0.5)
+    log2 = str(inputs["root"] / "pages-kill-resume.log")
+    proc2 = start_probe(run_args(cluster, inputs, killed, "pages-kill", *PAGES, "--resume"), cluster.env, log2)
+    try:
+        text = finish(proc2, RUN_TIMEOUT, log2)
+    finally:
+        proc2.kill()
+    assert_same_tables(killed, out)
+    for model in LAYERS:
+        line = next(line for line in text.splitlines() if f"[stats] neuron_pages {model}: " in line)
+        actors, saved, again = (int(n) for n in re.search(r"actors (\d+), from checkpoints (\d+), recomputed (\d+)", line).groups())
+        assert saved > 0 and actors + saved + again == N_CHUNKS, line
+    assert not saved_states(killed)

@@ -20,12 +20,12 @@ def np_mix(z: np.ndarray) -> np.ndarray:
 
 
 def np_priority(seed, salt, layer, neuron, chunk, pos) -> np.ndarray:
-    """The README's rule: h_token * (h_neuron | 1) mod 2**64 read as int64, h_neuron =
+    """The README's rule: h_token + h_neuron mod 2**64 read as int64, h_neuron =
     mix(mix(mix(mix(seed) ^ salt) ^ layer) ^ neuron), h_token = mix(mix(chunk) ^ pos); uint64 arithmetic."""
     u = lambda v: np.asarray(v).astype(np.int64).astype(np.uint64)  # noqa: E731
     h = np_mix(np_mix(np_mix(np_mix(u(seed)) ^ u(salt)) ^ u(layer)) ^ u(neuron))
     with np.errstate(over="ignore"):
-        return (np_mix(np_mix(u(chunk)) ^ u(pos)) * (h | np.uint64(1))).view(np.int64)
+        return (np_mix(np_mix(u(chunk)) ^ u(pos)) + h).view(np.int64)
 
 
 def activations(n_chunks=6, n=7, seed=0, ties=False):
@@ -105,9 +105,11 @@ def check_tables(state, x, config):
             assert r["context"] == [None if np.isnan(c) else float(c) for c in ctx]
 
 
+@pytest.mark.parametrize("block_rows", [128, 7])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("batches", [[[0, 1, 2, 3, 4, 5]], [[0], [1], [2], [3], [4], [5]], [[4, 5], [0, 1, 2], [3]]])
-def test_stream_equals_brute_force(batches, ties):
+def test_stream_equals_brute_force(batches, ties, block_rows, monkeypatch):
+    monkeypatch.setattr(npg, "_BLOCK_ROWS", block_rows)  # the sweep in one block and in blocks of 7 rows
     x = activations(ties=ties)
     config = cfg()
     check_tables(stream(x, batches, config), x, config)
@@ -150,7 +152,7 @@ def test_priority_matches_numpy_reference():
 def test_state_bytes_counts_the_tensors():
     config = cfg()
     layer = npg.empty_layer(7, config)
-    actual = sum(t.numel() * t.element_size() for t in [layer.n, layer.mean, layer.m2, layer.min, layer.max, layer.n_active, layer.hist]
+    actual = sum(t.numel() * t.element_size() for t in [layer.n, layer.mean, layer.m2, layer.n_active, layer.hist]
                  + [getattr(e, f) for e in (layer.top, layer.bottom, layer.sample) for f in ("value", "key", "context", "prio")
                     if getattr(e, f) is not None])
     assert npg.state_bytes(1, 7, K, W) == actual
@@ -200,3 +202,77 @@ def test_histogram_bins_at_and_beside_every_edge_match_searchsorted():
     got = npg._histogram(torch.from_numpy(x)).numpy()
     want = np.bincount(np.searchsorted(edges, x[:, 0], side="right"), minlength=len(edges) + 1)
     assert np.array_equal(got[0], want) and np.array_equal(got[1], want)
+
+
+@pytest.mark.parametrize("block_rows, narrow", [(128, 4), (5, 1)])
+def test_long_stream_takes_every_candidate_route_and_equals_brute_force(monkeypatch, block_rows, narrow):
+    """Many small batches after the slots fill: the threshold comparisons of the sweep (in one block and in
+    blocks of 5 rows, the last one short), the sample's hash-interval search (wrapping past the largest int64
+    for some neurons) and the commit of only the examples that enter (rows of few and of many candidates
+    merged apart when ``_NARROW`` is 1), all against brute force."""
+    monkeypatch.setattr(npg, "_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(npg, "_NARROW", narrow)
+    x = activations(n_chunks=40, n=24, seed=5)
+    config = cfg(k=3)
+    routes = {"compared": 0, "sample": 0, "wrap": 0, "partial": 0}
+    passes, sample, new_examples = npg._batch_passes, npg._sample_candidates, npg._new_examples
+
+    def spy_passes(flat, thr_top, thr_bottom):
+        out = passes(flat, thr_top, thr_bottom)
+        routes["compared"] += out[-1] is not None and 0 < len(out[-1][0])
+        return out
+
+    def spy_sample(h_token, h_neuron, thr, limit):
+        found = sample(h_token, h_neuron, thr, limit)
+        routes["sample"] += found is not None
+        routes["wrap"] += int((torch.iinfo(torch.int64).min - h_neuron > thr - h_neuron).sum())
+        return found
+
+    def spy_new(s, changed, *args):
+        routes["partial"] += len(changed) < 3 * s.n.shape[0]
+        return new_examples(s, changed, *args)
+
+    monkeypatch.setattr(npg, "_batch_passes", spy_passes)
+    monkeypatch.setattr(npg, "_sample_candidates", spy_sample)
+    monkeypatch.setattr(npg, "_new_examples", spy_new)
+    state = stream(x, [[c] for c in range(40)], config)
+    assert all(routes.values()), routes
+    check_tables(state, x, config)
+
+
+def test_commit_adds_deltas_in_place_and_update_leaves_its_input_alone():
+    x = activations(n_chunks=4)
+    config = cfg()
+    before = stream(x, [[0, 1]], config)
+    snapshot = npg.layer_tables(before.layers[0], config, 1)
+    after = npg.update(before, 0, torch.from_numpy(x[[2, 3]]), torch.tensor([2, 3]))
+    assert npg.layer_tables(before.layers[0], config, 1)[1].equals(snapshot[1])  # ``update`` copies
+    delta = npg.layer_delta(before.layers[0], torch.from_numpy(x[[2, 3]]), torch.tensor([2, 3]), config, 1)
+    committed = npg.commit(before, {0: delta}, [2, 3])
+    assert committed.layers[0] is before.layers[0] and committed.chunks.tolist() == [0, 1, 2, 3]
+    assert npg.layer_tables(committed.layers[0], config, 1)[1].equals(npg.layer_tables(after.layers[0], config, 1)[1])
+    check_tables(committed, x, config)
+
+
+def test_state_round_trips_through_tensors_and_torch_save(tmp_path):
+    x = activations(n_chunks=4)
+    config = cfg()
+    state = stream(x, [[0, 1], [3]], config, n_layer=2)
+    torch.save(npg.to_tensors(state), tmp_path / "s.pt")
+    back = npg.from_tensors(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert back.cfg == state.cfg and back.chunks.tolist() == [0, 1, 3]
+    for a, b in zip(state.layers, back.layers):
+        for i in range(2):
+            assert npg.layer_tables(a, config, 1)[i].equals(npg.layer_tables(b, config, 1)[i])
+    merged = npg.merge(back, stream(x, [[2]], config, n_layer=2))  # a loaded state merges like a live one
+    check_tables(merged, x, config)
+
+
+def test_a_batch_that_changes_no_example_still_counts():
+    """Later batches whose every value lies strictly between the kept extremes, all inactive: only the moments move."""
+    x = activations(n_chunks=3)
+    x[1:] = np.clip(x[1:], -0.5, -0.25)  # inside (bottom's worst, top's worst), and x <= 0: no sample candidate
+    x[0, :, :] = np.where(np.arange(T)[:, None] % 2 == 0, 5.0, -5.0) + np.arange(T)[:, None] * 0.01
+    config = cfg()
+    state = stream(x, [[0], [1], [2]], config)
+    check_tables(state, x, config)

@@ -4,13 +4,19 @@ output promotes and suppresses through the direct path (``neuron_vocab``).
 
 Each model actor keeps a ``probe_core.neuron_pages.PagesState`` on its device and merges every batch into it
 inside the forward pass (the ``mlp_visit`` hook sees one layer's (B, T, d_mlp) pre-activations at a time).
-A batch's update is staged and committed only once its forward pass has finished, so a batch that runs out
-of memory and is split is never counted twice; chunks a state already holds are not merged again. The
-statistics task gathers every live replica's state, keeps states of disjoint chunks, has replica 0 recompute
-the chunks no kept state covers (a resumed run, a restarted or dead actor: the merge is exact, so the tables
-are those of an uninterrupted run), and writes the tables.
+A batch's deltas are committed only once its forward pass has finished, so a batch that runs out of memory
+and is split is never counted twice; chunks a state already holds are not merged again. Every
+``--pages-checkpoint-s`` seconds an actor saves its state to ``OUT/_state/neuron_pages/model=<name>/<actor>.pt``,
+after the markers of every batch it holds are written, so a checkpoint holds only finished batches: a resumed
+run skips them in the capture and reads them back in the statistics. The statistics task gathers every live
+replica's state and every checkpoint, keeps states of disjoint chunks, has replica 0 recompute the chunks no
+kept state covers (batches after the last checkpoint of a killed run, a dead actor's: the merge is exact, so
+the tables are those of an uninterrupted run), writes the tables and removes the checkpoints.
 """
+import io
 import os
+import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +49,10 @@ OPTIONS = (
     Option("examples_k", {"type": int, "help": "neuron_pages: top, bottom and random-active examples kept per neuron, and "
                                                "promoted/suppressed tokens; default 20"}),
     Option("context_tokens", {"type": int, "help": "neuron_pages: tokens of context on each side of an example; default 10"}),
+    Option("pages_checkpoint_s", {"type": float, "help": "neuron_pages: seconds of capture between checkpoints of each actor's "
+                                                         "state (a resumed run starts from them; 0: before every batch); default 600"}),
 )
+CHECKPOINTS = f"_state/{NAME}"  # OUT/_state/neuron_pages/model=<name>/<actor>.pt
 STATE_SHARE = 0.5  # at most this share of an actor's memory for the state (the model and its batch need the rest)
 
 
@@ -52,15 +61,18 @@ def check(cfg) -> None:
         raise UsageError(f"--examples-k must be an integer >= 1, got {cfg.examples_k}")
     if cfg.context_tokens < 0:
         raise UsageError(f"--context-tokens must be an integer >= 0, got {cfg.context_tokens}")
+    if not cfg.pages_checkpoint_s >= 0:
+        raise UsageError(f"--pages-checkpoint-s must be a number of seconds >= 0, got {cfg.pages_checkpoint_s}")
 
 
 @dataclass(frozen=True)
 class Part:
-    """k examples per kind, W context tokens per side, and each model's state size in bytes."""
+    """k examples per kind, W context tokens per side, each model's state size in bytes, seconds between checkpoints."""
 
     k: int
     window: int
     state_bytes: dict
+    checkpoint_s: float = 600.0
 
 
 def host_memory() -> int | None:
@@ -89,56 +101,74 @@ def plan(ctx) -> Part:
             name, b = max(big.items(), key=lambda kv: kv[1])
             raise UsageError(f"{NAME}: the state of {name} needs {size_text(b)}, more than its actor's share "
                              f"({size_text(share)} of {size_text(available)} available): lower --examples-k or --context-tokens")
-    return Part(cfg.examples_k, cfg.context_tokens, sizes)
+    return Part(cfg.examples_k, cfg.context_tokens, sizes, cfg.pages_checkpoint_s)
 
 
 def describe(plan, part) -> list:
     sizes = ", ".join(f"{name} {size_text(b)}" for name, b in part.state_bytes.items())
     return [f"  {NAME}: k={part.k} examples per kind, {part.window} context tokens per side; "
-            f"state per actor: {sizes}"]
+            f"state per actor: {sizes}, saved every {part.checkpoint_s:g} s"]
 
 
 # ---------------------------------------------------------------- capture: the actor's running state
 class Holder:
-    """The actor's state and the batch being merged into it (committed by ``reduce``)."""
+    """The actor's state, the deltas of the batch being computed ({layer index: LayerDelta}, committed by
+    ``reduce``), and its checkpoint: the actor (for its store and writer), seconds between saves, its file."""
 
-    def __init__(self, state: pages.PagesState):
-        self.state, self.pending = state, None
+    def __init__(self, state: pages.PagesState, worker=None, every: float | None = None):
+        self.state, self.pending, self.chunks = state, None, None
+        self.worker, self.every, self.saved_at, self.saved = worker, every, time.monotonic(), 0
+        self.file = f"{CHECKPOINTS}/model={worker.spec.name}/{uuid.uuid4().hex}.pt" if worker else None  # a restarted actor writes its own
+
+    def checkpoint(self) -> None:
+        """Save the state when due and grown. Waiting for the actor's writer first means every batch in the
+        state has its marker, so a resumed run never captures a batch a checkpoint holds."""
+        if self.file is None or self.state.chunks.size == self.saved or time.monotonic() - self.saved_at < self.every:
+            return
+        self.worker.flush()
+        buffer = io.BytesIO()
+        torch.save(pages.to_tensors(self.state), buffer)
+        self.worker.store.write_bytes(self.file, buffer.getvalue())
+        self.saved_at, self.saved = time.monotonic(), self.state.chunks.size
 
 
 def pages_config(worker, part: Part) -> pages.PagesConfig:
     return pages.PagesConfig(part.k, part.window, worker.cfg.chunk_tokens, worker.cfg.seed, pages.model_salt(worker.spec.name))
 
 
-def new_state(worker, part: Part) -> Holder:
-    return Holder(pages.empty_state(worker.spec.n_layer, worker.spec.d_mlp, pages_config(worker, part), worker.device))
+def new_state(worker, part: Part, save: bool = True) -> Holder:
+    state = pages.empty_state(worker.spec.n_layer, worker.spec.d_mlp, pages_config(worker, part), worker.device)
+    return Holder(state, worker, part.checkpoint_s) if save else Holder(state)
 
 
 def forward(ctx) -> dict:
-    """The hook merging each layer of this batch into a staged copy of the state (chunks already held are skipped)."""
+    """The hook computing each layer's delta of this batch against the committed state (chunks it already holds are skipped)."""
     holder = ctx.state
+    holder.checkpoint()
     chunks = np.asarray(ctx.chunk, np.int64)
     keep = np.nonzero(~np.isin(chunks, holder.state.chunks))[0]
-    holder.pending = None
+    holder.pending = None  # a batch that failed part way (and is split) leaves nothing behind
     if not len(keep):
         return {}
-    holder.pending = holder.state
-    chunk_t = torch.as_tensor(chunks[keep])
-    order = np.argsort(chunks[keep], kind="stable")  # the state wants chunks ascending
+    order = keep[np.argsort(chunks[keep], kind="stable")]  # the state wants chunks ascending
+    holder.pending, holder.chunks = {}, chunks[order]
+    chunk_t = torch.as_tensor(holder.chunks)
+
+    whole = np.array_equal(order, np.arange(len(chunks)))  # the usual batch: every chunk new, ascending
 
     def visit(layer: int, pre: torch.Tensor) -> None:
-        rows = torch.as_tensor(keep[order], device=pre.device)
-        holder.pending = pages.update(holder.pending, layer, pre.index_select(0, rows), chunk_t[order])
+        x = pre if whole else pre.index_select(0, torch.as_tensor(order, device=pre.device))
+        holder.pending[layer] = pages.layer_delta(holder.state.layers[layer], x, chunk_t, holder.state.cfg, layer + 1)
 
     return {"mlp_visit": visit}
 
 
 def reduce(ctx) -> list:
-    """Commit the batch's staged state; nothing is written per batch."""
+    """Commit the batch's deltas; nothing is written per batch."""
     holder = ctx.state
     if holder.pending is not None:
-        chunks = np.asarray(ctx.chunk, np.int64)
-        holder.state, holder.pending = pages.seen(holder.pending, chunks[~np.isin(chunks, holder.state.chunks)]), None
+        holder.state = pages.commit(holder.state, holder.pending, holder.chunks)
+        holder.pending = holder.chunks = None
     return []
 
 
@@ -149,17 +179,17 @@ def export_state(worker) -> pages.PagesState:
 
 def recompute_state(worker, chunk_ids: np.ndarray, batch_size: int, part: Part) -> pages.PagesState:
     """A fresh state of these chunks (sorted), by forward passes of ``batch_size`` chunks; the actor's own state is untouched."""
-    holder = new_state(worker, part)
+    holder = new_state(worker, part, save=False)
     chunk_ids = np.sort(np.asarray(chunk_ids, np.int64))
     for lo in range(0, len(chunk_ids), max(1, batch_size)):
         batch = chunk_ids[lo:lo + max(1, batch_size)]
-        box = {"state": holder.state}
+        deltas = {}
 
-        def visit(layer, pre, box=box, batch=torch.as_tensor(batch)):
-            box["state"] = pages.update(box["state"], layer, pre, batch)
+        def visit(layer, pre, deltas=deltas, batch=torch.as_tensor(batch)):
+            deltas[layer] = pages.layer_delta(holder.state.layers[layer], pre, batch, holder.state.cfg, layer + 1)
 
         worker.forward(worker.chunks.ids(batch), mlp_visit=visit)
-        holder.state = pages.seen(box["state"], batch)
+        holder.state = pages.commit(holder.state, deltas, batch)
     return holder.state.to("cpu")
 
 
@@ -182,31 +212,37 @@ def vocab_rows(worker, k: int) -> pa.Table:
 
 
 # ---------------------------------------------------------------- statistics
-def disjoint(states) -> tuple[list, np.ndarray]:
-    """States in order, each kept only if its chunks are disjoint from those kept before; (kept, chunks covered)."""
-    kept, covered = [], np.zeros(0, np.int64)
-    for s in states:
-        if not np.intersect1d(s.chunks, covered).size:
-            kept.append(s)
-            covered = np.union1d(covered, s.chunks)
-    return kept, covered
+def checkpoints(store: Store, model: str):
+    """The model's saved states (``Holder.checkpoint``), one at a time."""
+    folder = f"{CHECKPOINTS}/model={model}"
+    for name in sorted(store.list_parts(folder, ".pt")):
+        yield pages.from_tensors(torch.load(io.BytesIO(store.read_bytes(f"{folder}/{name}.pt")), weights_only=True))
 
 
-def finish(store_uri: str, model: str, n_chunks: int, batch_size: int, part: Part, actor, *states) -> int:
-    """Merge the replicas' states (recomputing chunks none holds), write ``neuron_stats`` and ``neuron_examples``."""
-    kept, covered = disjoint(states)
-    missing = np.setdiff1d(np.arange(n_chunks, dtype=np.int64), covered)
-    if missing.size:
-        kept.append(ray.get(actor.apply.remote(recompute_state, missing, batch_size, part)))
-    with torch.inference_mode():
-        merged = kept[0]
-        for s in kept[1:]:
-            merged = pages.merge(merged, s)
-        tables = [pages.layer_tables(s, merged.cfg, index + 1) for index, s in enumerate(merged.layers)]
+def finish(store_uri: str, model: str, n_chunks: int, batch_size: int, part: Part, actor, *states) -> dict:
+    """Merge the replicas' states and the checkpoints, each kept only if its chunks are disjoint from those kept
+    before (a checkpoint an actor of this run wrote is part of its live state), recompute the chunks none holds,
+    write ``neuron_stats`` and ``neuron_examples``, and remove the checkpoints. Returns where the chunks came from."""
     store = Store(store_uri)
+    merged, sources = None, {"actors": 0, "checkpoints": 0, "recomputed": 0}
+    with torch.inference_mode():
+        for source, group in (("actors", states), ("checkpoints", checkpoints(store, model))):
+            for s in group:
+                if merged is None or not np.intersect1d(s.chunks, merged.chunks).size:
+                    merged = s if merged is None else pages.merge(merged, s)
+                    sources[source] += int(s.chunks.size)
+        missing = np.setdiff1d(np.arange(n_chunks, dtype=np.int64), merged.chunks if merged is not None else [])
+        if missing.size:
+            again = ray.get(actor.apply.remote(recompute_state, missing, batch_size, part))
+            merged = again if merged is None else pages.merge(merged, again)
+            sources["recomputed"] = int(missing.size)
+        tables = [pages.layer_tables(s, merged.cfg, index + 1) for index, s in enumerate(merged.layers)]
     store.write_table(STATS, "all", pa.concat_tables([t[0] for t in tables]), model=model)
     store.write_table(EXAMPLES, "all", pa.concat_tables([t[1] for t in tables]), model=model)
-    return int(merged.chunks.size)
+    store.remove_folder(f"{CHECKPOINTS}/model={model}")
+    print(f"[stats] {NAME} {model}: chunks from the actors {sources['actors']}, from checkpoints {sources['checkpoints']}, "
+          f"recomputed {sources['recomputed']}", flush=True)
+    return sources
 
 
 def write_vocab(store_uri: str, model: str, tokenizer_source: str, rows: pa.Table) -> int:
@@ -233,7 +269,7 @@ def stats(ctx, m) -> list:
 def disk_bytes(plan, m) -> int:
     part = plan.parts[NAME]
     per_neuron = 60 + 8 * (len(pages.HIST_EDGES) + 1) + 3 * part.k * (30 + 4 * (2 * part.window + 1)) + 2 * part.k * 30
-    return m.n_layer * m.d_mlp * per_neuron
+    return m.n_layer * m.d_mlp * per_neuron + part.state_bytes.get(m.name, 0)  # the tables and one checkpoint
 
 
 # ---------------------------------------------------------------- what users see: pages and ``probe neuron``
@@ -261,5 +297,5 @@ ANALYSIS = Analysis(
           "random sample of those that activate it, and the tokens its output promotes and suppresses.",
     tables=(STATS, EXAMPLES, VOCAB), options=OPTIONS, check=check, plan=plan, describe=describe,
     capture=Capture(reduce=reduce, forward=forward, state=new_state), stats=stats, disk_bytes=disk_bytes,
-    summaries=summaries, figures=FIGURES, pages=report_pages, commands=(NEURON,), default=False,  # its state update roughly triples capture time on CPU
+    summaries=summaries, figures=FIGURES, pages=report_pages, commands=(NEURON,), default=False,  # opt-in: its state update adds ~17% to capture time on CPU (bench/RESULTS.md)
 )
