@@ -14,6 +14,15 @@ PROGRESS = re.compile(r"^\[(corpus|capture|stats|report)\] [a-z ]+: \d+/\d+ ")
 TINY = dict(n_layer=3, n_embd=32, n_head=4, n_positions=256, vocab_size=50257, n_inner=64)
 
 
+# Ray's C++ logger writes "[2026-12-06 08:24:31,870 W 1234 5678] file.cc:12: ..." (levels I, W, E, F).
+RAY_NATIVE_WARNING = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [WEF] \d+ \d+\]")
+
+
+def noise(text: str) -> list[str]:
+    """Lines a user cannot act on: Ray's C++ warnings and errors, Python warnings."""
+    return [line for line in text.splitlines() if RAY_NATIVE_WARNING.search(line) or "Warning:" in line or " WARNING " in line]
+
+
 def error_lines(err: str) -> list[str]:
     """The non-blank lines of stderr that are not stage progress (``[corpus] units tokenized: ...``, jobs/progress.py)."""
     return [line for line in err.splitlines() if line.strip() and not PROGRESS.match(line)]

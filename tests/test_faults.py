@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import two_model_inputs
+from tests.conftest import noise, two_model_inputs
 from tests.raycluster import (
     ConcurrentReader, LocalCluster, RayEnv, assert_one_row_per_key, assert_readable, assert_same_tables, check_running,
     finish, markers, probe_args, start_probe, temporaries, wait_for,
@@ -73,10 +73,15 @@ def baseline(cluster, inputs):
     reader = ConcurrentReader(out)
     reader.start()
     try:
-        finish(proc, RUN_TIMEOUT, log)
+        text = finish(proc, RUN_TIMEOUT, log)
     finally:
         reader.stop()
-    return {"out": out, "reader": reader, "seconds": time.perf_counter() - start}
+    return {"out": out, "reader": reader, "seconds": time.perf_counter() - start, "log": text}
+
+
+def test_a_healthy_run_on_a_cluster_prints_no_native_warnings(baseline):
+    """`--address` to a running two-node cluster: no Ray C++ warning or Python warning reaches the log."""
+    assert noise(baseline["log"]) == []
 
 
 def test_undisturbed_run_is_complete_and_never_partially_visible(baseline):

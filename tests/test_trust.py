@@ -19,7 +19,7 @@ from jobs.manifest import SPEED_SETTINGS, Manifest
 from jobs.plan import check_inputs
 from jobs.sources import resolve_source
 from jobs.store import LEASE, Store
-from tests.conftest import refused_line, save_tiny_model
+from tests.conftest import noise, refused_line, save_tiny_model
 from tests.corpus import write_corpus
 
 
@@ -264,3 +264,26 @@ def test_messages_name_the_runs_own_id_on_a_resume_without_run_id(tmp_path):
     assert resumed.run_id != "orig" and own_run_id(resumed) == "orig"
     assert own_run_id(RunConfig(out=out, run_id="new").resolved()) == "new"  # not a resume: its own id
     assert own_run_id(RunConfig(out=str(tmp_path / "none"), resume=True).resolved()).startswith("20")  # no manifest yet
+
+
+# ---------------------------------------------------------------- a healthy run is quiet
+
+def test_noise_finds_ray_native_and_python_warnings():
+    assert noise("[2026-12-06 08:24:31,870 W 1234 5678] gcs_rpc_client.h:151: Failed to connect to GCS within 5 seconds")
+    assert noise("(raylet) [2026-12-06 08:24:31,870 E 12 13] worker_pool.cc:1: x")
+    assert noise("/x/mi.py:3: UserWarning: The given NumPy array is not writable")
+    assert not noise("[2026-12-06 08:24:31,870 I 1234 5678] core_worker.cc:1: started\n[capture] 3/3 batches")
+
+
+@pytest.mark.slow
+def test_a_healthy_local_run_prints_no_warning_a_user_cannot_act_on(small, tmp_path):
+    """A whole run in a fresh local Ray instance (a subprocess, as a user starts it): no Ray C++ warning, no
+    Python warning (the MI stage once printed NumPy's "not writable" UserWarning)."""
+    args = base_args(small, tmp_path / "out", "--analyses", "path,mi,attn_ar", "--max-tokens", "512")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=env, cwd=repo, capture_output=True, text=True,
+                          timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    assert noise(text) == []
