@@ -460,13 +460,19 @@ def _batch_passes(flat: torch.Tensor, thr_top: torch.Tensor | None, thr_bottom: 
     m2 = m2s.sum(0) + (counts * (sums / counts - mean) ** 2).sum(0)  # Chan's update of the blocks at once
 
     def histogram():
-        counts = torch.bincount(codes.view(-1), minlength=n * width).view(n, width)
-        return counts.view(n, HIST_BINS + 2, 2).sum(2), counts[:, 2 - 2 * lo + 1:].sum(1)
+        return torch.bincount(codes.view(-1), minlength=n * width)
 
     # bincount runs on one thread: on a CPU it overlaps the (single-threaded) rest of the update on another one.
+    # Only the kernel runs there; the sums after it are parallel ops, kept on the caller's thread.
     found = _sparse_nonzero(mask) if compare else None
-    hist = _Background(histogram) if dev.type == "cpu" else _Done(histogram())
-    return (mean, m2), hist, found
+    pending = _Background(histogram) if dev.type == "cpu" else _Done(histogram())
+    return (mean, m2), _Then(pending, lambda counts: _hist_active(counts.view(n, width), lo)), found
+
+
+def _hist_active(counts: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sweep's per-neuron code counts (N, 2 (HIST_BINS + 2)) -> (histogram (N, HIST_BINS + 2), count of x > 0 (N,))."""
+    n = counts.shape[0]
+    return counts.view(n, HIST_BINS + 2, 2).sum(2), counts[:, 2 - 2 * lo + 1:].sum(1)
 
 
 def _histogram(flat: torch.Tensor) -> torch.Tensor:
@@ -501,6 +507,17 @@ class _Done:
 
     def result(self):
         return self.out
+
+
+@dataclass(frozen=True)
+class _Then:
+    """``then(pending.result())`` when asked, on the asking thread."""
+
+    pending: object
+    then: object
+
+    def result(self):
+        return self.then(self.pending.result())
 
 
 def _sparse_nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
