@@ -22,7 +22,7 @@ from probe_core.neuron_pages import HIST_EDGES
 
 N_CHUNK, T, W, K = 3, 16, 2, 3
 MODELS = {"gpt2": (2, 8), "gpt2-medium": (3, 6)}  # n_layer, d_mlp
-VOCAB = [" the", " Paris", "<b>", "\n", " of", " Ada", ".", " & co", "\t"]
+VOCAB = [" the", " Paris", "<b>&", "\n", " of", " Ada", ".", " & co", "\t"]
 
 
 def corpus(rng) -> pa.Table:
@@ -191,6 +191,58 @@ def test_pages_are_written_escaped_and_linked(run, tables, tmp_path):
             assert "<svg" in text and "Promoted tokens" in text
             assert re.search(r'href="\.\./\.\./report\.html#x"', text)
     assert "&lt;b&gt;" in "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "neuron_pages").rglob("L*.html"))
+
+
+def _body_rows(text: str) -> list[str]:
+    """The rows of a page's (one) table body."""
+    return re.findall(r"<tr>(.*?)</tr>", text.split("<tbody>")[1].split("</tbody>")[0])
+
+
+def test_layer_pages_list_every_neuron_and_link_the_selected(run, tables, tmp_path):
+    pages_html.write_pages(tables, str(tmp_path), "#x")
+    selected = page.select_neurons(tables)
+    stats = tables["neuron_stats"].collect()
+    for model, (n_layer, d_mlp) in MODELS.items():
+        folder = tmp_path / "neuron_pages" / model
+        index = (folder / "index.html").read_text(encoding="utf-8")
+        assert re.findall(r'href="(layer-\d+\.html)"', index) == [f"layer-{l}.html" for l in range(1, n_layer + 1)]
+        assert index.index("All neurons by layer:") < index.index("<table")
+        for layer in range(1, n_layer + 1):
+            text = (folder / f"layer-{layer}.html").read_text(encoding="utf-8")
+            assert '<table class="sort">' in text and "<script>" in text and 'style="' not in text
+            assert re.search(r'href="\.\./\.\./report\.html#x"', text) and 'href="index.html"' in text
+            rows = _body_rows(text)
+            keys = [tuple(int(v) for v in re.findall(r'data-v="([^"]*)"', r)[:2]) for r in rows]
+            assert keys == [(layer, j) for j in range(d_mlp)]  # every neuron of the layer, in neuron order
+            mine = stats.filter((pl.col("model") == model) & (pl.col("layer") == layer)).sort("neuron")
+            assert [float(re.findall(r'data-v="([^"]*)"', r)[2]) for r in rows] == pytest.approx(mine["max"].to_list())
+            chosen = set(selected.filter((pl.col("model") == model) & (pl.col("layer") == layer))["neuron"].to_list())
+            assert [re.findall(r'href="([^"]+)"', r) for r in rows] == [[f"L{layer}-N{j}.html"] if j in chosen else []
+                                                                        for j in range(d_mlp)]  # the page cell
+            assert len(re.findall(r'href="(L\d+-N\d+\.html)"', text)) == len(chosen) > 0
+            assert all((folder / f"L{layer}-N{j}.html").is_file() for j in chosen)
+            assert all(r.endswith('<td class="s"></td>') for r in rows if "href=" not in r)
+            assert "<b>" not in text
+        layers = "".join((folder / f"layer-{l}.html").read_text(encoding="utf-8") for l in range(1, n_layer + 1))
+        assert "&lt;b&gt;&amp;" in layers  # a promoted token with markup, escaped
+    fitted = (tmp_path / "neuron_pages" / "gpt2" / "layer-1.html").read_text(encoding="utf-8")
+    unfitted = (tmp_path / "neuron_pages" / "gpt2-medium" / "layer-1.html").read_text(encoding="utf-8")
+    assert "<th>q_bh</th>" in fitted and "<th>q_bh</th>" in unfitted  # every model has the columns; unfitted: empty
+    assert "—" in _body_rows(unfitted)[0] and "—" not in _body_rows(fitted)[0]
+
+
+def test_layer_pages_of_a_model_without_selected_neurons(tables, tmp_path, monkeypatch):
+    """A model none of whose neurons is selected still gets its layer pages and an index (an empty-table note)."""
+    only_gpt2 = page.select_neurons(tables).filter(pl.col("model") == "gpt2")
+    monkeypatch.setattr(pages_html, "select_neurons", lambda t: only_gpt2)
+    links = pages_html.write_pages(tables, str(tmp_path))
+    assert [href for _, href in links] == ["neuron_pages/gpt2/index.html", "neuron_pages/gpt2-medium/index.html"]
+    folder = tmp_path / "neuron_pages" / "gpt2-medium"
+    index = (folder / "index.html").read_text(encoding="utf-8")
+    assert "<table" not in index and 'class="empty"' in index
+    assert re.findall(r'href="(layer-\d+\.html)"', index) == ["layer-1.html", "layer-2.html", "layer-3.html"]
+    assert sorted(p.name for p in folder.iterdir()) == ["index.html", "layer-1.html", "layer-2.html", "layer-3.html"]
+    assert len(_body_rows((folder / "layer-2.html").read_text(encoding="utf-8"))) == MODELS["gpt2-medium"][1]
 
 
 def test_make_report_links_the_pages(run, tmp_path):

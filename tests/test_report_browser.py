@@ -67,15 +67,16 @@ def _chromium(tmp_path, url: str, *flags) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(BROWSER is None, reason="no chromium binary on PATH (apt-get install chromium; .ci/run does)")
 def test_neuron_pages_render_in_headless_chromium(tmp_path):
-    """The report links each model's neuron index; the index and a neuron page render with content, every
-    image decodes and every relative link resolves."""
+    """The report links each model's neuron index; the index, a layer page and a neuron page render with content,
+    every image decodes and every relative link resolves; the layer page's table sorts on a header click."""
     out, _ = write_run(tmp_path / "run")
     report = make_report(Store(out))
     pages = [os.path.join(out, h) for h in re.findall(r'href="(neuron_pages/[^"#]+)"', open(report, encoding="utf-8").read())]
     assert pages
     index = pages[0]
     first = re.search(r'href="(L\d+-N\d+\.html)"', open(index, encoding="utf-8").read()).group(1)
-    for path in (report, index, os.path.join(os.path.dirname(index), first)):
+    layer = os.path.join(os.path.dirname(index), re.search(r'href="(layer-\d+\.html)"', open(index, encoding="utf-8").read()).group(1))
+    for path in (report, index, layer, os.path.join(os.path.dirname(index), first)):
         html = open(path, encoding="utf-8").read()
         _images(html, os.path.dirname(path))
         for href in re.findall(r'href="([^"#:]+)(?:#[^"]*)?"', html):
@@ -89,6 +90,26 @@ def test_neuron_pages_render_in_headless_chromium(tmp_path):
         assert px.std() > 10 and (px < 128).mean() > 0.005, path
     dom = _chromium(tmp_path, f"file://{os.path.join(os.path.dirname(index), first)}", "--dump-dom").stdout
     assert dom.count('class="t a"') >= 1 and "<svg" in dom  # outlined tokens and the histogram drawn
+    text = open(layer, encoding="utf-8").read()
+    dom = _chromium(tmp_path, f"file://{layer}", "--dump-dom").stdout
+    assert len(_rows(dom)) == len(_rows(text)) > 3 and 'href="L' in dom  # every neuron of the layer, pages linked
+    _sorts_on_a_header_click(tmp_path, text, "max")
+
+
+def _rows(html: str) -> list[str]:
+    return re.findall(r"<tr>(.*?)</tr>", html.split("<tbody>")[1])
+
+
+def _sorts_on_a_header_click(tmp_path, html: str, heading: str) -> None:
+    """The page's sortable table, clicked twice on ``heading`` in Chromium, is in descending order of that column."""
+    column = re.findall(r"<th>([^<]+)</th>", html).index(heading)
+    clicked = tmp_path / "clicked.html"  # the page with two clicks on the heading appended: ascending, then descending
+    click = f'<script>const th=document.querySelectorAll("table.sort th")[{column}];th.click();th.click();</script>'
+    clicked.write_text(html.replace("</body>", click + "</body>"), encoding="utf-8")
+    dom = _chromium(tmp_path, f"file://{clicked}", "--dump-dom").stdout
+    values = [float(re.findall(r'data-v="([^"]*)"', r)[column]) for r in _rows(dom)]
+    assert len(values) > 3 and values == sorted(values, reverse=True) and values != [
+        float(re.findall(r'data-v="([^"]*)"', r)[column]) for r in _rows(html)]
 
 
 @pytest.mark.skipif(BROWSER is None, reason="no chromium binary on PATH (apt-get install chromium; .ci/run does)")
@@ -96,12 +117,4 @@ def test_neuron_index_sorts_on_a_header_click(tmp_path):
     out, _ = write_run(tmp_path / "run")
     make_report(Store(out))
     index = open(os.path.join(out, "neuron_pages", "gpt2", "index.html"), encoding="utf-8").read()
-    column = re.findall(r"<th>([^<]+)</th>", index).index("max")
-    clicked = tmp_path / "clicked.html"  # the index with two clicks on "max" appended: ascending, then descending
-    click = f'<script>const th=document.querySelectorAll("table.sort th")[{column}];th.click();th.click();</script>'
-    clicked.write_text(index.replace("</body>", click + "</body>"), encoding="utf-8")
-    dom = _chromium(tmp_path, f"file://{clicked}", "--dump-dom").stdout
-    rows = re.findall(r"<tr>(.*?)</tr>", dom.split("<tbody>")[1])
-    values = [float(re.findall(r'data-v="([^"]*)"', r)[column]) for r in rows]
-    assert len(values) > 3 and values == sorted(values, reverse=True) and values != [
-        float(re.findall(r'data-v="([^"]*)"', r)[column]) for r in re.findall(r"<tr>(.*?)</tr>", index.split("<tbody>")[1])]
+    _sorts_on_a_header_click(tmp_path, index, "max")

@@ -1,6 +1,7 @@
-"""Static neuron pages beside report.html: ``neuron_pages/<model>/index.html`` (the selected neurons, sortable) and
-``neuron_pages/<model>/L<layer>-N<neuron>.html`` per selected neuron. Inline CSS and SVG, no external resources; the
-index's inline script only sorts (the page reads fine without it). Every text from data is HTML-escaped."""
+"""Static neuron pages beside report.html: ``neuron_pages/<model>/index.html`` (the selected neurons, sortable, and
+links to the layer pages), ``neuron_pages/<model>/layer-<layer>.html`` per layer (every neuron of the layer, sortable)
+and ``neuron_pages/<model>/L<layer>-N<neuron>.html`` per selected neuron. Inline CSS and SVG, no external resources;
+the tables' inline script only sorts (the pages read fine without it). Every text from data is HTML-escaped."""
 from __future__ import annotations
 
 import html
@@ -143,41 +144,89 @@ def neuron_html(model: str, layer: int, neuron: int, why: str, frames: dict[str,
     return _document(title, "".join(parts))
 
 
-def index_html(model: str, rows: pl.DataFrame, report_href: str) -> str:
-    """The model's selected neurons as one sortable table, each linked to its page."""
-    columns = [c for c in ("layer", "neuron", "max", "frac_active", "top_promoted", "beta", "p", "q_bh", "why") if c in rows.columns]
-    body = []
-    for r in rows.iter_rows(named=True):
-        link = f'<a href="{html.escape(page_name(r["layer"], r["neuron"]), quote=True)}">page</a>'
-        body.append("<tr>" + "".join(_cell(r[c]) for c in columns) + f'<td class="s">{link}</td></tr>')
-    head = (f'<nav><a href="{html.escape(report_href, quote=True)}">report</a></nav><h1>{html.escape(model)}: neurons</h1>'
+INDEX_COLUMNS = ("layer", "neuron", "max", "frac_active", "top_promoted", "beta", "p", "q_bh")
+
+
+def layer_name(layer: int) -> str:
+    return f"layer-{layer}.html"
+
+
+def _rows(rows: pl.DataFrame, columns: list[str]) -> list[str]:
+    """One table row per neuron: the columns, then a link to its page where it has one (``why`` not null)."""
+    out = []
+    for r, layer, neuron, why in zip(rows.select(columns).iter_rows(), rows["layer"], rows["neuron"], rows["why"]):
+        link = "" if why is None else f'<a href="{html.escape(page_name(layer, neuron), quote=True)}">page</a>'
+        out.append("<tr>" + "".join(_cell(v) for v in r) + f'<td class="s">{link}</td></tr>')
+    return out
+
+
+def _report_link(report_href: str) -> str:
+    return f'<a href="{html.escape(report_href, quote=True)}">report</a>'
+
+
+def index_html(model: str, rows: pl.DataFrame, report_href: str, layers: list[int]) -> str:
+    """The model's selected neurons (``rows``, with ``why``) as one sortable table, each linked to its page, after
+    links to the model's layer pages."""
+    columns = [c for c in (*INDEX_COLUMNS, "why") if c in rows.columns]
+    head = (f"<nav>{_report_link(report_href)}</nav><h1>{html.escape(model)}: neurons</h1>"
             f"<p>{rows.height} neurons with a page: the Bonferroni-significant proper-noun neurons of largest |beta| and "
             f"the neurons of largest maximum pre-activation in each layer. Click a heading to sort.</p>")
-    return _document(f"{model}: neurons", head + _table(columns + ["page"], body, "sort"), SORT_JS)
+    if layers:
+        links = " ".join(f'<a href="{html.escape(layer_name(l), quote=True)}">{l}</a>' for l in layers)
+        head += (f"<p>All neurons by layer: {links}</p><p>Each layer page lists every neuron of that layer (max, "
+                 f"frac_active, top promoted tokens, and beta, p, q_bh where fitted), sortable, linked to its page where it "
+                 f"has one.</p>")
+    table = (_table(columns + ["page"], _rows(rows, columns), "sort") if rows.height
+             else '<p class="empty">No neuron of this model has a page.</p>')
+    return _document(f"{model}: neurons", head + table, SORT_JS)
+
+
+def layer_html(model: str, layer: int, rows: pl.DataFrame, report_href: str, layers: list[int]) -> str:
+    """Every neuron of one layer (``rows``: ``neuron_index`` rows in neuron order, ``why`` null where the neuron has
+    no page) as one sortable table; a neuron with a page links to it."""
+    columns = [c for c in INDEX_COLUMNS if c in rows.columns]
+    at = layers.index(layer)
+    steps = [f'<a href="{html.escape(layer_name(l), quote=True)}">{label}</a>'
+             for l, label in ((layers[at - 1] if at else None, "previous layer"),
+                              (layers[at + 1] if at + 1 < len(layers) else None, "next layer")) if l is not None]
+    title = f"{model} · layer {layer}: every neuron"
+    nav = " · ".join([_report_link(report_href), f'<a href="index.html">{html.escape(model)} neurons</a>', *steps])
+    head = (f"<nav>{nav}</nav><h1>{html.escape(title)}</h1><p>{rows.height} neurons of layer {layer}: max and "
+            f"frac_active of the pre-activation, the top promoted tokens, and beta, p, q_bh from neuron_logit where "
+            f"fitted; a neuron selected for a page links to it. Click a heading to sort.</p>")
+    return _document(title, head + _table(columns + ["page"], _rows(rows, columns), "sort"), SORT_JS)
 
 
 def write_pages(t: dict, run_dir: str, report_anchor: str = "") -> list[tuple[str, str]]:
-    """Write every selected neuron's page and each model's index under ``run_dir``/neuron_pages; returns
-    [(link title, href relative to run_dir)], one per model index."""
+    """Write, for every model with ``neuron_stats`` rows, each selected neuron's page, one page per layer listing
+    every neuron, and the model's index under ``run_dir``/neuron_pages; returns [(link title, href relative to
+    run_dir)], one per model index."""
     if "neuron_stats" not in t:
         return []
     selected = select_neurons(t)
-    if selected.is_empty():
-        return []
-    index = neuron_index(t).join(selected.lazy(), on=["model", "layer", "neuron"], how="semi").collect()
+    models = t["neuron_stats"].select(pl.col("model").unique()).collect()["model"].to_list()
+    index = neuron_index(t)
+    report_href = "../../report.html" + report_anchor
     links = []
-    for model in sorted(selected["model"].unique().to_list(), key=model_sort_key):
+    for model in sorted(models, key=model_sort_key):
         folder = os.path.join(run_dir, FOLDER, slug(model))
-        report_href = "../../report.html" + report_anchor
         chosen = selected.filter(pl.col("model") == model)
-        frames = neuron_frames(t, model, chosen)
-        parts = {name: df.partition_by("layer", "neuron", as_dict=True) for name, df in frames.items()}
-        for layer, neuron, why in chosen.select("layer", "neuron", "why").iter_rows():
-            own = {name: p.get((layer, neuron), frames[name].clear()) for name, p in parts.items()}
-            _write(os.path.join(folder, page_name(layer, neuron)), neuron_html(model, layer, neuron, why, own, report_href))
-        rows = (index.filter(pl.col("model") == model).join(chosen, on=["model", "layer", "neuron"])
-                .sort("layer", "neuron"))
-        _write(os.path.join(folder, "index.html"), index_html(model, rows, report_href))
+        if chosen.height:
+            frames = neuron_frames(t, model, chosen)
+            parts = {name: df.partition_by("layer", "neuron", as_dict=True) for name, df in frames.items()}
+            for layer, neuron, why in chosen.select("layer", "neuron", "why").iter_rows():
+                own = {name: p.get((layer, neuron), frames[name].clear()) for name, p in parts.items()}
+                _write(os.path.join(folder, page_name(layer, neuron)), neuron_html(model, layer, neuron, why, own, report_href))
+        # every neuron of the model, once; why: null where the neuron has no page
+        rows = (index.filter(pl.col("model") == model)
+                .join(chosen.select("layer", "neuron", "why").lazy(), on=["layer", "neuron"], how="left")
+                .sort("layer", "neuron").collect())
+        by_layer = rows.partition_by("layer", as_dict=True, maintain_order=True)
+        layers = [key[0] for key in by_layer]
+        for (layer,), part in by_layer.items():
+            _write(os.path.join(folder, layer_name(layer)), layer_html(model, layer, part, report_href, layers))
+        _write(os.path.join(folder, "index.html"),
+               index_html(model, rows.filter(pl.col("why").is_not_null()), report_href, layers))
         href = "/".join([FOLDER, urllib.parse.quote(slug(model)), "index.html"])
-        links.append((f"{model}: {chosen.height} neuron pages (index, sortable)", href))
+        links.append((f"{model}: {chosen.height} neuron pages and every neuron by layer (index, sortable)", href))
     return links
