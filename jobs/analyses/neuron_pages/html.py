@@ -69,7 +69,8 @@ def _cell(v) -> str:
     if isinstance(v, str):
         return f'<td class="s">{html.escape(visible(v))}</td>'
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        raw = "" if isinstance(v, float) and math.isnan(v) else repr(v)
+        # 9 significant digits order every float32 exactly (and float64 p-values to 1e-9): half of repr's size
+        raw = "" if isinstance(v, float) and math.isnan(v) else (f"{v:.9g}" if isinstance(v, float) else repr(v))
         return f'<td data-v="{raw}">{html.escape(num(v))}</td>'
     return f"<td>{html.escape(num(v))}</td>"
 
