@@ -413,10 +413,12 @@ def _sample_candidates(h_token: torch.Tensor, h_neuron: torch.Tensor, thr: torch
 
 
 def _batch_passes(flat: torch.Tensor, thr_top: torch.Tensor | None, thr_bottom: torch.Tensor | None):
-    """Everything that reads the whole batch flat (M, N), in one sweep of row blocks: (mean, m2) (N,) float64 (two
-    passes over each block's float64 copy, blocks combined by Chan's update); a handle whose ``result()`` is the
-    histogram (N, HIST_BINS + 2) and the count of x > 0 (N,); the candidates (row, col) (row-major) with
-    x >= thr_top or x <= thr_bottom (None: that kind is not compared), or None without thresholds.
+    """Everything that reads the whole batch flat (M, N), in row blocks that stay in cache. Returns (work, found):
+    found, the candidates (row, col) (row-major) with x >= thr_top or x <= thr_bottom (None: that kind is not
+    compared), or None without thresholds, computed here on the caller's threads with the histogram codes; and
+    ``work()`` -> ((mean, m2) (N,) float64, histogram (N, HIST_BINS + 2), count of x > 0 (N,)): the float64 moments
+    (two passes over each block's float64 copy, blocks combined by Chan's update) and the histogram's ``bincount``,
+    both one thread's work, which ``layer_delta`` runs on a thread of its own beside the rest of the update.
 
     The histogram's bin is the number of edges <= x, clamp(floor(4x) + 33, 0, 65): x * 4 is exact in
     float32 (a power of two), so this equals ``searchsorted(HIST_EDGES, x, "right")``. One ``bincount``
@@ -437,14 +439,10 @@ def _batch_passes(flat: torch.Tensor, thr_top: torch.Tensor | None, thr_bottom: 
     width = 2 * (HIST_BINS + 2)  # codes u - 2 lo + 2 in [0, 2 * (HIST_BINS + 1)] per neuron
     offsets = torch.arange(n, dtype=torch.float32, device=dev) * width - 2 * (lo - 1)  # exact: n * width < 2**24
     starts = range(0, m, rows)
-    sums, m2s = (torch.empty((len(starts), n), dtype=torch.float64, device=dev) for _ in range(2))
-    for i, r0 in enumerate(starts):
+    for r0 in starts:
         block = flat[r0:r0 + rows]
         nb = len(block)
-        x, ab, bb = x64[:nb], a[:nb], b[:nb]
-        x.copy_(block)
-        torch.sum(x, 0, out=sums[i])
-        torch.sum(x.sub_(sums[i] / nb).square_(), 0, out=m2s[i])
+        ab, bb = a[:nb], b[:nb]
         torch.mul(block, HIST_PER_UNIT, out=ab).clamp_(lo - 1, -lo)
         torch.ceil(ab, out=bb)
         codes[r0:r0 + nb].copy_(ab.floor_().add_(bb).add_(offsets))
@@ -455,18 +453,21 @@ def _batch_passes(flat: torch.Tensor, thr_top: torch.Tensor | None, thr_bottom: 
             if thr_bottom is not None:
                 below = torch.le(block, thr_bottom, out=tmp[:nb])
                 part.logical_or_(below) if thr_top is not None else part.copy_(below)
-    counts = torch.tensor([min(rows, m - r0) for r0 in starts], dtype=torch.float64, device=dev)[:, None]
-    mean = sums.sum(0) / m
-    m2 = m2s.sum(0) + (counts * (sums / counts - mean) ** 2).sum(0)  # Chan's update of the blocks at once
-
-    def histogram():
-        return torch.bincount(codes.view(-1), minlength=n * width)
-
-    # bincount runs on one thread: on a CPU it overlaps the (single-threaded) rest of the update on another one.
-    # Only the kernel runs there; the sums after it are parallel ops, kept on the caller's thread.
     found = _sparse_nonzero(mask) if compare else None
-    pending = _Background(histogram) if dev.type == "cpu" else _Done(histogram())
-    return (mean, m2), _Then(pending, lambda counts: _hist_active(counts.view(n, width), lo)), found
+
+    def work():
+        sums, m2s = (torch.empty((len(starts), n), dtype=torch.float64, device=dev) for _ in range(2))
+        for i, r0 in enumerate(starts):
+            x = x64[:min(rows, m - r0)]
+            x.copy_(flat[r0:r0 + rows])
+            torch.sum(x, 0, out=sums[i])
+            torch.sum(x.sub_(sums[i] / len(x)).square_(), 0, out=m2s[i])
+        counts = torch.tensor([min(rows, m - r0) for r0 in starts], dtype=torch.float64, device=dev)[:, None]
+        mean = sums.sum(0) / m
+        m2 = m2s.sum(0) + (counts * (sums / counts - mean) ** 2).sum(0)  # Chan's update of the blocks at once
+        return (mean, m2), *_hist_active(torch.bincount(codes.view(-1), minlength=n * width).view(n, width), lo)
+
+    return work, found
 
 
 def _hist_active(counts: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,7 +478,7 @@ def _hist_active(counts: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Ten
 
 def _histogram(flat: torch.Tensor) -> torch.Tensor:
     """Counts of (M, N) over HIST_EDGES per column -> (N, HIST_BINS + 2) int64."""
-    return _batch_passes(flat.float(), None, None)[1].result()[0]
+    return _batch_passes(flat.float(), None, None)[0]()[1]
 
 
 class _Background:
@@ -485,12 +486,16 @@ class _Background:
 
     def __init__(self, fn):
         self.out = self.error = None
-        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        # Inference and grad mode are per thread: the new one runs in the caller's.
+        modes = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+        self.thread = threading.Thread(target=self._run, args=(fn, modes), daemon=True)
         self.thread.start()
 
-    def _run(self, fn):
+    def _run(self, fn, modes):
         try:
-            self.out = fn()
+            torch.set_num_threads(1)  # this thread's OpenMP team: one thread (the caller holds the other core)
+            with torch.inference_mode(modes[0]), torch.set_grad_enabled(modes[1]):
+                self.out = fn()
         except BaseException as e:  # re-raised by result()
             self.error = e
 
@@ -507,17 +512,6 @@ class _Done:
 
     def result(self):
         return self.out
-
-
-@dataclass(frozen=True)
-class _Then:
-    """``then(pending.result())`` when asked, on the asking thread."""
-
-    pending: object
-    then: object
-
-    def result(self):
-        return self.then(self.pending.result())
 
 
 def _sparse_nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -579,12 +573,13 @@ def layer_delta(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesC
     (thr_top, thr_bottom, thr_sample), unfilled = _worst(s)
     # Unfilled slots (the first batches) make every token a candidate: the full topk is cheaper then.
     full = [int(u.sum()) * m > limit for u in unfilled]
-    (mean_b, m2_b), histogram, found = _batch_passes(flat, None if full[0] else thr_top, None if full[1] else thr_bottom)
+    work, found = _batch_passes(flat, None if full[0] else thr_top, None if full[1] else thr_bottom)
     if found is not None and len(found[0]) > 2 * limit:  # too many ties with the worst examples
         full[0] = full[1] = True
     # The rest works on small tensors (one thread: on a shared CPU each parallel op waits for its slowest
-    # thread), while the histogram's bincount runs on another.
+    # thread), while the moments and the histogram's bincount run on another.
     with _threads(_SMALL_THREADS if dev.type == "cpu" else 0):
+        pending = _Background(work) if dev.type == "cpu" else _Done(work())
         xt = []  # (N, M), made once if some kind needs the full topk
         transposed = lambda: xt[0] if xt else xt.append(flat.T.contiguous()) or xt[0]  # noqa: E731
 
@@ -635,8 +630,8 @@ def layer_delta(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesC
         else:  # no example changes
             none = torch.zeros(0, dtype=torch.int64, device=dev)
             examples = (none, none, flat.new_zeros(0), none, none, flat.new_zeros((0, 2 * cfg.window + 1)))
+        (mean_b, m2_b), hist, n_active = pending.result()
     n_b = torch.full((n,), m, dtype=torch.int64, device=dev)
-    hist, n_active = histogram.result()
     return LayerDelta(n_b, mean_b, m2_b, n_active, hist, *examples)
 
 
