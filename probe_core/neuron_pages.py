@@ -243,8 +243,9 @@ def merge(a: PagesState, b: PagesState) -> PagesState:
 
 # ---------------------------------------------------------------- one batch
 # How the update stays cheap on a CPU (it runs inside the forward pass, once per layer and batch):
-# - one sweep over the (M, N) batch, block by block of rows (``_batch_passes``): each block and its float64
-#   copy stay in cache while the moments, histogram codes, min/max and threshold comparisons read it;
+# - the (M, N) batch is read block by block of rows (``_batch_passes``), each block in cache: the histogram codes
+#   and threshold comparisons on the caller's threads, then the float64 moments and the ``bincount`` on a second
+#   thread while the single-threaded rest of the update runs; min/max are the best examples;
 # - examples: once a neuron's k slots are filled, only the batch's tokens at least as good as its worst
 #   example can enter: value >= top's, <= bottom's (one comparison each, in the sweep), and for the sample
 #   priority <= its worst, found from the sorted token hashes without touching (M, N). The few candidates
