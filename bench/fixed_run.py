@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--two-models", action="store_true", help="two tiny models of different depths instead of one")
     p.add_argument("--replicas", type=int, default=None, help="actors per model (default: 2 with --two-models, else the job's default)")
     p.add_argument("--batch-size", type=int, default=None, help="chunks per batch (default: the job's, here all 16 chunks in one batch)")
+    p.add_argument("--analyses", default=None, help="probe run --analyses (default: the default analyses)")
     args = p.parse_args(argv)
     out = os.path.abspath(args.out)
     if os.path.exists(out):
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
         cmd += ["--replicas", str(replicas)]
     if args.batch_size is not None:
         cmd += ["--batch-size", str(args.batch_size)]
+    if args.analyses:
+        cmd += ["--analyses", args.analyses]
     env = {**os.environ, "PYTHONPATH": REPO}
     where = subprocess.run([sys.executable, "-c", "import jobs; print(jobs.__file__)"], cwd=REPO, env=env,
                            capture_output=True, text=True, check=True).stdout.strip()

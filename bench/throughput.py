@@ -52,21 +52,28 @@ def make_plan(tokens: np.ndarray, decode: list[str], b: int, t: int, target_id: 
     The chunks are the first B (in corpus order) holding the rotation target after position 0, so the
     rotation path does real work; the neuron sample has the job's density (~7 per 1k tokens).
     """
-    from jobs.analyses import neurons, rotation
-    from probe_core.tokens import proper_noun_labels
+    from jobs.analyses import rotation
 
     chunks = tokens[: tokens.size // t * t].reshape(-1, t)
     keep = np.flatnonzero((chunks[:, 1:] == target_id).any(1))[:b]
     if keep.size < b:
         raise ValueError(f"only {keep.size} chunks of {t} tokens hold the target; lower --batch (got {b})")
     ids = chunks[keep].astype(np.int32)
-    proper = proper_noun_labels([decode[i] for i in ids.ravel()]).reshape(b, t)
-    rng = np.random.default_rng(seed)
-    n = max(1, round(b * t * SAMPLE_DENSITY))
-    flat = np.sort(rng.choice(b * t, size=n, replace=False))
-    keys = np.stack([flat // t, flat % t], axis=1).astype(np.int64)  # sorted (chunk, pos)
-    parts = {"neurons": neurons.Part(keys, proper[flat // t, flat % t]), "rotation": rotation.Part(target_id, None)}
+    parts = {"neurons": neuron_sample(ids, decode, seed), "rotation": rotation.Part(target_id, None)}
     return np.arange(b, dtype=np.int64), ids, parts
+
+
+def neuron_sample(ids: np.ndarray, decode: list[str], seed: int = 0):
+    """The neurons analysis's part for chunks ``ids`` (B, T): a sorted (chunk, pos) sample at the job's density."""
+    from jobs.analyses import neurons
+    from probe_core.tokens import proper_noun_labels
+
+    t = ids.shape[1]
+    proper = proper_noun_labels([decode[i] for i in ids.ravel()])
+    rng = np.random.default_rng(seed)
+    flat = np.sort(rng.choice(ids.size, size=max(1, round(ids.size * SAMPLE_DENSITY)), replace=False))
+    keys = np.stack([flat // t, flat % t], axis=1).astype(np.int64)  # sorted (chunk, pos)
+    return neurons.Part(keys, proper[flat])
 
 
 def make_worker(size: str, model, device: str, dtype: str, store_dir: str, ids: np.ndarray, parts: dict, extra=()):
@@ -153,23 +160,17 @@ def pages_stream(size: str, model, args, tokens: np.ndarray, decode: list[str], 
     """Capture seconds of the same S batches with and without ``neuron_pages`` (see the module's docstring)."""
     import time
 
-    from jobs.analyses import neuron_pages, neurons, rotation
+    from jobs.analyses import neuron_pages, rotation
     from probe_core import neuron_pages as npg
-    from probe_core.tokens import proper_noun_labels
 
     b, t, s = args.batch, args.tokens, args.pages_batches
     chunks = tokens[: tokens.size // t * t].reshape(-1, t)
     if len(chunks) < b * s:
         raise ValueError(f"the corpus holds {len(chunks)} chunks of {t} tokens, fewer than --batch x --pages-batches")
     ids = chunks[: b * s].astype(np.int32)
-    rng = np.random.default_rng(0)
-    n = max(1, round(ids.size * SAMPLE_DENSITY))
-    flat = np.sort(rng.choice(ids.size, size=n, replace=False))
-    proper = proper_noun_labels([decode[i] for i in ids.ravel()])
-    keys = np.stack([flat // t, flat % t], axis=1).astype(np.int64)
     c = model.config
     d_mlp = c.n_inner or 4 * c.n_embd
-    parts = {"neurons": neurons.Part(keys, proper[flat]), "rotation": rotation.Part(target_id, None),
+    parts = {"neurons": neuron_sample(ids, decode), "rotation": rotation.Part(target_id, None),
              "neuron_pages": neuron_pages.Part(20, 10, {size: npg.state_bytes(c.n_layer, d_mlp, 20, 10)})}
     cuda = args.device == "cuda"
     with tempfile.TemporaryDirectory(prefix="bench-pages-") as store_dir:

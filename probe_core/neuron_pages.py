@@ -69,12 +69,12 @@ def token_hash(chunk: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def priority(h_neuron: torch.Tensor, h_token: torch.Tensor) -> torch.Tensor:
-    """priority = h_token + h_neuron mod 2**64, compared as signed int64: (N,), (M,) -> (M, N).
+    """priority = h_token + h_neuron mod 2**64, compared as signed int64, elementwise (broadcasting).
 
     For one neuron, adding a constant permutes the (already mixed, uniform) token hashes, so its k smallest
     are a uniform draw, and its candidates in a batch are the tokens whose hash lies in one cyclic interval:
     a range of the batch's sorted token hashes (``_sample_candidates``), found without an (M, N) pass."""
-    return h_token[:, None] + h_neuron[None, :]
+    return h_token + h_neuron
 
 
 # ---------------------------------------------------------------- state
@@ -370,7 +370,7 @@ def _new_examples(s: LayerState, changed: torch.Tensor, rows: torch.Tensor, flat
     v = flat[r, neuron[:, None]]  # (R, w)
     sign = torch.where(kind == 0, -1, 1)
     fill = torch.where(kind == 0, -float("inf"), torch.where(kind == 1, float("inf"), 0.0))
-    primary_b = torch.where(kind == 2, h_token[r] + h_neuron[neuron, None], _ordered(v) * sign)
+    primary_b = torch.where(kind == 2, priority(h_neuron[neuron, None], h_token[r]), _ordered(v) * sign)
     fill_primary = torch.where(kind == 2, NO_PRIORITY, _ordered(fill) * sign)
     s_key, s_primary = _primary(s, changed, n)
     key = torch.cat([s_key, torch.where(ok, keys[r], EMPTY_KEY)], 1)
@@ -463,18 +463,13 @@ def _batch_passes(flat: torch.Tensor, thr_top: torch.Tensor | None, thr_bottom: 
             x.copy_(flat[r0:r0 + rows])
             torch.sum(x, 0, out=sums[i])
             torch.sum(x.sub_(sums[i] / len(x)).square_(), 0, out=m2s[i])
-        counts = torch.tensor([min(rows, m - r0) for r0 in starts], dtype=torch.float64, device=dev)[:, None]
+        sizes = torch.tensor([min(rows, m - r0) for r0 in starts], dtype=torch.float64, device=dev)[:, None]
         mean = sums.sum(0) / m
-        m2 = m2s.sum(0) + (counts * (sums / counts - mean) ** 2).sum(0)  # Chan's update of the blocks at once
-        return (mean, m2), *_hist_active(torch.bincount(codes.view(-1), minlength=n * width).view(n, width), lo)
+        m2 = m2s.sum(0) + (sizes * (sums / sizes - mean) ** 2).sum(0)  # Chan's update of the blocks at once
+        counts = torch.bincount(codes.view(-1), minlength=n * width).view(n, width)
+        return (mean, m2), counts.view(n, HIST_BINS + 2, 2).sum(2), counts[:, 2 - 2 * lo + 1:].sum(1)
 
     return work, found
-
-
-def _hist_active(counts: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sweep's per-neuron code counts (N, 2 (HIST_BINS + 2)) -> (histogram (N, HIST_BINS + 2), count of x > 0 (N,))."""
-    n = counts.shape[0]
-    return counts.view(n, HIST_BINS + 2, 2).sum(2), counts[:, 2 - 2 * lo + 1:].sum(1)
 
 
 def _histogram(flat: torch.Tensor) -> torch.Tensor:
@@ -605,9 +600,9 @@ def layer_delta(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesC
             row, col = sampled
             act = flat[row, col] > 0
             row, col = row[act], col[act]
-            candidates.append((row, col + 2 * n, h_token[row] + h_neuron[col]))
+            candidates.append((row, col + 2 * n, priority(h_neuron[col], h_token[row])))
         else:
-            p = h_token[None, :] + h_neuron[:, None]  # (N, M)
+            p = priority(h_neuron[:, None], h_token[None, :])  # (N, M)
             p.masked_fill_(transposed() <= 0, NO_PRIORITY)
             vals, sample_rows = p.topk(kk, dim=1, largest=False, sorted=False)
             rows[2] = sample_rows.masked_fill_(vals == NO_PRIORITY, -1)  # inactive picks (fewer than kk active tokens)

@@ -144,7 +144,7 @@ def test_priority_matches_numpy_reference():
     config = cfg(seed=2**32 - 1)
     chunk = torch.tensor([0, 5, 123456, 2**31 - 1])
     pos = torch.tensor([0, 1, 1023, 7])
-    got = npg.priority(npg.neuron_hash(config.seed, config.salt, 3, 5), npg.token_hash(chunk, pos)).numpy()
+    got = npg.priority(npg.neuron_hash(config.seed, config.salt, 3, 5)[None, :], npg.token_hash(chunk, pos)[:, None]).numpy()
     want = np_priority(config.seed, config.salt, 3, np.arange(5)[None, :], chunk.numpy()[:, None], pos.numpy()[:, None])
     assert np.array_equal(got, want)
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from jobs.analysis import Analysis, Capture, Command, Option, Table
+from jobs.analysis import Analysis, BatchContext, Capture, Command, Option, Table
 from jobs.analyses.neuron_pages.figures import FIGURES, summaries
 from jobs.analyses.neuron_pages.html import write_pages
 from jobs.analyses.neuron_pages.page import neuron_page, page_text, select_neurons  # noqa: F401  (the API's entry points)
@@ -178,18 +178,15 @@ def export_state(worker) -> pages.PagesState:
 
 
 def recompute_state(worker, chunk_ids: np.ndarray, batch_size: int, part: Part) -> pages.PagesState:
-    """A fresh state of these chunks (sorted), by forward passes of ``batch_size`` chunks; the actor's own state is untouched."""
+    """A fresh state of these chunks (sorted), by forward passes of ``batch_size`` chunks through this analysis's
+    own capture (``forward``, then ``reduce``); the actor's own state is untouched."""
     holder = new_state(worker, part, save=False)
     chunk_ids = np.sort(np.asarray(chunk_ids, np.int64))
     for lo in range(0, len(chunk_ids), max(1, batch_size)):
         batch = chunk_ids[lo:lo + max(1, batch_size)]
-        deltas = {}
-
-        def visit(layer, pre, deltas=deltas, batch=torch.as_tensor(batch)):
-            deltas[layer] = pages.layer_delta(holder.state.layers[layer], pre, batch, holder.state.cfg, layer + 1)
-
-        worker.forward(worker.chunks.ids(batch), mlp_visit=visit)
-        holder.state = pages.commit(holder.state, deltas, batch)
+        ctx = BatchContext(batch, None, worker.spec.n_layer, worker.spec.d_mlp, worker.cfg, part, holder)
+        worker.forward(worker.chunks.ids(batch), **forward(ctx))
+        reduce(ctx)
     return holder.state.to("cpu")
 
 
