@@ -5,8 +5,9 @@ One ``LayerState`` per layer (N = d_mlp neurons, k examples, W context tokens on
 
 - moments: ``n`` tokens, ``mean``, ``m2`` (float64, Chan's parallel update), ``n_active`` (tokens with x > 0);
   min and max are the best bottom and top examples (k >= 1 keeps them);
-- ``hist`` (N, len(HIST_EDGES) + 1) int64 over the fixed ``HIST_EDGES``: bin 0 counts x < edges[0],
-  bin i counts edges[i-1] <= x < edges[i], the last bin x >= edges[-1] (``np.searchsorted(edges, x, "right")``);
+- ``hist`` (N, len(HIST_EDGES) + 1) int64 over the fixed ``HIST_EDGES``: bin 0 counts x <= edges[0],
+  bin i counts edges[i-1] < x <= edges[i], the last bin x > edges[-1] (``np.searchsorted(edges, x, "left")``),
+  so the bins from the one above 0 on count the active tokens (x > 0);
 - three ``Examples`` sets of k tokens per neuron: ``top`` (largest x), ``bottom`` (smallest x), both with
   ties broken by (chunk, pos) ascending, and ``sample`` (x > 0 with the smallest ``priority``, ties by
   (chunk, pos)), each with its context: x at pos-W..pos+W within the chunk, NaN outside it. A set's k
@@ -17,7 +18,9 @@ independent of batching and order (the moments up to float64 rounding), so repli
 Batches hold whole chunks; a state records which chunks it has seen (``PagesState.chunks``).
 """
 import contextlib
+import functools
 import hashlib
+import math
 import threading
 from dataclasses import dataclass, fields, replace
 
@@ -243,20 +246,23 @@ def merge(a: PagesState, b: PagesState) -> PagesState:
 
 # ---------------------------------------------------------------- one batch
 # How the update stays cheap on a CPU (it runs inside the forward pass, once per layer and batch):
-# - the (M, N) batch is read block by block of rows (``_batch_passes``), each block in cache: the histogram codes
-#   and threshold comparisons on the caller's threads, then the float64 moments and the ``bincount`` on a second
-#   thread while the single-threaded rest of the update runs; min/max are the best examples;
-# - examples: once a neuron's k slots are filled, only the batch's tokens at least as good as its worst
-#   example can enter: value >= top's, <= bottom's (one comparison each, in the sweep), and for the sample
-#   priority <= its worst, found from the sorted token hashes without touching (M, N). The few candidates
-#   are ranked by one sort. The full ``topk`` runs only while slots are unfilled (the first batch);
+# - one sweep reads the (M, N) batch in row blocks that stay in cache (``_sweep``, the caller's threads): the
+#   histogram's bin codes, and each group of ``_GROUP`` rows' max and min;
+# - then two threads of one OpenMP thread each (on a shared CPU each parallel op waits for its slowest thread):
+#   the caller finds and merges the examples while a second thread counts the histogram (``bincount``); both then
+#   take the float64 moments block by block, whichever is free first (``_Moments``);
+# - examples: once a neuron's k slots are filled, only tokens at least as good as its worst example can enter:
+#   for top and bottom only the groups whose max (min) reaches it are read (``_threshold_candidates``); for the
+#   sample, tokens whose priority is at most the worst, found from the sorted token hashes without touching
+#   (M, N). The few candidates are ranked by one sort. The full ``topk`` runs only while slots are unfilled;
 # - slots are unordered (``layer_tables`` sorts them), so a batch writes only the slots its new examples
 #   take (``LayerDelta``), and cuts context windows only for those.
 _WS = threading.local()
 _CANDIDATES_PER_SLOT = 4  # the candidate route while candidates <= this * N * (k + 1)
-_SMALL_THREADS = 1  # threads for the tail on small tensors: on a shared CPU each parallel op waits for its slowest thread
 _NARROW = 4  # example rows with at most this many candidates are merged together, the others apart
 _BLOCK_ROWS = 128  # rows per block of the sweep: 128 x d_mlp float32 + float64 stays in a CPU's cache
+_GROUP = 16  # rows per group of the top/bottom search (the gcd with the batch's rows): 1/16 of the comparisons
+_PAD = torch.iinfo(torch.int64).max  # a candidate matrix's unused entry: sorts after every example
 
 
 @contextlib.contextmanager
@@ -272,15 +278,16 @@ def _threads(count: int):
             torch.set_num_threads(before)
 
 
-def _scratch(nbytes: int, device) -> torch.Tensor:
-    """A reused byte buffer of ``nbytes`` on a CPU (one per thread); elsewhere a fresh one (CUDA caches)."""
+def _scratch(name: str, nbytes: int, device) -> torch.Tensor:
+    """A reused byte buffer ``name`` of ``nbytes`` on a CPU (per thread); elsewhere a fresh one (CUDA caches)."""
     if torch.device(device).type != "cpu":
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
-    buf = getattr(_WS, "buf", None)
+    bufs = _WS.__dict__.setdefault("bufs", {})
+    buf = bufs.get(name)
     if buf is None or buf.numel() < nbytes:
-        _WS.buf = None
+        bufs[name] = None
         with torch.inference_mode(False):  # usable in and outside inference mode
-            buf = _WS.buf = torch.empty(nbytes, dtype=torch.uint8)
+            buf = bufs[name] = torch.empty(nbytes, dtype=torch.uint8)
     return buf[:nbytes]
 
 
@@ -308,19 +315,45 @@ def _best_rows(xt: torch.Tensor, kk: int, largest: bool) -> torch.Tensor:
     return cols
 
 
-def _rank_candidates(row: torch.Tensor, col: torch.Tensor, primary: torch.Tensor, n: int, kk: int,
-                     descending: bool) -> torch.Tensor:
-    """Candidates (row, col) in row-major order (``nonzero``'s) with a sort key ``primary`` -> per column
-    the rows of its kk best, by primary, then row ascending: (n, kk) int64, -1 where a column has fewer."""
-    order = torch.sort(primary, stable=True, descending=descending).indices
-    order = order[torch.sort(col[order], stable=True).indices]  # by column, then primary, then row
-    col_sorted = col[order]
-    counts = torch.bincount(col, minlength=n)
-    rank = torch.arange(len(order), device=col.device) - (torch.cumsum(counts, 0) - counts)[col_sorted]
+def _by_column(row: torch.Tensor, col: torch.Tensor, primary: torch.Tensor, value: torch.Tensor, narrow_primary: bool):
+    """Candidates ordered by (col, primary, row), as ``_candidate_rows`` takes them. With ``narrow_primary`` (a
+    32-bit primary: the order of float32 values) and the input already by row within each column, one stable
+    sort on col * 2**32 + primary; otherwise three stable sorts."""
+    if narrow_primary:
+        order = torch.sort(col * (1 << 32) + primary, stable=True).indices
+    else:
+        order = torch.sort(row, stable=True).indices
+        order = order[torch.sort(primary[order], stable=True).indices]
+        order = order[torch.sort(col[order], stable=True).indices]
+    return row[order], col[order], primary[order], value[order]
+
+
+def _candidate_rows(row: torch.Tensor, col: torch.Tensor, primary: torch.Tensor, value: torch.Tensor,
+                    n_rows: int, kk: int) -> list:
+    """Candidates (E,) of example rows ``col`` (0..n_rows), ordered by (col, primary, batch row) (``_by_column``)
+    -> per example row its kk best, packed at the left of a matrix row, in groups by count: the rows with one
+    candidate, with at most ``_NARROW``, and more: [(changed (R,) ascending, batch row (R, w) (-1: none),
+    primary (R, w) (``_PAD``: none), value (R, w))]."""
+    dev = col.device
+    counts = torch.bincount(col, minlength=n_rows)
+    rank = torch.arange(len(col), device=dev) - (torch.cumsum(counts, 0) - counts)[col]
     keep = rank < kk
-    rows = torch.full((n, kk), -1, dtype=torch.int64, device=col.device)
-    rows[col_sorted[keep], rank[keep]] = row[order[keep]]
-    return rows
+    row, col, primary, value, rank = row[keep], col[keep], primary[keep], value[keep], rank[keep]
+    used = counts.clamp_(max=kk)
+    width = torch.where(used <= 1, 1, torch.where(used <= _NARROW, 2, 3))  # the group of each example row
+    groups = []
+    for g in (1, 2, 3):
+        changed = ((used > 0) & (width == g)).nonzero().squeeze(1)
+        if not len(changed):
+            continue
+        mine = width[col] == g
+        at = (torch.searchsorted(changed, col[mine]), rank[mine])
+        w = 1 if g == 1 else min(_NARROW, kk) if g == 2 else int(used[changed].max())
+        brow = torch.full((len(changed), w), -1, dtype=torch.int64, device=dev).index_put_(at, row[mine])
+        bprim = torch.full((len(changed), w), _PAD, dtype=torch.int64, device=dev).index_put_(at, primary[mine])
+        bval = torch.zeros((len(changed), w), dtype=value.dtype, device=dev).index_put_(at, value[mine])
+        groups.append((changed, brow, bprim, bval))
+    return groups
 
 
 def _windows(flat: torch.Tensor, rows: torch.Tensor, neuron: torch.Tensor, t_len: int, window: int) -> torch.Tensor:
@@ -351,54 +384,59 @@ def _primary(s: LayerState, rows: torch.Tensor, n: int):
     each; primary is the int64 sort key, ascending: -value for top, value for bottom, the sample's priority."""
     bounds = torch.searchsorted(rows, torch.tensor([n, 2 * n], device=rows.device)).tolist()
     local = [p - i * n for i, p in enumerate(torch.tensor_split(rows, bounds))]
-    key = torch.cat([e.key[r] for e, r in zip((s.top, s.bottom, s.sample), local)])
-    primary = torch.cat([-_ordered(s.top.value[local[0]]), _ordered(s.bottom.value[local[1]]), s.sample.prio[local[2]]])
+    key = torch.cat([e.key.index_select(0, r) for e, r in zip((s.top, s.bottom, s.sample), local)])
+    primary = torch.cat([-_ordered(s.top.value.index_select(0, local[0])), _ordered(s.bottom.value.index_select(0, local[1])),
+                         s.sample.prio.index_select(0, local[2])])
     return key, primary
 
 
-def _new_examples(s: LayerState, changed: torch.Tensor, rows: torch.Tensor, flat: torch.Tensor, keys: torch.Tensor,
-                  t_len: int, cfg: PagesConfig, h_token: torch.Tensor, h_neuron: torch.Tensor):
-    """Merge the batch's candidate rows (R, w) (-1: none) of the example rows ``changed`` (R,) with the state's
-    slots, as ``_select`` would: the k best by primary, then key. Returns the examples that enter, each taking
-    a slot one of the row's evicted examples frees: (row (E,) into 0..3N ascending, slot (E,), value, key,
-    primary (E,), context (E, 2W + 1)). Context windows are cut only for these."""
+def _new_examples(s: LayerState, changed: torch.Tensor, brow: torch.Tensor, bprim: torch.Tensor, bval: torch.Tensor,
+                  flat: torch.Tensor, keys: torch.Tensor, t_len: int, cfg: PagesConfig):
+    """Merge the batch's candidates of the example rows ``changed`` (R,) (``_candidate_rows``' batch row, primary,
+    value, each (R, w)) with the state's slots, as ``_select`` would: the k best by primary, then key. Returns
+    the examples that enter, each taking a slot one of the row's evicted examples frees: (row (E,) into 0..3N
+    ascending, slot (E,), value, key, primary (E,), context (E, 2W + 1)). Context windows are cut only for these."""
     k, n = cfg.k, flat.shape[1]
-    kind = (changed // n)[:, None]
-    neuron = changed % n
-    ok = rows >= 0
-    r = rows.clamp(min=0)
-    v = flat[r, neuron[:, None]]  # (R, w)
-    sign = torch.where(kind == 0, -1, 1)
-    fill = torch.where(kind == 0, -float("inf"), torch.where(kind == 1, float("inf"), 0.0))
-    primary_b = torch.where(kind == 2, priority(h_neuron[neuron, None], h_token[r]), _ordered(v) * sign)
-    fill_primary = torch.where(kind == 2, NO_PRIORITY, _ordered(fill) * sign)
     s_key, s_primary = _primary(s, changed, n)
-    key = torch.cat([s_key, torch.where(ok, keys[r], EMPTY_KEY)], 1)
-    primary = torch.cat([s_primary, torch.where(ok, primary_b, fill_primary)], 1)
+    if brow.shape[1] == 1:  # one candidate per row (most rows, once the slots have filled): it meets the worst slot
+        c_key, c_primary = keys[brow[:, 0]], bprim[:, 0]
+        worst = s_primary.amax(1, keepdim=True)
+        at_worst = s_primary == worst
+        worst_key = torch.where(at_worst, s_key, torch.iinfo(torch.int64).min).amax(1, keepdim=True)
+        slot = (at_worst & (s_key == worst_key)).byte().argmax(1)  # the worst: largest primary, then key
+        worst, worst_key = worst[:, 0], worst_key[:, 0]
+        new_r = ((c_primary < worst) | ((c_primary == worst) & (c_key < worst_key))).nonzero().squeeze(1)
+        row = changed[new_r]
+        return (row, slot[new_r], bval[new_r, 0], c_key[new_r], c_primary[new_r],
+                _windows(flat, brow[new_r, 0], row % n, t_len, cfg.window))
+    ok = brow >= 0
+    key = torch.cat([s_key, torch.where(ok, keys[brow.clamp(min=0)], EMPTY_KEY)], 1)
+    primary = torch.cat([s_primary, bprim], 1)
     # Which k stay: one sort by primary; only where the k-th and (k+1)-th tie (repeated contexts give equal
     # activations) does the key decide, and those rows are sorted again by key first.
     ranked, order = torch.sort(primary, dim=1, stable=True)
-    if primary.shape[1] > k:
-        tied = (ranked[:, k] == ranked[:, k - 1]).nonzero().squeeze(1)
-        if len(tied):
-            by_key = torch.sort(key[tied], dim=1, stable=True).indices
-            order[tied] = by_key.gather(1, torch.sort(primary[tied].gather(1, by_key), dim=1, stable=True).indices)
+    tied = (ranked[:, k] == ranked[:, k - 1]).nonzero().squeeze(1)
+    if len(tied):
+        by_key = torch.sort(key[tied], dim=1, stable=True).indices
+        order[tied] = by_key.gather(1, torch.sort(primary[tied].gather(1, by_key), dim=1, stable=True).indices)
     kept = torch.zeros(key.shape, dtype=torch.bool, device=key.device).scatter_(1, order[:, :k], True)
     # Exactly k stay, so a row frees as many slots as it takes batch examples; both lists are row-major: pair them.
-    # (An unfilled batch entry never stays: it ties with the state's empty slots, which sort first.)
+    # (A padding entry never stays: the state's k slots, empty ones included, sort before it.)
     free_r, free_slot = (~kept[:, :k]).nonzero(as_tuple=True)
     new_r, new_j = kept[:, k:].nonzero(as_tuple=True)
-    batch_row = rows[new_r, new_j]
-    return (changed[new_r], free_slot, v[new_r, new_j], keys[batch_row], primary_b[new_r, new_j],
-            _windows(flat, batch_row, neuron[new_r], t_len, cfg.window))
+    batch_row = brow[new_r, new_j]
+    row = changed[new_r]
+    return (row, free_slot, bval[new_r, new_j], key[:, k:][new_r, new_j], bprim[new_r, new_j],
+            _windows(flat, batch_row, row % n, t_len, cfg.window))
 
 
 def _sample_candidates(h_token: torch.Tensor, h_neuron: torch.Tensor, thr: torch.Tensor, limit: int):
-    """(row, col) with priority h_token[row] + h_neuron[col] <= thr[col] (int64, wrapping), rows ascending, or
-    None when more than ``limit``. For neuron n these are the tokens whose hash lies in the cyclic interval
-    [MIN - h_n, thr_n - h_n]: a range of the sorted token hashes (two ``searchsorted``), so no (M, N) pass."""
+    """(row, col) with priority h_token[row] + h_neuron[col] <= thr[col] (int64, wrapping), ordered by (col,
+    priority, row), or None when more than ``limit``. For neuron n these are the tokens whose hash lies in the
+    cyclic interval [MIN - h_n, thr_n - h_n]: a range of the sorted token hashes (two ``searchsorted``), so no
+    (M, N) pass, along which the priority rises from MIN (equal hashes stay in row order: a stable sort)."""
     m = len(h_token)
-    hs, by_hash = torch.sort(h_token)
+    hs, by_hash = torch.sort(h_token, stable=True)
     lo, hi = torch.iinfo(torch.int64).min - h_neuron, thr - h_neuron  # both wrap mod 2**64
     first = torch.searchsorted(hs, lo)
     past = torch.searchsorted(hs, hi, right=True)
@@ -408,76 +446,86 @@ def _sample_candidates(h_token: torch.Tensor, h_neuron: torch.Tensor, thr: torch
         return None
     col = torch.repeat_interleave(torch.arange(len(h_neuron), device=h_token.device), count, output_size=total)
     offset = torch.arange(total, device=h_token.device) - (torch.cumsum(count, 0) - count)[col]
-    row = by_hash[(first[col] + offset) % m]
-    order = torch.sort(row, stable=True).indices  # row-major, as ``nonzero`` gives: ties rank by row
-    return row[order], col[order]
+    return by_hash[(first[col] + offset) % m], col
 
 
-def _batch_passes(flat: torch.Tensor, thr_top: torch.Tensor | None, thr_bottom: torch.Tensor | None):
-    """Everything that reads the whole batch flat (M, N), in row blocks that stay in cache. Returns (work, found):
-    found, the candidates (row, col) (row-major) with x >= thr_top or x <= thr_bottom (None: that kind is not
-    compared), or None without thresholds, computed here on the caller's threads with the histogram codes; and
-    ``work()`` -> ((mean, m2) (N,) float64, histogram (N, HIST_BINS + 2), count of x > 0 (N,)): the float64 moments
-    (two passes over each block's float64 copy, blocks combined by Chan's update) and the histogram's ``bincount``,
-    both one thread's work, which ``layer_delta`` runs on a thread of its own beside the rest of the update.
+def _sweep(flat: torch.Tensor, group: int, extremes: bool):
+    """The one pass over the whole batch flat (M, N), in row blocks that stay in cache, on the caller's threads:
+    the histogram's bin codes (M, N) int32 (neuron j's bins at j * (HIST_BINS + 2) ...), and, if ``extremes``,
+    each group of ``group`` rows' max and min (M / group, N) (else None, None).
 
-    The histogram's bin is the number of edges <= x, clamp(floor(4x) + 33, 0, 65): x * 4 is exact in
-    float32 (a power of two), so this equals ``searchsorted(HIST_EDGES, x, "right")``. One ``bincount``
-    also counts x > 0: with a = clamp(4x, -33, 32), u = floor(a) + ceil(a) is 2 floor(a) on an edge and
-    2 floor(a) + 1 between edges, so bin = floor(u / 2) + 33 and x > 0 iff u >= 1."""
+    Bin i counts the x with edges[i-1] < x <= edges[i] (the first bin x <= edges[0], the last x > edges[-1]):
+    the number of edges below x, ``searchsorted(HIST_EDGES, x, "left")``. With a = 4x (exact in float32: a power
+    of two) and the edges at the integers -32..32 of a, that is clamp(ceil(a), -32, 33) + 32 = ceil(clamp(a,
+    -32, 33)) + 32. Bins 33 on count x > 0 (edges[32] = 0)."""
     m, n = flat.shape
     dev = flat.device
-    rows = _BLOCK_ROWS if dev.type == "cpu" else m  # a GPU reads memory fast enough in one block
-    rows = min(rows, m)
-    compare = thr_top is not None or thr_bottom is not None
-    sizes = [-(-size // 8) * 8 for size in (rows * n * 8, rows * n * 4, rows * n * 4, m * n * 4, rows * n, m * n * int(compare))]
-    x64, a, b, codes, tmp, mask = (t[:size] for t, size in zip(torch.split(_scratch(sum(sizes), dev), sizes),
-                                                              (rows * n * 8, rows * n * 4, rows * n * 4, m * n * 4, rows * n, m * n)))
-    x64, a, b = x64.view(torch.float64).view(rows, n), a.view(torch.float32).view(rows, n), b.view(torch.float32).view(rows, n)
-    codes, tmp = codes.view(torch.int32).view(m, n), tmp.view(torch.bool).view(rows, n)
-    mask = mask.view(torch.bool).view(m, n) if compare else None
+    rows = max(group, min(_BLOCK_ROWS, m) // group * group) if dev.type == "cpu" else m  # a GPU reads fast in one block
+    width = HIST_BINS + 2
+    if n * width >= 1 << 24:
+        raise ValueError(f"{n} neurons: the histogram's float32 codes are exact below {(1 << 24) // width}")
     lo = HIST_LO * HIST_PER_UNIT
-    width = 2 * (HIST_BINS + 2)  # codes u - 2 lo + 2 in [0, 2 * (HIST_BINS + 1)] per neuron
-    offsets = torch.arange(n, dtype=torch.float32, device=dev) * width - 2 * (lo - 1)  # exact: n * width < 2**24
-    starts = range(0, m, rows)
-    for r0 in starts:
+    offsets = torch.arange(n, dtype=torch.float32, device=dev) * width - lo  # exact: n * width < 2**24
+    sizes = [-(-size // 8) * 8 for size in (m * n * 4, rows * n * 4)]
+    codes, a = torch.split(_scratch("sweep", sum(sizes), dev), sizes)
+    codes, a = codes[:m * n * 4].view(torch.int32).view(m, n), a[:rows * n * 4].view(torch.float32).view(rows, n)
+    gmax = gmin = None
+    if extremes:
+        gmax, gmin = (torch.empty((m // group, n), dtype=flat.dtype, device=dev) for _ in range(2))
+    for r0 in range(0, m, rows):
         block = flat[r0:r0 + rows]
         nb = len(block)
-        ab, bb = a[:nb], b[:nb]
-        torch.mul(block, HIST_PER_UNIT, out=ab).clamp_(lo - 1, -lo)
-        torch.ceil(ab, out=bb)
-        codes[r0:r0 + nb].copy_(ab.floor_().add_(bb).add_(offsets))
-        if compare:
-            part = mask[r0:r0 + nb]
-            if thr_top is not None:
-                torch.ge(block, thr_top, out=part)
-            if thr_bottom is not None:
-                below = torch.le(block, thr_bottom, out=tmp[:nb])
-                part.logical_or_(below) if thr_top is not None else part.copy_(below)
-    found = _sparse_nonzero(mask) if compare else None
+        codes[r0:r0 + nb].copy_(torch.mul(block, HIST_PER_UNIT, out=a[:nb]).clamp_(lo, 1 - lo).ceil_().add_(offsets))
+        if extremes:
+            groups = block.view(nb // group, group, n)
+            g0 = r0 // group
+            torch.amax(groups, 1, out=gmax[g0:g0 + nb // group])
+            torch.amin(groups, 1, out=gmin[g0:g0 + nb // group])
+    return codes, gmax, gmin
 
-    def work():
-        sums, m2s = (torch.empty((len(starts), n), dtype=torch.float64, device=dev) for _ in range(2))
-        for i, r0 in enumerate(starts):
-            x = x64[:min(rows, m - r0)]
-            x.copy_(flat[r0:r0 + rows])
-            torch.sum(x, 0, out=sums[i])
-            torch.sum(x.sub_(sums[i] / len(x)).square_(), 0, out=m2s[i])
-        sizes = torch.tensor([min(rows, m - r0) for r0 in starts], dtype=torch.float64, device=dev)[:, None]
-        mean = sums.sum(0) / m
-        m2 = m2s.sum(0) + (sizes * (sums / sizes - mean) ** 2).sum(0)  # Chan's update of the blocks at once
-        counts = torch.bincount(codes.view(-1), minlength=n * width).view(n, width)
-        return (mean, m2), counts.view(n, HIST_BINS + 2, 2).sum(2), counts[:, 2 - 2 * lo + 1:].sum(1)
 
-    return work, found
+def _counts(codes: torch.Tensor) -> torch.Tensor:
+    """The histogram (N, HIST_BINS + 2) int64 of ``_sweep``'s codes."""
+    n = codes.shape[1]
+    return torch.bincount(codes.view(-1), minlength=n * (HIST_BINS + 2)).view(n, HIST_BINS + 2)
 
 
 def _histogram(flat: torch.Tensor) -> torch.Tensor:
     """Counts of (M, N) over HIST_EDGES per column -> (N, HIST_BINS + 2) int64."""
-    return _batch_passes(flat.float(), None, None)[0]()[1]
+    return _counts(_sweep(flat.float(), 1, False)[0])
 
 
-class _Background:
+class _Moments:
+    """The batch's float64 (mean, m2) per column of flat (M, N), as one task per block of rows (two passes over a
+    float64 copy of the block, blocks combined by Chan's update), for threads to share: ``run(buffer)`` does
+    tasks until none is left (each task is taken once: a list iterator's ``next`` holds the GIL)."""
+
+    def __init__(self, flat: torch.Tensor, rows: int):
+        self.flat, self.rows = flat, rows
+        m, n = flat.shape
+        self.starts = list(range(0, m, rows))
+        self.sums, self.m2s = (torch.empty((len(self.starts), n), dtype=torch.float64, device=flat.device) for _ in range(2))
+        self.todo = iter(range(len(self.starts)))
+
+    def buffer(self, name: str) -> torch.Tensor:
+        return _scratch(name, self.rows * self.flat.shape[1] * 8, self.flat.device).view(torch.float64).view(self.rows, -1)
+
+    def run(self, x64: torch.Tensor) -> None:
+        for i in self.todo:
+            block = self.flat[self.starts[i]:self.starts[i] + self.rows]
+            x = x64[:len(block)]
+            x.copy_(block)
+            torch.sum(x, 0, out=self.sums[i])
+            torch.sum(x.sub_(self.sums[i] / len(x)).square_(), 0, out=self.m2s[i])
+
+    def result(self):
+        m = self.flat.shape[0]
+        sizes = torch.tensor([min(self.rows, m - r0) for r0 in self.starts], dtype=torch.float64, device=self.flat.device)[:, None]
+        mean = self.sums.sum(0) / m
+        return mean, self.m2s.sum(0) + (sizes * (self.sums / sizes - mean) ** 2).sum(0)  # Chan's update, all blocks at once
+
+
+class _Helper:
     """``fn()`` on a thread of its own (torch releases the GIL in its kernels); ``result()`` joins it."""
 
     def __init__(self, fn):
@@ -502,14 +550,6 @@ class _Background:
         return self.out
 
 
-@dataclass(frozen=True)
-class _Done:
-    out: object
-
-    def result(self):
-        return self.out
-
-
 def _sparse_nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``mask.nonzero(as_tuple=True)`` of a (M, N) bool mask with few true entries: the 8-byte words holding one
     are found first (an eighth of the elements), then the bytes within them."""
@@ -523,11 +563,47 @@ def _sparse_nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index // n, index % n
 
 
+def _threshold_candidates(flat: torch.Tensor, gmax: torch.Tensor, gmin: torch.Tensor, group: int,
+                          thr_top: torch.Tensor | None, thr_bottom: torch.Tensor | None, limit: int):
+    """The tokens with x >= thr_top[col] and those with x <= thr_bottom[col] (a threshold None: that kind is not
+    searched), reading only the groups of rows whose max (min) reaches the threshold: per kind (row, col, value)
+    ordered by group, column, then row (so by row within a column), or None; None instead of the whole list
+    when more than ``limit`` groups or candidates are found (many ties with the thresholds)."""
+    m, n = flat.shape
+    hit = None
+    if thr_top is not None:
+        hit = gmax >= thr_top
+    if thr_bottom is not None:
+        low = gmin <= thr_bottom
+        hit = low if hit is None else hit.logical_or_(low)
+    g, col = _sparse_nonzero(hit)
+    if len(g) > limit:
+        return None
+    rows = (g * group)[:, None] + torch.arange(group, device=flat.device)  # (P, group)
+    value = flat.reshape(-1).take(rows * n + col[:, None])
+    found = []
+    for thr, largest in ((thr_top, True), (thr_bottom, False)):
+        if thr is None:
+            found.append(None)
+            continue
+        t = thr[col][:, None]
+        p, j = (value >= t if largest else value <= t).nonzero(as_tuple=True)
+        found.append((rows[p, j], col[p], value[p, j]))
+    return None if sum(len(f[0]) for f in found if f is not None) > limit else found
+
+
 def _worst(s: LayerState):
     """Per neuron (N,) the worst example of each set (top: its smallest value, bottom: largest, sample: largest
     priority) and whether the set has an empty slot; the slots are unordered."""
     unfilled = [(e.key == EMPTY_KEY).any(1) for e in (s.top, s.bottom, s.sample)]
     return (s.top.value.amin(1), s.bottom.value.amax(1), s.sample.prio.amax(1)), unfilled
+
+
+@functools.lru_cache(maxsize=256)
+def _neuron_hash(seed: int, salt: int, layer: int, n: int, device: str) -> torch.Tensor:
+    """``neuron_hash``, made once per layer (it never changes); callers must not write it."""
+    with torch.inference_mode(False):
+        return neuron_hash(seed, salt, layer, n, device)
 
 
 @dataclass(frozen=True)
@@ -550,6 +626,21 @@ class LayerDelta:
     context: torch.Tensor
 
 
+def _full_candidates(flat, rows: torch.Tensor, col0: int, primary: torch.Tensor | None = None):
+    """A full route's (N, kk) batch rows per neuron (-1: none) as candidates (row, col + col0, primary, value)."""
+    n, kk = rows.shape
+    col = torch.arange(n, device=flat.device).repeat_interleave(kk)
+    row = rows.reshape(-1)
+    ok = row >= 0
+    row, col = row[ok], col[ok]
+    value = flat.reshape(-1).take(row * flat.shape[1] + col)
+    if primary is None:
+        primary = -_ordered(value) if col0 == 0 else _ordered(value)
+    else:
+        primary = primary.reshape(-1)[ok]
+    return row, col + col0, primary, value
+
+
 def layer_delta(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesConfig, layer: int) -> LayerDelta:
     """What one layer's batch changes in its state ``s`` (read, not written): x (B, T, N) pre-activations of
     whole chunks ``chunk`` (B,), ascending, none of them in ``s``; ``layer`` is the table's layer number
@@ -558,77 +649,95 @@ def layer_delta(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesC
     if t_len != cfg.chunk_tokens:
         raise ValueError(f"a batch of {t_len} tokens per chunk, but the state counts {cfg.chunk_tokens}")
     dev = x.device
-    flat = x.float().reshape(b_len * t_len, n)  # (M, N): row b * T + t, ascending in (chunk, pos) as chunks ascend
+    cpu = dev.type == "cpu"
+    flat = x.float().reshape(b_len * t_len, n).contiguous()  # (M, N): row b * T + t, ascending in (chunk, pos)
     chunk = torch.as_tensor(chunk, dtype=torch.int64, device=dev)
-    pos = torch.arange(t_len, dtype=torch.int64, device=dev).repeat(b_len)
-    chunks = chunk.repeat_interleave(t_len)
-    keys = chunks * t_len + pos  # (M,)
-    m, kk = flat.shape[0], min(cfg.k, flat.shape[0])
+    m = flat.shape[0]
     limit = _CANDIDATES_PER_SLOT * n * (cfg.k + 1)
-
-    (thr_top, thr_bottom, thr_sample), unfilled = _worst(s)
+    thresholds, unfilled = _worst(s)
     # Unfilled slots (the first batches) make every token a candidate: the full topk is cheaper then.
     full = [int(u.sum()) * m > limit for u in unfilled]
-    work, found = _batch_passes(flat, None if full[0] else thr_top, None if full[1] else thr_bottom)
-    if found is not None and len(found[0]) > 2 * limit:  # too many ties with the worst examples
-        full[0] = full[1] = True
-    # The rest works on small tensors (one thread: on a shared CPU each parallel op waits for its slowest
-    # thread), while the moments and the histogram's bincount run on another.
-    with _threads(_SMALL_THREADS if dev.type == "cpu" else 0):
-        pending = _Background(work) if dev.type == "cpu" else _Done(work())
-        xt = []  # (N, M), made once if some kind needs the full topk
-        transposed = lambda: xt[0] if xt else xt.append(flat.T.contiguous()) or xt[0]  # noqa: E731
+    group = math.gcd(m, _GROUP)
+    codes, gmax, gmin = _sweep(flat, group, not (full[0] and full[1]))
+    moments = _Moments(flat, max(group, min(_BLOCK_ROWS, m) // group * group) if cpu else m)
+    # The rest runs on two threads of one OpenMP thread each: this one merges the examples while a helper counts
+    # the histogram; then both take the moments' blocks.
+    with _threads(1 if cpu else 0):
+        pending = None
+        if cpu:
+            helper_x64 = moments.buffer("moments-helper")  # this thread's buffer: the helper is a new thread each time
 
-        rows = torch.full((3, n, kk), -1, dtype=torch.int64, device=dev)  # top, bottom, sample
-        candidates = []  # (row, 3N-column, int64 sort key ascending) of the kinds on the candidate route
-        value = flat[found] if found is not None else None
-        for i, (largest, thr) in enumerate(((True, thr_top), (False, thr_bottom))):
-            if full[i]:
-                rows[i] = _best_rows(transposed(), kk, largest)
-                continue
-            row, col = found
-            take = (value >= thr[col]) if largest else (value <= thr[col])
-            order_key = _ordered(value[take])
-            candidates.append((row[take], col[take] + i * n, -order_key if largest else order_key))
-
-        h_token = token_hash(chunks, pos)  # (M,)
-        h_neuron = neuron_hash(cfg.seed, cfg.salt, layer, n, dev)  # (N,): priority = h_token + h_neuron
-        # An active token with priority NO_PRIORITY counts as inactive (it marks an empty slot).
-        sampled = None if int(unfilled[2].sum()) * m > limit else \
-            _sample_candidates(h_token, h_neuron, thr_sample.clamp(max=NO_PRIORITY - 1), limit)
-        if sampled is not None:
-            row, col = sampled
-            act = flat[row, col] > 0
-            row, col = row[act], col[act]
-            candidates.append((row, col + 2 * n, priority(h_neuron[col], h_token[row])))
-        else:
-            p = priority(h_neuron[:, None], h_token[None, :])  # (N, M)
-            p.masked_fill_(transposed() <= 0, NO_PRIORITY)
-            vals, sample_rows = p.topk(kk, dim=1, largest=False, sorted=False)
-            rows[2] = sample_rows.masked_fill_(vals == NO_PRIORITY, -1)  # inactive picks (fewer than kk active tokens)
-        rows = rows.view(3 * n, kk)
-        if candidates:
-            row, col, order_key = (torch.cat(c) for c in zip(*candidates))
-            rows = torch.maximum(rows, _rank_candidates(row, col, order_key, 3 * n, kk, False))  # one route per kind
-        # Columns each example row uses (its candidates are packed at the left, except the full route's).
-        used = ((rows >= 0) * torch.arange(1, kk + 1, device=dev)).amax(1)
-        changed = used.nonzero().squeeze(1)
-        # Most rows have a few candidates and a few rows many: merging them apart keeps the sort narrow.
-        narrow = used[changed] <= _NARROW
-        groups = [(changed[narrow], min(_NARROW, kk)), (changed[~narrow], int(used.max()) if len(changed) else 0)]
-        parts = [_new_examples(s, c, rows[c, :w], flat, keys, t_len, cfg, h_token, h_neuron) for c, w in groups if len(c)]
-        if len(parts) == 1:
-            examples = parts[0]
-        elif parts:
-            examples = [torch.cat(t) for t in zip(*parts)]
-            order = torch.sort(examples[0], stable=True).indices  # rows ascending, as ``apply_delta`` splits them
-            examples = [t[order] for t in examples]
-        else:  # no example changes
-            none = torch.zeros(0, dtype=torch.int64, device=dev)
-            examples = (none, none, flat.new_zeros(0), none, none, flat.new_zeros((0, 2 * cfg.window + 1)))
-        (mean_b, m2_b), hist, n_active = pending.result()
+            def helper():
+                hist = _counts(codes)
+                moments.run(helper_x64)
+                return hist
+            pending = _Helper(helper)
+        try:
+            examples = _examples(s, flat, chunk, cfg, layer, thresholds, unfilled, full, (gmax, gmin, group), limit)
+            moments.run(moments.buffer("moments"))
+        except BaseException:
+            if pending is not None:  # it reads this thread's buffers: let it finish before they are reused
+                pending.thread.join()
+            raise
+        hist = pending.result() if cpu else _counts(codes)
+    mean_b, m2_b = moments.result()
     n_b = torch.full((n,), m, dtype=torch.int64, device=dev)
-    return LayerDelta(n_b, mean_b, m2_b, n_active, hist, *examples)
+    return LayerDelta(n_b, mean_b, m2_b, hist[:, 1 - HIST_LO * HIST_PER_UNIT:].sum(1), hist, *examples)
+
+
+def _examples(s: LayerState, flat: torch.Tensor, chunk: torch.Tensor, cfg: PagesConfig, layer: int, thresholds,
+              unfilled, full: list, extremes, limit: int):
+    """``layer_delta``'s examples that enter (``_new_examples``' tuple, all rows together): the candidates of each
+    kind, by its threshold route or (``full``) its full topk, ranked and merged with the state's slots."""
+    m, n = flat.shape
+    t_len = cfg.chunk_tokens
+    dev = flat.device
+    kk = min(cfg.k, m)
+    thr_top, thr_bottom, thr_sample = thresholds
+    pos = torch.arange(t_len, dtype=torch.int64, device=dev)
+    keys = (chunk[:, None] * t_len + pos).reshape(-1)  # (M,)
+    candidates = []  # (row, 3N-column, int64 sort key ascending, value) of each kind
+    found = None
+    if not (full[0] and full[1]):
+        found = _threshold_candidates(flat, *extremes, None if full[0] else thr_top, None if full[1] else thr_bottom, 2 * limit)
+        if found is None:  # too many ties with the worst examples
+            full[0] = full[1] = True
+    xt = []  # (N, M), made once if some kind needs the full topk
+    transposed = lambda: xt[0] if xt else xt.append(flat.T.contiguous()) or xt[0]  # noqa: E731
+    for i, largest in enumerate((True, False)):
+        if full[i]:
+            candidates.append(_by_column(*_full_candidates(flat, _best_rows(transposed(), kk, largest), i * n), False))
+        else:
+            row, col, value = found[i]  # by row within each column
+            candidates.append(_by_column(row, col + i * n, -_ordered(value) if largest else _ordered(value), value, True))
+
+    h_token = mix(mix(chunk)[:, None] ^ pos).reshape(-1)  # token_hash, (M,)
+    h_neuron = _neuron_hash(cfg.seed, cfg.salt, layer, n, str(dev))  # (N,): priority = h_token + h_neuron
+    # An active token with priority NO_PRIORITY counts as inactive (it marks an empty slot).
+    sampled = None if int(unfilled[2].sum()) * m > limit else \
+        _sample_candidates(h_token, h_neuron, thr_sample.clamp(max=NO_PRIORITY - 1), limit)
+    if sampled is not None:
+        row, col = sampled
+        value = flat.reshape(-1).take(row * n + col)
+        act = value > 0
+        row, col, value = row[act], col[act], value[act]
+        candidates.append((row, col + 2 * n, priority(h_neuron[col], h_token[row]), value))  # by (col, priority, row)
+    else:
+        p = priority(h_neuron[:, None], h_token[None, :])  # (N, M)
+        p.masked_fill_(transposed() <= 0, NO_PRIORITY)
+        vals, sample_rows = p.topk(kk, dim=1, largest=False, sorted=False)
+        sample_rows.masked_fill_(vals == NO_PRIORITY, -1)  # inactive picks (fewer than kk active tokens)
+        candidates.append(_by_column(*_full_candidates(flat, sample_rows, 2 * n, vals), False))
+    row, col, order_key, value = (torch.cat(c) for c in zip(*candidates))  # the kinds' columns ascend: by column
+    parts = [_new_examples(s, *g, flat, keys, t_len, cfg) for g in _candidate_rows(row, col, order_key, value, 3 * n, kk)]
+    if len(parts) == 1:
+        return parts[0]
+    if parts:
+        examples = [torch.cat(t) for t in zip(*parts)]
+        order = torch.sort(examples[0], stable=True).indices  # rows ascending, as ``apply_delta`` splits them
+        return [t[order] for t in examples]
+    none = torch.zeros(0, dtype=torch.int64, device=dev)  # no example changes
+    return none, none, flat.new_zeros(0), none, none, flat.new_zeros((0, 2 * cfg.window + 1))
 
 
 def apply_delta(s: LayerState, d: LayerDelta) -> LayerState:

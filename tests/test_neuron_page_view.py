@@ -43,7 +43,7 @@ def neuron_tables(x: np.ndarray) -> tuple[pa.Table, pa.Table, pa.Table]:
             flat = v.reshape(-1)
             stats.append({"layer": li + 1, "neuron": j, "n": flat.size, "mean": float(flat.mean()), "sd": float(flat.std(ddof=1)),
                           "min": float(flat.min()), "max": float(flat.max()), "frac_active": float((flat > 0).mean()),
-                          "hist": np.bincount(np.searchsorted(HIST_EDGES, flat, side="right"), minlength=len(HIST_EDGES) + 1).tolist()})
+                          "hist": np.bincount(np.searchsorted(HIST_EDGES, flat, side="left"), minlength=len(HIST_EDGES) + 1).tolist()})
             active = np.nonzero(flat > 0)[0]
             for kind, order in (("top", np.argsort(-flat, kind="stable")), ("bottom", np.argsort(flat, kind="stable")),
                                 ("random_active", active[::-1])):

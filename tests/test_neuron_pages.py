@@ -59,7 +59,7 @@ def brute(x, config, layer=1):
     chunk = np.repeat(np.arange(n_chunks), t_len)
     pos = np.tile(np.arange(t_len), n_chunks)
     key = chunk * t_len + pos
-    hist = np.stack([np.bincount(np.searchsorted(npg.HIST_EDGES, flat[:, j], side="right"), minlength=len(npg.HIST_EDGES) + 1)
+    hist = np.stack([np.bincount(np.searchsorted(npg.HIST_EDGES, flat[:, j], side="left"), minlength=len(npg.HIST_EDGES) + 1)
                      for j in range(n)])
     stats = {"n": np.full(n, len(flat)), "mean": flat.astype(np.float64).mean(0), "sd": flat.astype(np.float64).std(0, ddof=1),
              "min": flat.min(0), "max": flat.max(0), "frac_active": (flat > 0).mean(0), "hist": hist}
@@ -200,26 +200,28 @@ def test_histogram_bins_at_and_beside_every_edge_match_searchsorted():
     x = np.concatenate([edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf), [-np.inf, np.inf, -1e30, 1e30, 0.0, -0.0]])
     x = x.astype(np.float32)[:, None].repeat(2, 1)
     got = npg._histogram(torch.from_numpy(x)).numpy()
-    want = np.bincount(np.searchsorted(edges, x[:, 0], side="right"), minlength=len(edges) + 1)
+    want = np.bincount(np.searchsorted(edges, x[:, 0], side="left"), minlength=len(edges) + 1)
     assert np.array_equal(got[0], want) and np.array_equal(got[1], want)
 
 
-@pytest.mark.parametrize("block_rows, narrow", [(128, 4), (5, 1)])
-def test_long_stream_takes_every_candidate_route_and_equals_brute_force(monkeypatch, block_rows, narrow):
-    """Many small batches after the slots fill: the threshold comparisons of the sweep (in one block and in
-    blocks of 5 rows, the last one short), the sample's hash-interval search (wrapping past the largest int64
-    for some neurons) and the commit of only the examples that enter (rows of few and of many candidates
-    merged apart when ``_NARROW`` is 1), all against brute force."""
+@pytest.mark.parametrize("block_rows, narrow, group", [(128, 4, 16), (5, 1, 3), (8, 2, 1)])
+def test_long_stream_takes_every_candidate_route_and_equals_brute_force(monkeypatch, block_rows, narrow, group):
+    """Many small batches after the slots fill: the threshold search over groups of rows (of 4, 3 and 1 rows
+    here: the gcd of the batch's 12 rows and ``_GROUP``) in one block and in blocks of several groups (the last
+    one short), the sample's hash-interval search (wrapping past the largest int64 for some neurons) and the
+    commit of only the examples that enter (rows of few and of many candidates merged apart), all against
+    brute force."""
     monkeypatch.setattr(npg, "_BLOCK_ROWS", block_rows)
     monkeypatch.setattr(npg, "_NARROW", narrow)
+    monkeypatch.setattr(npg, "_GROUP", group)
     x = activations(n_chunks=40, n=24, seed=5)
     config = cfg(k=3)
     routes = {"compared": 0, "sample": 0, "wrap": 0, "partial": 0}
-    passes, sample, new_examples = npg._batch_passes, npg._sample_candidates, npg._new_examples
+    search, sample, new_examples = npg._threshold_candidates, npg._sample_candidates, npg._new_examples
 
-    def spy_passes(flat, thr_top, thr_bottom):
-        out = passes(flat, thr_top, thr_bottom)
-        routes["compared"] += out[-1] is not None and 0 < len(out[-1][0])
+    def spy_search(*args):
+        out = search(*args)
+        routes["compared"] += out is not None and all(f is not None and len(f[0]) for f in out)
         return out
 
     def spy_sample(h_token, h_neuron, thr, limit):
@@ -232,7 +234,7 @@ def test_long_stream_takes_every_candidate_route_and_equals_brute_force(monkeypa
         routes["partial"] += len(changed) < 3 * s.n.shape[0]
         return new_examples(s, changed, *args)
 
-    monkeypatch.setattr(npg, "_batch_passes", spy_passes)
+    monkeypatch.setattr(npg, "_threshold_candidates", spy_search)
     monkeypatch.setattr(npg, "_sample_candidates", spy_sample)
     monkeypatch.setattr(npg, "_new_examples", spy_new)
     state = stream(x, [[c] for c in range(40)], config)
