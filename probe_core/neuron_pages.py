@@ -251,10 +251,10 @@ def merge(a: PagesState, b: PagesState) -> PagesState:
 # - then two threads of one OpenMP thread each (on a shared CPU each parallel op waits for its slowest thread):
 #   the caller finds and merges the examples while a second thread counts the histogram (``bincount``); both then
 #   take the float64 moments block by block, whichever is free first (``_Moments``);
-# - examples: once a neuron's k slots are filled, only tokens at least as good as its worst example can enter:
-#   for top and bottom only the groups whose max (min) reaches it are read (``_threshold_candidates``); for the
-#   sample, tokens whose priority is at most the worst, found from the sorted token hashes without touching
-#   (M, N). The few candidates are ranked by one sort. The full ``topk`` runs only while slots are unfilled;
+# - examples: only tokens at least as good as a neuron's worst example can enter: for top and bottom only the
+#   groups whose max (min) reaches it are read (``_threshold_candidates``; where a slot is empty, the batch's own
+#   kk-th best group max (min) bounds the same way); for the sample, the tokens whose priority is at most the worst,
+#   a run of the sorted token hashes (``_sample_candidates``), so nothing but the sweep touches all of (M, N);
 # - slots are unordered (``layer_tables`` sorts them), so a batch writes only the slots its new examples
 #   take (``LayerDelta``), and cuts context windows only for those.
 _WS = threading.local()
@@ -358,24 +358,17 @@ def _candidate_rows(row: torch.Tensor, col: torch.Tensor, primary: torch.Tensor,
 
 def _windows(flat: torch.Tensor, rows: torch.Tensor, neuron: torch.Tensor, t_len: int, window: int) -> torch.Tensor:
     """flat (M, N) with row b * T + t; rows (S,) (-1: none), neuron (S,) -> x at t-W..t+W of each row's
-    chunk: (S, 2W + 1) float32, NaN outside the chunk (and for row -1). Windows wholly inside their
-    chunk (almost all) are one ``take``; the others are masked."""
-    n = flat.shape[1]
-    t = rows % t_len
+    chunk: (S, 2W + 1) float32, NaN outside the chunk (and for row -1). One ``take`` of every window, its rows
+    clamped to the batch; the few windows crossing their chunk's edge are then masked."""
+    m, n = flat.shape
     step = torch.arange(-window, window + 1, device=flat.device)
-    edge = (t < window) | (t >= t_len - window) | (rows < 0)
-    out = flat.reshape(-1).take((rows * n + neuron)[:, None] + step * n) if not bool(edge.any()) else None
-    if out is not None:
-        return out
-    inner = (~edge).nonzero().squeeze(1)
-    out = torch.empty((len(rows), 2 * window + 1), dtype=flat.dtype, device=flat.device)
-    out[inner] = flat.reshape(-1).take((rows[inner] * n + neuron[inner])[:, None] + step * n)
-    e = edge.nonzero().squeeze(1)
-    r = rows[e].clamp(min=0)
-    te = (r % t_len)[:, None] + step
-    inside = (te >= 0) & (te < t_len) & (rows[e] >= 0)[:, None]
-    values = flat[(r - r % t_len)[:, None] + te.clamp(0, t_len - 1), neuron[e][:, None]]
-    out[e] = torch.where(inside, values, torch.full_like(values, float("nan")))
+    at = (rows.clamp(min=0)[:, None] + step).clamp_(0, m - 1)
+    out = flat.reshape(-1).take(at.mul_(n).add_(neuron[:, None]))
+    t = rows % t_len
+    e = ((t < window) | (t >= t_len - window) | (rows < 0)).nonzero().squeeze(1)
+    if len(e):
+        te = t[e, None] + step
+        out[e] = out[e].masked_fill_((te < 0) | (te >= t_len) | (rows[e] < 0)[:, None], float("nan"))
     return out
 
 
@@ -430,29 +423,40 @@ def _new_examples(s: LayerState, changed: torch.Tensor, brow: torch.Tensor, bpri
             _windows(flat, batch_row, row % n, t_len, cfg.window))
 
 
-def _sample_candidates(h_token: torch.Tensor, h_neuron: torch.Tensor, thr: torch.Tensor, limit: int):
-    """(row, col) with priority h_token[row] + h_neuron[col] <= thr[col] (int64, wrapping), ordered by (col,
-    priority, row), or None when more than ``limit``. For neuron n these are the tokens whose hash lies in the
-    cyclic interval [MIN - h_n, thr_n - h_n]: a range of the sorted token hashes (two ``searchsorted``), so no
-    (M, N) pass, along which the priority rises from MIN (equal hashes stay in row order: a stable sort)."""
+def _sample_candidates(h_token: torch.Tensor, h_neuron: torch.Tensor, thr: torch.Tensor, walk: torch.Tensor,
+                       active, kk: int):
+    """The sample's candidates (row, col), ordered by (col, priority, row). For neuron n the tokens of priority
+    h_token + h_n <= thr[n] (int64, wrapping) are those whose hash lies in the cyclic interval [MIN - h_n,
+    thr_n - h_n]: a run of the sorted token hashes starting where the priority is MIN and rising along it (two
+    ``searchsorted``; equal hashes stay in row order: a stable sort), so no (M, N) pass. For the neurons ``walk``
+    (N,) bool (unfilled slots: every active token enters, so only the batch's kk first active ones can stay)
+    the run ends at its kk-th active token (``active(rows, cols)`` -> bool), found on ever longer prefixes."""
     m = len(h_token)
+    dev = h_token.device
     hs, by_hash = torch.sort(h_token, stable=True)
     lo, hi = torch.iinfo(torch.int64).min - h_neuron, thr - h_neuron  # both wrap mod 2**64
     first = torch.searchsorted(hs, lo)
     past = torch.searchsorted(hs, hi, right=True)
     count = torch.where(lo <= hi, past - first, m - first + past)  # lo > hi: the interval wraps past MAX
+    todo, length = walk.nonzero().squeeze(1), min(m, 4 * kk)
+    while len(todo):
+        seen = active(by_hash[(first[todo, None] + torch.arange(length, device=dev)) % m], todo[:, None]).cumsum(1)
+        done = seen[:, -1] >= kk
+        count[todo[done]] = (seen[done] >= kk).byte().argmax(1) + 1  # up to the kk-th active token
+        if length == m:
+            count[todo[~done]] = m
+            break
+        todo, length = todo[~done], min(m, 4 * length)
     total = int(count.sum())
-    if total > limit:
-        return None
-    col = torch.repeat_interleave(torch.arange(len(h_neuron), device=h_token.device), count, output_size=total)
-    offset = torch.arange(total, device=h_token.device) - (torch.cumsum(count, 0) - count)[col]
+    col = torch.repeat_interleave(torch.arange(len(h_neuron), device=dev), count, output_size=total)
+    offset = torch.arange(total, device=dev) - (torch.cumsum(count, 0) - count)[col]
     return by_hash[(first[col] + offset) % m], col
 
 
-def _sweep(flat: torch.Tensor, group: int, extremes: bool):
+def _sweep(flat: torch.Tensor, group: int):
     """The one pass over the whole batch flat (M, N), in row blocks that stay in cache, on the caller's threads:
-    the histogram's bin codes (M, N) int32 (neuron j's bins at j * (HIST_BINS + 2) ...), and, if ``extremes``,
-    each group of ``group`` rows' max and min (M / group, N) (else None, None).
+    the histogram's bin codes (M, N) int32 (neuron j's bins at j * (HIST_BINS + 2) ...), and each group of
+    ``group`` rows' max and min (M / group, N).
 
     Bin i counts the x with edges[i-1] < x <= edges[i] (the first bin x <= edges[0], the last x > edges[-1]):
     the number of edges below x, ``searchsorted(HIST_EDGES, x, "left")``. With a = 4x (exact in float32: a power
@@ -469,18 +473,15 @@ def _sweep(flat: torch.Tensor, group: int, extremes: bool):
     sizes = [-(-size // 8) * 8 for size in (m * n * 4, rows * n * 4)]
     codes, a = torch.split(_scratch("sweep", sum(sizes), dev), sizes)
     codes, a = codes[:m * n * 4].view(torch.int32).view(m, n), a[:rows * n * 4].view(torch.float32).view(rows, n)
-    gmax = gmin = None
-    if extremes:
-        gmax, gmin = (torch.empty((m // group, n), dtype=flat.dtype, device=dev) for _ in range(2))
+    gmax, gmin = (torch.empty((m // group, n), dtype=flat.dtype, device=dev) for _ in range(2))
     for r0 in range(0, m, rows):
         block = flat[r0:r0 + rows]
         nb = len(block)
         codes[r0:r0 + nb].copy_(torch.mul(block, HIST_PER_UNIT, out=a[:nb]).clamp_(lo, 1 - lo).ceil_().add_(offsets))
-        if extremes:
-            groups = block.view(nb // group, group, n)
-            g0 = r0 // group
-            torch.amax(groups, 1, out=gmax[g0:g0 + nb // group])
-            torch.amin(groups, 1, out=gmin[g0:g0 + nb // group])
+        groups = block.view(nb // group, group, n)
+        g0 = r0 // group
+        torch.amax(groups, 1, out=gmax[g0:g0 + nb // group])
+        torch.amin(groups, 1, out=gmin[g0:g0 + nb // group])
     return codes, gmax, gmin
 
 
@@ -492,7 +493,7 @@ def _counts(codes: torch.Tensor) -> torch.Tensor:
 
 def _histogram(flat: torch.Tensor) -> torch.Tensor:
     """Counts of (M, N) over HIST_EDGES per column -> (N, HIST_BINS + 2) int64."""
-    return _counts(_sweep(flat.float(), 1, False)[0])
+    return _counts(_sweep(flat.float(), 1)[0])
 
 
 class _Moments:
@@ -626,19 +627,14 @@ class LayerDelta:
     context: torch.Tensor
 
 
-def _full_candidates(flat, rows: torch.Tensor, col0: int, primary: torch.Tensor | None = None):
-    """A full route's (N, kk) batch rows per neuron (-1: none) as candidates (row, col + col0, primary, value)."""
+def _full_candidates(flat: torch.Tensor, rows: torch.Tensor, col0: int):
+    """A full topk's (N, kk) batch rows per neuron as candidates (row, col + col0, primary, value) of top (col0 0)
+    or bottom."""
     n, kk = rows.shape
     col = torch.arange(n, device=flat.device).repeat_interleave(kk)
     row = rows.reshape(-1)
-    ok = row >= 0
-    row, col = row[ok], col[ok]
     value = flat.reshape(-1).take(row * flat.shape[1] + col)
-    if primary is None:
-        primary = -_ordered(value) if col0 == 0 else _ordered(value)
-    else:
-        primary = primary.reshape(-1)[ok]
-    return row, col + col0, primary, value
+    return row, col + col0, -_ordered(value) if col0 == 0 else _ordered(value), value
 
 
 def layer_delta(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesConfig, layer: int) -> LayerDelta:
@@ -655,10 +651,8 @@ def layer_delta(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesC
     m = flat.shape[0]
     limit = _CANDIDATES_PER_SLOT * n * (cfg.k + 1)
     thresholds, unfilled = _worst(s)
-    # Unfilled slots (the first batches) make every token a candidate: the full topk is cheaper then.
-    full = [int(u.sum()) * m > limit for u in unfilled]
     group = math.gcd(m, _GROUP)
-    codes, gmax, gmin = _sweep(flat, group, not (full[0] and full[1]))
+    codes, gmax, gmin = _sweep(flat, group)
     moments = _Moments(flat, max(group, min(_BLOCK_ROWS, m) // group * group) if cpu else m)
     # The rest runs on two threads of one OpenMP thread each: this one merges the examples while a helper counts
     # the histogram; then both take the moments' blocks.
@@ -673,7 +667,7 @@ def layer_delta(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesC
                 return hist
             pending = _Helper(helper)
         try:
-            examples = _examples(s, flat, chunk, cfg, layer, thresholds, unfilled, full, (gmax, gmin, group), limit)
+            examples = _examples(s, flat, chunk, cfg, layer, thresholds, unfilled, (gmax, gmin, group), limit)
             moments.run(moments.buffer("moments"))
         except BaseException:
             if pending is not None:  # it reads this thread's buffers: let it finish before they are reused
@@ -686,48 +680,45 @@ def layer_delta(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesC
 
 
 def _examples(s: LayerState, flat: torch.Tensor, chunk: torch.Tensor, cfg: PagesConfig, layer: int, thresholds,
-              unfilled, full: list, extremes, limit: int):
-    """``layer_delta``'s examples that enter (``_new_examples``' tuple, all rows together): the candidates of each
-    kind, by its threshold route or (``full``) its full topk, ranked and merged with the state's slots."""
+              unfilled, extremes, limit: int):
+    """``layer_delta``'s examples that enter (``_new_examples``' tuple, all rows together): each kind's candidates
+    (top and bottom by the threshold search, or a full topk where ties with the thresholds make too many; the
+    sample by its hash run), ranked and merged with the state's slots."""
     m, n = flat.shape
     t_len = cfg.chunk_tokens
     dev = flat.device
     kk = min(cfg.k, m)
     thr_top, thr_bottom, thr_sample = thresholds
+    gmax, gmin, group = extremes
     pos = torch.arange(t_len, dtype=torch.int64, device=dev)
     keys = (chunk[:, None] * t_len + pos).reshape(-1)  # (M,)
+    # A neuron with an empty slot takes any token, but only the batch's own kk best can stay, and they reach the
+    # kk-th best group max (min): kk groups hold a token at least that good.
+    for i, (thr, g, largest) in enumerate(((thr_top, gmax, True), (thr_bottom, gmin, False))):
+        u = unfilled[i].nonzero().squeeze(1)
+        if len(u) and len(g) >= kk:
+            thr = thr.clone()
+            thr[u] = g[:, u].topk(kk, dim=0, largest=largest).values[-1]
+            thresholds = (thr, thresholds[1], thr_sample) if largest else (thresholds[0], thr, thr_sample)
+    thr_top, thr_bottom = thresholds[:2]
     candidates = []  # (row, 3N-column, int64 sort key ascending, value) of each kind
-    found = None
-    if not (full[0] and full[1]):
-        found = _threshold_candidates(flat, *extremes, None if full[0] else thr_top, None if full[1] else thr_bottom, 2 * limit)
-        if found is None:  # too many ties with the worst examples
-            full[0] = full[1] = True
-    xt = []  # (N, M), made once if some kind needs the full topk
-    transposed = lambda: xt[0] if xt else xt.append(flat.T.contiguous()) or xt[0]  # noqa: E731
-    for i, largest in enumerate((True, False)):
-        if full[i]:
-            candidates.append(_by_column(*_full_candidates(flat, _best_rows(transposed(), kk, largest), i * n), False))
-        else:
-            row, col, value = found[i]  # by row within each column
-            candidates.append(_by_column(row, col + i * n, -_ordered(value) if largest else _ordered(value), value, True))
+    found = _threshold_candidates(flat, gmax, gmin, group, thr_top, thr_bottom, 2 * limit)
+    if found is None:  # too many ties with the thresholds: the full topk
+        xt = flat.T.contiguous()  # (N, M)
+        for i, largest in enumerate((True, False)):
+            candidates.append(_by_column(*_full_candidates(flat, _best_rows(xt, kk, largest), i * n), False))
+    else:
+        for i, (row, col, value) in enumerate(found):  # by row within each column
+            candidates.append(_by_column(row, col + i * n, -_ordered(value) if i == 0 else _ordered(value), value, True))
 
     h_token = mix(mix(chunk)[:, None] ^ pos).reshape(-1)  # token_hash, (M,)
     h_neuron = _neuron_hash(cfg.seed, cfg.salt, layer, n, str(dev))  # (N,): priority = h_token + h_neuron
-    # An active token with priority NO_PRIORITY counts as inactive (it marks an empty slot).
-    sampled = None if int(unfilled[2].sum()) * m > limit else \
-        _sample_candidates(h_token, h_neuron, thr_sample.clamp(max=NO_PRIORITY - 1), limit)
-    if sampled is not None:
-        row, col = sampled
-        value = flat.reshape(-1).take(row * n + col)
-        act = value > 0
-        row, col, value = row[act], col[act], value[act]
-        candidates.append((row, col + 2 * n, priority(h_neuron[col], h_token[row]), value))  # by (col, priority, row)
-    else:
-        p = priority(h_neuron[:, None], h_token[None, :])  # (N, M)
-        p.masked_fill_(transposed() <= 0, NO_PRIORITY)
-        vals, sample_rows = p.topk(kk, dim=1, largest=False, sorted=False)
-        sample_rows.masked_fill_(vals == NO_PRIORITY, -1)  # inactive picks (fewer than kk active tokens)
-        candidates.append(_by_column(*_full_candidates(flat, sample_rows, 2 * n, vals), False))
+    value_at = lambda r, c: flat.reshape(-1).take(r * n + c)  # noqa: E731
+    row, col = _sample_candidates(h_token, h_neuron, thr_sample.clamp(max=NO_PRIORITY - 1), unfilled[2],
+                                  lambda r, c: value_at(r, c) > 0, kk)
+    value, prio = value_at(row, col), priority(h_neuron[col], h_token[row])
+    act = (value > 0) & (prio != NO_PRIORITY)  # an active token of priority NO_PRIORITY counts as inactive (empty slots have it)
+    candidates.append((row[act], col[act] + 2 * n, prio[act], value[act]))  # by (col, priority, row)
     row, col, order_key, value = (torch.cat(c) for c in zip(*candidates))  # the kinds' columns ascend: by column
     parts = [_new_examples(s, *g, flat, keys, t_len, cfg) for g in _candidate_rows(row, col, order_key, value, 3 * n, kk)]
     if len(parts) == 1:

@@ -206,39 +206,59 @@ def test_histogram_bins_at_and_beside_every_edge_match_searchsorted():
 
 @pytest.mark.parametrize("block_rows, narrow, group", [(128, 4, 16), (5, 1, 3), (8, 2, 1)])
 def test_long_stream_takes_every_candidate_route_and_equals_brute_force(monkeypatch, block_rows, narrow, group):
-    """Many small batches after the slots fill: the threshold search over groups of rows (of 4, 3 and 1 rows
-    here: the gcd of the batch's 12 rows and ``_GROUP``) in one block and in blocks of several groups (the last
-    one short), the sample's hash-interval search (wrapping past the largest int64 for some neurons) and the
-    commit of only the examples that enter (rows of few and of many candidates merged apart), all against
-    brute force."""
+    """Many small batches: the threshold search over groups of rows (of 4, 3 and 1 rows here: the gcd of the
+    batch's 12 rows and ``_GROUP``) in one block and in blocks of several groups (the last one short), bounded by
+    the batch's own group extremes while slots are empty; the sample's hash runs (wrapping past the largest int64
+    for some neurons) and the walk of a neuron that stays unfilled (two active tokens in the corpus, k = 3) to the
+    batch's end; the commit of only the examples that enter (rows of one, few and many candidates merged apart),
+    all against brute force."""
     monkeypatch.setattr(npg, "_BLOCK_ROWS", block_rows)
     monkeypatch.setattr(npg, "_NARROW", narrow)
     monkeypatch.setattr(npg, "_GROUP", group)
     x = activations(n_chunks=40, n=24, seed=5)
+    x[..., 4] = -np.abs(x[..., 4])
+    x[7, 3, 4], x[20, 11, 4] = 0.5, 2.0
     config = cfg(k=3)
-    routes = {"compared": 0, "sample": 0, "wrap": 0, "partial": 0}
+    routes = {"compared": 0, "bounded": 0, "wrap": 0, "walked": 0, "single": 0, "merged": 0, "partial": 0}
     search, sample, new_examples = npg._threshold_candidates, npg._sample_candidates, npg._new_examples
 
-    def spy_search(*args):
-        out = search(*args)
-        routes["compared"] += out is not None and all(f is not None and len(f[0]) for f in out)
+    def spy_search(flat, gmax, gmin, group, thr_top, thr_bottom, limit):
+        out = search(flat, gmax, gmin, group, thr_top, thr_bottom, limit)
+        routes["compared"] += out is not None and all(len(f[0]) for f in out)
+        routes["bounded"] += bool(torch.isfinite(thr_top).all() and torch.isfinite(thr_bottom).all())
         return out
 
-    def spy_sample(h_token, h_neuron, thr, limit):
-        found = sample(h_token, h_neuron, thr, limit)
-        routes["sample"] += found is not None
+    def spy_sample(h_token, h_neuron, thr, walk, active, kk):
+        found = sample(h_token, h_neuron, thr, walk, active, kk)
         routes["wrap"] += int((torch.iinfo(torch.int64).min - h_neuron > thr - h_neuron).sum())
+        routes["walked"] += bool(walk[4]) and int((found[1] == 4).sum()) == len(h_token)
         return found
 
-    def spy_new(s, changed, *args):
+    def spy_new(s, changed, brow, *args):
         routes["partial"] += len(changed) < 3 * s.n.shape[0]
-        return new_examples(s, changed, *args)
+        routes["single" if brow.shape[1] == 1 else "merged"] += 1
+        return new_examples(s, changed, brow, *args)
 
     monkeypatch.setattr(npg, "_threshold_candidates", spy_search)
     monkeypatch.setattr(npg, "_sample_candidates", spy_sample)
     monkeypatch.setattr(npg, "_new_examples", spy_new)
     state = stream(x, [[c] for c in range(40)], config)
     assert all(routes.values()), routes
+    check_tables(state, x, config)
+
+
+def test_ties_past_the_candidate_limit_take_the_full_topk_and_equal_brute_force(monkeypatch):
+    """Repeated values (rounded activations, a constant neuron) with the candidate limit at 0: the batches' top
+    and bottom come from the full topk, whose tied boundary rows are redone by key."""
+    monkeypatch.setattr(npg, "_CANDIDATES_PER_SLOT", 0)
+    x = activations(n_chunks=10, n=9, seed=2, ties=True)
+    x[..., 3] = 1.5
+    config = cfg(k=3)
+    full = []
+    best_rows = npg._best_rows
+    monkeypatch.setattr(npg, "_best_rows", lambda *a: full.append(1) or best_rows(*a))
+    state = stream(x, [[c] for c in range(10)], config)
+    assert len(full) >= 2 * 5  # top and bottom, in most batches (one without a value reaching the thresholds reads none)
     check_tables(state, x, config)
 
 

@@ -91,7 +91,7 @@ def histogram_svg(hist: list[int]) -> str:
         colour = "#999" if i in (0, len(hist) - 1) else "#4a78b5"
         bh = frac * h
         bars.append(f'<rect x="{left + i * w}" y="{h - bh + 4:.1f}" width="{w - 1}" height="{bh:.1f}" fill="{colour}">'
-                    f"<title>[{lo}, {hi}): {count} tokens</title></rect>")
+                    f"<title>({lo}, {hi}{')' if i == len(hist) - 1 else ']'}: {count} tokens</title></rect>")
     ticks = "".join(f'<text x="{left + (1 + (e - HIST_EDGES[0]) * 4) * w:.0f}" y="{h + bottom - 6}" text-anchor="middle">{e:g}</text>'
                     for e in (-8, -4, 0, 4, 8))
     width = left + len(hist) * w + 10
