@@ -499,7 +499,7 @@ def _histogram(flat: torch.Tensor) -> torch.Tensor:
 class _Moments:
     """The batch's float64 (mean, m2) per column of flat (M, N), as one task per block of rows (two passes over a
     float64 copy of the block, blocks combined by Chan's update), for threads to share: ``run(buffer)`` does
-    tasks until none is left (each task is taken once: a list iterator's ``next`` holds the GIL)."""
+    tasks until none is left (each task is taken once: a range iterator's ``next`` holds the GIL)."""
 
     def __init__(self, flat: torch.Tensor, rows: int):
         self.flat, self.rows = flat, rows
