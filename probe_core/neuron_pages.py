@@ -67,7 +67,7 @@ def neuron_hash(seed: int, salt: int, layer: int, n_neurons: int, device=None) -
 
 
 def token_hash(chunk: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """h_token = mix(mix(chunk) ^ pos), elementwise int64."""
+    """h_token = mix(mix(chunk) ^ pos), elementwise int64 (broadcasting)."""
     return mix(mix(chunk.long()) ^ pos.long())
 
 
@@ -258,7 +258,7 @@ def merge(a: PagesState, b: PagesState) -> PagesState:
 # - slots are unordered (``layer_tables`` sorts them), so a batch writes only the slots its new examples
 #   take (``LayerDelta``), and cuts context windows only for those.
 _WS = threading.local()
-_CANDIDATES_PER_SLOT = 4  # the candidate route while candidates <= this * N * (k + 1)
+_CANDIDATES_PER_SLOT = 4  # the threshold search while its groups and candidates stay <= 2 * this * N * (k + 1)
 _NARROW = 4  # example rows with at most this many candidates are merged together, the others apart
 _BLOCK_ROWS = 128  # rows per block of the sweep: 128 x d_mlp float32 + float64 stays in a CPU's cache
 _GROUP = 16  # rows per group of the top/bottom search (the gcd with the batch's rows): 1/16 of the comparisons
@@ -711,7 +711,7 @@ def _examples(s: LayerState, flat: torch.Tensor, chunk: torch.Tensor, cfg: Pages
         for i, (row, col, value) in enumerate(found):  # by row within each column
             candidates.append(_by_column(row, col + i * n, -_ordered(value) if i == 0 else _ordered(value), value, True))
 
-    h_token = mix(mix(chunk)[:, None] ^ pos).reshape(-1)  # token_hash, (M,)
+    h_token = token_hash(chunk[:, None], pos).reshape(-1)  # (M,): mix(chunk) once per chunk
     h_neuron = _neuron_hash(cfg.seed, cfg.salt, layer, n, str(dev))  # (N,): priority = h_token + h_neuron
     value_at = lambda r, c: flat.reshape(-1).take(r * n + c)  # noqa: E731
     row, col = _sample_candidates(h_token, h_neuron, thr_sample.clamp(max=NO_PRIORITY - 1), unfilled[2],
