@@ -291,10 +291,21 @@ def _scratch(name: str, nbytes: int, device) -> torch.Tensor:
     return buf[:nbytes]
 
 
+def _block_rows(m: int, group: int, device) -> int:
+    """Rows per block of a pass over the batch's M rows: ``_BLOCK_ROWS`` rounded down to whole groups on a CPU (a
+    block stays in cache); all of them elsewhere (a GPU reads memory fast enough in one block)."""
+    return max(group, min(_BLOCK_ROWS, m) // group * group) if torch.device(device).type == "cpu" else m
+
+
 def _ordered(v: torch.Tensor) -> torch.Tensor:
     """float32 -> int64 with the same order (-0.0 counted as +0.0)."""
     bits = (v + 0.0).view(torch.int32).long()
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _value_primary(value: torch.Tensor, top: bool) -> torch.Tensor:
+    """The int64 sort key (ascending: best first) of top (-value) or bottom (value) examples."""
+    return -_ordered(value) if top else _ordered(value)
 
 
 def _best_rows(xt: torch.Tensor, kk: int, largest: bool) -> torch.Tensor:
@@ -378,8 +389,8 @@ def _primary(s: LayerState, rows: torch.Tensor, n: int):
     bounds = torch.searchsorted(rows, torch.tensor([n, 2 * n], device=rows.device)).tolist()
     local = [p - i * n for i, p in enumerate(torch.tensor_split(rows, bounds))]
     key = torch.cat([e.key.index_select(0, r) for e, r in zip((s.top, s.bottom, s.sample), local)])
-    primary = torch.cat([-_ordered(s.top.value.index_select(0, local[0])), _ordered(s.bottom.value.index_select(0, local[1])),
-                         s.sample.prio.index_select(0, local[2])])
+    primary = torch.cat([_value_primary(s.top.value.index_select(0, local[0]), True),
+                         _value_primary(s.bottom.value.index_select(0, local[1]), False), s.sample.prio.index_select(0, local[2])])
     return key, primary
 
 
@@ -464,7 +475,7 @@ def _sweep(flat: torch.Tensor, group: int):
     -32, 33)) + 32. Bins 33 on count x > 0 (edges[32] = 0)."""
     m, n = flat.shape
     dev = flat.device
-    rows = max(group, min(_BLOCK_ROWS, m) // group * group) if dev.type == "cpu" else m  # a GPU reads fast in one block
+    rows = _block_rows(m, group, dev)
     width = HIST_BINS + 2
     if n * width >= 1 << 24:
         raise ValueError(f"{n} neurons: the histogram's float32 codes are exact below {(1 << 24) // width}")
@@ -565,32 +576,23 @@ def _sparse_nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _threshold_candidates(flat: torch.Tensor, gmax: torch.Tensor, gmin: torch.Tensor, group: int,
-                          thr_top: torch.Tensor | None, thr_bottom: torch.Tensor | None, limit: int):
-    """The tokens with x >= thr_top[col] and those with x <= thr_bottom[col] (a threshold None: that kind is not
-    searched), reading only the groups of rows whose max (min) reaches the threshold: per kind (row, col, value)
-    ordered by group, column, then row (so by row within a column), or None; None instead of the whole list
-    when more than ``limit`` groups or candidates are found (many ties with the thresholds)."""
+                          thr_top: torch.Tensor, thr_bottom: torch.Tensor, limit: int):
+    """The tokens with x >= thr_top[col] and those with x <= thr_bottom[col], reading only the groups of rows
+    whose max (min) reaches the threshold: per kind (row, col, value) ordered by group, column, then row (so by
+    row within a column); None instead when more than ``limit`` groups or candidates are found (many ties with
+    the thresholds)."""
     m, n = flat.shape
-    hit = None
-    if thr_top is not None:
-        hit = gmax >= thr_top
-    if thr_bottom is not None:
-        low = gmin <= thr_bottom
-        hit = low if hit is None else hit.logical_or_(low)
-    g, col = _sparse_nonzero(hit)
+    g, col = _sparse_nonzero((gmax >= thr_top).logical_or_(gmin <= thr_bottom))
     if len(g) > limit:
         return None
     rows = (g * group)[:, None] + torch.arange(group, device=flat.device)  # (P, group)
     value = flat.reshape(-1).take(rows * n + col[:, None])
     found = []
     for thr, largest in ((thr_top, True), (thr_bottom, False)):
-        if thr is None:
-            found.append(None)
-            continue
         t = thr[col][:, None]
         p, j = (value >= t if largest else value <= t).nonzero(as_tuple=True)
         found.append((rows[p, j], col[p], value[p, j]))
-    return None if sum(len(f[0]) for f in found if f is not None) > limit else found
+    return None if sum(len(f[0]) for f in found) > limit else found
 
 
 def _worst(s: LayerState):
@@ -634,7 +636,7 @@ def _full_candidates(flat: torch.Tensor, rows: torch.Tensor, col0: int):
     col = torch.arange(n, device=flat.device).repeat_interleave(kk)
     row = rows.reshape(-1)
     value = flat.reshape(-1).take(row * flat.shape[1] + col)
-    return row, col + col0, -_ordered(value) if col0 == 0 else _ordered(value), value
+    return row, col + col0, _value_primary(value, col0 == 0), value
 
 
 def layer_delta(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesConfig, layer: int) -> LayerDelta:
@@ -653,7 +655,7 @@ def layer_delta(s: LayerState, x: torch.Tensor, chunk: torch.Tensor, cfg: PagesC
     thresholds, unfilled = _worst(s)
     group = math.gcd(m, _GROUP)
     codes, gmax, gmin = _sweep(flat, group)
-    moments = _Moments(flat, max(group, min(_BLOCK_ROWS, m) // group * group) if cpu else m)
+    moments = _Moments(flat, _block_rows(m, group, dev))
     # The rest runs on two threads of one OpenMP thread each: this one merges the examples while a helper counts
     # the histogram; then both take the moments' blocks.
     with _threads(1 if cpu else 0):
@@ -694,13 +696,14 @@ def _examples(s: LayerState, flat: torch.Tensor, chunk: torch.Tensor, cfg: Pages
     keys = (chunk[:, None] * t_len + pos).reshape(-1)  # (M,)
     # A neuron with an empty slot takes any token, but only the batch's own kk best can stay, and they reach the
     # kk-th best group max (min): kk groups hold a token at least that good.
-    for i, (thr, g, largest) in enumerate(((thr_top, gmax, True), (thr_bottom, gmin, False))):
-        u = unfilled[i].nonzero().squeeze(1)
+    bounded = []
+    for thr, g, empty, largest in ((thr_top, gmax, unfilled[0], True), (thr_bottom, gmin, unfilled[1], False)):
+        u = empty.nonzero().squeeze(1)
         if len(u) and len(g) >= kk:
             thr = thr.clone()
             thr[u] = g[:, u].topk(kk, dim=0, largest=largest).values[-1]
-            thresholds = (thr, thresholds[1], thr_sample) if largest else (thresholds[0], thr, thr_sample)
-    thr_top, thr_bottom = thresholds[:2]
+        bounded.append(thr)
+    thr_top, thr_bottom = bounded
     candidates = []  # (row, 3N-column, int64 sort key ascending, value) of each kind
     found = _threshold_candidates(flat, gmax, gmin, group, thr_top, thr_bottom, 2 * limit)
     if found is None:  # too many ties with the thresholds: the full topk
@@ -709,7 +712,7 @@ def _examples(s: LayerState, flat: torch.Tensor, chunk: torch.Tensor, cfg: Pages
             candidates.append(_by_column(*_full_candidates(flat, _best_rows(xt, kk, largest), i * n), False))
     else:
         for i, (row, col, value) in enumerate(found):  # by row within each column
-            candidates.append(_by_column(row, col + i * n, -_ordered(value) if i == 0 else _ordered(value), value, True))
+            candidates.append(_by_column(row, col + i * n, _value_primary(value, i == 0), value, True))
 
     h_token = token_hash(chunk[:, None], pos).reshape(-1)  # (M,): mix(chunk) once per chunk
     h_neuron = _neuron_hash(cfg.seed, cfg.salt, layer, n, str(dev))  # (N,): priority = h_token + h_neuron
